@@ -1,0 +1,31 @@
+//! The inference engine: the model and its tokenizer, the chat template, the scheduler
+//! task that owns the KV slots and the queue, and the text post-processing of generated
+//! tokens (incremental decoding, stop sequences).
+
+pub mod batcher;
+pub mod chat;
+pub mod model;
+pub mod stops;
+pub mod tokenizer;
+
+pub use batcher::{Batcher, BatcherConfig, FinishReason, GenEvent, GenerateRequest, Sampling};
+pub use model::Model;
+
+/// Errors of the engine layer; the HTTP layer maps each to one status and OpenAI type.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the request queue is full ({0} waiting)")]
+    Overloaded(usize),
+    #[error("the scheduler has stopped")]
+    Stopped,
+    #[error("model: {0}")]
+    Model(String),
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizer::TokenizerError),
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        EngineError::Model(e.to_string())
+    }
+}

@@ -1,0 +1,275 @@
+//! `POST /v1/completions` and `POST /v1/chat/completions`: parse and validate, build the
+//! prompt, then answer as one JSON body or as server-sent events ending in `[DONE]`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures_util::stream::{self, Stream, StreamExt};
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use crate::engine::chat::render_chatml;
+use super::generate::{Generation, Piece};
+use super::observe::RequestInfo;
+use super::types::{
+    fields, parse_body, ChatRequest, CommonParams, CompletionRequest, Prompt, Usage, Validated,
+};
+use super::AppState;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Completion,
+    Chat,
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    Extension(info): Extension<Arc<RequestInfo>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = body_bytes(body).and_then(|b| {
+        let body = parse_body(&b)?;
+        let req: CompletionRequest = fields(&body)?;
+        let params = fields::<CommonParams>(&body)?.validate(&state.model_name)?;
+        let prompt = completion_prompt(&state, req.prompt)?;
+        Ok((prompt, params))
+    });
+    respond(state, info, Api::Completion, result).await
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    Extension(info): Extension<Arc<RequestInfo>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = body_bytes(body).and_then(|b| {
+        let body = parse_body(&b)?;
+        let req: ChatRequest = fields(&body)?;
+        let params = fields::<CommonParams>(&body)?.validate(&state.model_name)?;
+        let text = render_chatml(&req.chat_messages()?);
+        let prompt = state.model.tokenizer.encode(&text, true).map_err(internal)?;
+        Ok((prompt, params))
+    });
+    respond(state, info, Api::Chat, result).await
+}
+
+fn internal(e: impl Into<crate::engine::EngineError>) -> ApiError {
+    ApiError::Engine(e.into())
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(super::MAX_BODY_BYTES)
+        } else {
+            ApiError::invalid(format!("The request body could not be read: {rejection}"), None)
+        }
+    })
+}
+
+fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<Vec<u32>, ApiError> {
+    let tokenizer = &state.model.tokenizer;
+    let text = match prompt {
+        Prompt::Text(t) => t,
+        Prompt::Texts(mut v) if v.len() == 1 => v.remove(0),
+        Prompt::Texts(v) => {
+            return Err(ApiError::invalid(
+                format!("`prompt` must be one prompt (got {}): batch prompts are not served.", v.len()),
+                Some("prompt"),
+            ))
+        }
+        Prompt::Tokens(ids) => {
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= tokenizer.vocab_size()) {
+                return Err(ApiError::invalid(
+                    format!("`prompt` holds token id {bad}, outside the vocabulary of {}.", tokenizer.vocab_size()),
+                    Some("prompt"),
+                ));
+            }
+            return Ok(ids);
+        }
+    };
+    if text.is_empty() {
+        return Err(ApiError::invalid("`prompt` must not be empty.", Some("prompt")));
+    }
+    let mut ids = Vec::new();
+    if let (true, Some(bos)) = (tokenizer.add_bos, tokenizer.bos_id) {
+        ids.push(bos);
+    }
+    ids.extend(tokenizer.encode(&text, true).map_err(internal)?);
+    Ok(ids)
+}
+
+async fn respond(
+    state: Arc<AppState>,
+    info: Arc<RequestInfo>,
+    api: Api,
+    parsed: Result<(Vec<u32>, Validated), ApiError>,
+) -> Response {
+    let started = parsed.and_then(|(prompt, params)| {
+        let generation = Generation::start(state.clone(), info, prompt, &params)?;
+        Ok((generation, params))
+    });
+    match started {
+        Err(e) => e.into_response(),
+        Ok((generation, params)) if params.stream => stream(state, api, generation, params),
+        Ok((generation, _)) => whole(state, api, generation).await,
+    }
+}
+
+fn created() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn new_id(api: Api) -> String {
+    let prefix = match api {
+        Api::Completion => "cmpl",
+        Api::Chat => "chatcmpl",
+    };
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+async fn whole(state: Arc<AppState>, api: Api, mut generation: Generation) -> Response {
+    let mut text = String::new();
+    let (reason, usage) = loop {
+        match generation.next().await {
+            Some(Piece::Text(t)) => text.push_str(&t),
+            Some(Piece::Finished { reason, usage }) => break (reason, usage),
+            Some(Piece::Failed(e)) => return e.into_response(),
+            None => return ApiError::Engine(crate::engine::EngineError::Stopped).into_response(),
+        }
+    };
+    let choice = match api {
+        Api::Completion => json!({
+            "index": 0, "text": text, "logprobs": null, "finish_reason": reason.as_str()
+        }),
+        Api::Chat => json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": null,
+            "finish_reason": reason.as_str()
+        }),
+    };
+    let object = match api {
+        Api::Completion => "text_completion",
+        Api::Chat => "chat.completion",
+    };
+    Json(json!({
+        "id": new_id(api),
+        "object": object,
+        "created": created(),
+        "model": state.model_name,
+        "choices": [choice],
+        "usage": usage,
+    }))
+    .into_response()
+}
+
+/// The envelope every chunk of one stream shares.
+struct Chunks {
+    api: Api,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Chunks {
+    fn object(&self) -> &'static str {
+        match self.api {
+            Api::Completion => "text_completion",
+            Api::Chat => "chat.completion.chunk",
+        }
+    }
+
+    fn choice(&self, text: Option<&str>, finish: Option<&str>, first: bool) -> Value {
+        match self.api {
+            Api::Completion => json!({
+                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish
+            }),
+            Api::Chat => {
+                let mut delta = serde_json::Map::new();
+                if first {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), json!(t));
+                }
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+        }
+    }
+
+    fn event(&self, choices: Vec<Value>, usage: Option<Usage>) -> Event {
+        let mut chunk = json!({
+            "id": self.id, "object": self.object(), "created": self.created,
+            "model": self.model, "choices": choices,
+        });
+        if let Some(usage) = usage {
+            chunk["usage"] = json!(usage);
+        }
+        Event::default().data(chunk.to_string())
+    }
+}
+
+fn stream(state: Arc<AppState>, api: Api, generation: Generation, params: Validated) -> Response {
+    let chunks = Chunks {
+        api,
+        id: new_id(api),
+        created: created(),
+        model: state.model_name.clone(),
+    };
+    let events = sse_events(chunks, generation, params.include_usage);
+    Sse::new(events).into_response()
+}
+
+fn sse_events(
+    chunks: Chunks,
+    generation: Generation,
+    include_usage: bool,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    // The chat API opens with the assistant role; completions go straight to text.
+    let first = chunks.api == Api::Chat;
+    stream::unfold(
+        (chunks, generation, first, false),
+        move |(chunks, mut generation, first, ended)| async move {
+            if ended {
+                return None;
+            }
+            let mut out = Vec::new();
+            if first {
+                out.push(chunks.event(vec![chunks.choice(Some(""), None, true)], None));
+            }
+            let mut ended = false;
+            match generation.next().await {
+                Some(Piece::Text(t)) => {
+                    out.push(chunks.event(vec![chunks.choice(Some(&t), None, false)], None));
+                }
+                Some(Piece::Finished { reason, usage }) => {
+                    let text = (chunks.api == Api::Completion).then_some("");
+                    out.push(chunks.event(vec![chunks.choice(text, Some(reason.as_str()), false)], None));
+                    if include_usage {
+                        out.push(chunks.event(vec![], Some(usage)));
+                    }
+                    out.push(Event::default().data("[DONE]"));
+                    ended = true;
+                }
+                Some(Piece::Failed(e)) => {
+                    out.push(Event::default().data(json!(e.body()).to_string()));
+                    ended = true;
+                }
+                None => ended = true,
+            }
+            Some((stream::iter(out.into_iter().map(Ok)), (chunks, generation, false, ended)))
+        },
+    )
+    .flatten()
+}

@@ -1,0 +1,111 @@
+//! The one mapping from errors to HTTP: every error a client can see becomes a status and
+//! an OpenAI error body `{"error":{"message","type","param","code"}}`. Internal details
+//! go to the log, never to the client.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use crate::engine::EngineError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    #[error("No route for {0}.")]
+    NotFound(String),
+    #[error("Method {0} is not allowed here.")]
+    MethodNotAllowed(String),
+    #[error("The request body is larger than the {0}-byte limit.")]
+    PayloadTooLarge(usize),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    fn status_and_type(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::InvalidRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => {
+                (StatusCode::NOT_FOUND, "invalid_request_error")
+            }
+            ApiError::MethodNotAllowed(_) => {
+                (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error")
+            }
+            ApiError::PayloadTooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error")
+            }
+            ApiError::Engine(EngineError::Overloaded(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+            }
+            ApiError::Engine(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+        }
+    }
+
+    /// The OpenAI error object, also sent as the last event of a failed stream.
+    pub fn body(&self) -> ErrorBody {
+        let (status, kind) = self.status_and_type();
+        let message = if status.is_server_error() && !matches!(self, ApiError::Engine(EngineError::Overloaded(_))) {
+            tracing::error!(error = %self, "request failed");
+            "The server had an error while processing your request.".to_string()
+        } else {
+            self.to_string()
+        };
+        let (param, code) = match self {
+            ApiError::InvalidRequest { param, code, .. } => (param.clone(), *code),
+            ApiError::ModelNotFound(_) => (Some("model".to_string()), Some("model_not_found")),
+            ApiError::PayloadTooLarge(_) => (None, Some("payload_too_large")),
+            _ => (None, None),
+        };
+        ErrorBody {
+            error: ErrorObject {
+                message,
+                kind,
+                param,
+                code,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub error: ErrorObject,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorObject {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _) = self.status_and_type();
+        let mut response = (status, Json(self.body())).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

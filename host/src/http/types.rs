@@ -1,0 +1,273 @@
+//! The OpenAI wire types for completions and chat completions, and their validation into
+//! what the engine needs. Unknown fields are ignored, as OpenAI does.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use crate::engine::chat::ChatMessage;
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// The fields both endpoints share.
+#[derive(Debug, Deserialize)]
+pub struct CommonParams {
+    pub model: Option<String>,
+    pub max_tokens: Option<i64>,
+    /// The chat API's newer name for `max_tokens`.
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<i64>,
+}
+
+/// The completions-only fields; the shared ones are read from the same body into
+/// [`CommonParams`] (not flattened: serde's flatten loses the path of a bad field).
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: Prompt,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<WireMessage>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireMessage {
+    pub role: String,
+    pub content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+/// Parses a request body that must be one JSON object.
+pub fn parse_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(format!("The request body is not valid JSON: {e}"), None)
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::invalid("The request body must be a JSON object.", None));
+    }
+    Ok(value)
+}
+
+/// Reads `T` out of a parsed body; the error names the field at fault.
+pub fn fields<T: serde::de::DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            ApiError::invalid(format!("Invalid request: {inner}"), None)
+        } else {
+            ApiError::invalid(format!("Invalid value for `{path}`: {inner}"), Some(&path))
+        }
+    })
+}
+
+/// What a validated request asks of generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated {
+    /// `None`: as many as the context allows.
+    pub max_tokens: Option<usize>,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: Option<u64>,
+    pub stops: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// The most stop sequences a request may give (as OpenAI).
+pub const MAX_STOPS: usize = 4;
+
+impl CommonParams {
+    pub fn validate(&self, served_model: &str) -> Result<Validated, ApiError> {
+        if let Some(model) = &self.model {
+            if model != served_model {
+                return Err(ApiError::ModelNotFound(model.clone()));
+            }
+        }
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(ApiError::invalid(
+                    format!("`n` must be 1 (got {n}): one completion per request is served."),
+                    Some("n"),
+                ));
+            }
+        }
+        let (max_tokens, param) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => (Some(m), "max_completion_tokens"),
+            (None, m) => (m, "max_tokens"),
+        };
+        let max_tokens = match max_tokens {
+            Some(m) if m <= 0 => {
+                return Err(ApiError::invalid(
+                    format!("`{param}` must be at least 1 (got {m})."),
+                    Some(param),
+                ))
+            }
+            Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
+            None => None,
+        };
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid(
+                format!("`temperature` must be between 0 and 2 (got {temperature})."),
+                Some("temperature"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::invalid(
+                format!("`top_p` must be greater than 0 and at most 1 (got {top_p})."),
+                Some("top_p"),
+            ));
+        }
+        let stops = match &self.stop {
+            None => vec![],
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stops.len() > MAX_STOPS {
+            return Err(ApiError::invalid(
+                format!("`stop` may hold at most {MAX_STOPS} sequences (got {}).", stops.len()),
+                Some("stop"),
+            ));
+        }
+        Ok(Validated {
+            max_tokens,
+            temperature,
+            top_p,
+            seed: self.seed,
+            stops,
+            stream: self.stream,
+            include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        })
+    }
+}
+
+impl ChatRequest {
+    pub fn chat_messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid("`messages` must not be empty.", Some("messages")));
+        }
+        self.messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "`messages[{i}].role` must be system, user or assistant (got {:?}).",
+                            m.role
+                        ),
+                        Some(&format!("messages[{i}].role")),
+                    ));
+                }
+                let content = match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t.clone(),
+                    Some(Content::Parts(parts)) => {
+                        let mut text = String::new();
+                        for (j, p) in parts.iter().enumerate() {
+                            match (p.kind.as_str(), &p.text) {
+                                ("text", Some(t)) => text.push_str(t),
+                                _ => {
+                                    return Err(ApiError::invalid(
+                                        format!("`messages[{i}].content[{j}]`: only text parts are supported."),
+                                        Some(&format!("messages[{i}].content[{j}]")),
+                                    ))
+                                }
+                            }
+                        }
+                        text
+                    }
+                };
+                Ok(ChatMessage { role: m.role.clone(), content })
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse<T: serde::de::DeserializeOwned>(json: &[u8]) -> Result<T, ApiError> {
+        fields(&parse_body(json)?)
+    }
+
+    fn common(json: &str) -> Result<Validated, ApiError> {
+        parse::<CommonParams>(json.as_bytes())?.validate("m")
+    }
+
+    #[test]
+    fn errors_name_the_field_at_fault() {
+        let err = parse::<CommonParams>(br#"{"prompt":"x","max_tokens":"ten"}"#).unwrap_err();
+        assert!(err.to_string().contains("max_tokens"), "{err}");
+        let err = parse::<CompletionRequest>(b"{not json").unwrap_err();
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+        let err = parse::<CompletionRequest>(b"{}").unwrap_err();
+        assert!(err.to_string().contains("prompt"), "{err}");
+        let err = parse::<CompletionRequest>(b"[1]").unwrap_err();
+        assert!(err.to_string().contains("JSON object"), "{err}");
+        let err = common(r#"{"max_tokens":0}"#).unwrap_err();
+        assert!(err.to_string().contains("max_tokens"), "{err}");
+        let err = common(r#"{"n":2}"#).unwrap_err();
+        assert!(err.to_string().contains("`n`"), "{err}");
+        let err = common(r#"{"stop":["a","b","c","d","e"]}"#).unwrap_err();
+        assert!(err.to_string().contains("stop"), "{err}");
+        assert!(matches!(common(r#"{"model":"other"}"#), Err(ApiError::ModelNotFound(_))));
+    }
+
+    #[test]
+    fn defaults_and_unknown_fields() {
+        let v = common(r#"{"model":"m","frequency_penalty":0.5,"stop":"\n"}"#).unwrap();
+        assert_eq!(v.max_tokens, None);
+        assert_eq!(v.temperature, 1.0);
+        assert_eq!(v.stops, vec!["\n".to_string()]);
+    }
+}
