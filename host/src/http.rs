@@ -80,7 +80,10 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
 async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
     match metrics::render(state.batcher.stats()) {
         Ok(text) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             text,
         )
             .into_response(),

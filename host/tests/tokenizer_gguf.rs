@@ -2,6 +2,8 @@
 //! Face's `tokenizers` from the same vocabulary and merges
 //! (`tests/data/tokenizer_reference.jsonl`), and round trips.
 
+#![allow(clippy::expect_used)] // test helpers: a failure here is a test failure
+
 use std::path::PathBuf;
 
 use candle_core::quantized::gguf_file;
@@ -35,11 +37,18 @@ fn matches_reference_encodings() {
         let case: serde_json::Value = serde_json::from_str(line).expect("reference line");
         let text = case["text"].as_str().expect("text");
         let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).expect("ids");
-        assert_eq!(t.encode(text, true).expect("encode"), want, "encoding {text:?}");
+        assert_eq!(
+            t.encode(text, true).expect("encode"),
+            want,
+            "encoding {text:?}"
+        );
         cases += 1;
     }
     assert!(cases >= 8);
-    assert_eq!(t.encode("Once upon a time", true).unwrap(), [6403, 1980, 253, 655]);
+    assert_eq!(
+        t.encode("Once upon a time", true).unwrap(),
+        [6403, 1980, 253, 655]
+    );
 }
 
 #[test]

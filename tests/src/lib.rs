@@ -1,1 +1,279 @@
+//! Harness for the end-to-end tests: starts the real `lynx-host` binary on the real
+//! default model on a free loopback port, and reads its `/metrics` as parsed samples.
+//!
+//! The binary is `target/release/lynx-host` (built by `scripts/test.sh`), or `LYNX_BIN`.
+//! A missing binary or model fails the test loudly: nothing here skips.
 
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+pub fn host_binary() -> PathBuf {
+    let path = std::env::var_os("LYNX_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release/lynx-host"));
+    assert!(
+        path.exists(),
+        "lynx-host binary not found at {}: build it with `cargo build --release -p lynx-host` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A running `lynx-host`, killed on drop.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub client: reqwest::Client,
+    log: PathBuf,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(args: &[&str]) -> Server {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("lynx-host-{port}.log"));
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(host_binary())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .env("LYNX_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn lynx-host");
+        let server = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::new(),
+            log,
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(r) = self.client.get(self.url("/health")).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("lynx-host did not become ready; its log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("body");
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, json)
+    }
+
+    pub async fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A streamed request: every `data:` payload, `[DONE]` included.
+    pub async fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status().as_u16(), 200);
+        let mut bytes = r.bytes_stream();
+        let mut buf = Vec::new();
+        while let Some(chunk) = bytes.next().await {
+            buf.extend_from_slice(&chunk.expect("stream chunk"));
+        }
+        sse_data(&String::from_utf8_lossy(&buf))
+    }
+
+    pub async fn metrics(&self) -> Metrics {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        Metrics::parse(&text)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn sse_data(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|event| {
+            event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// A parsed scrape.
+pub struct Metrics {
+    pub scrape: prometheus_parse::Scrape,
+    pub text: String,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("valid exposition format");
+        Metrics {
+            scrape,
+            text: text.to_string(),
+        }
+    }
+
+    /// The family names declared by `# TYPE` lines.
+    pub fn families(&self) -> BTreeSet<String> {
+        self.text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn type_of(&self, family: &str) -> Option<String> {
+        self.text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .find_map(|l| {
+                let mut parts = l.split_whitespace();
+                (parts.next() == Some(family)).then(|| parts.next().unwrap_or("").to_string())
+            })
+    }
+
+    fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a prometheus_parse::Sample> + 'a {
+        self.scrape.samples.iter().filter(move |s| {
+            s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+    }
+
+    /// Sum of a counter or gauge over the series matching `labels`; 0 when none.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels)
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                _ => 0.0,
+            })
+            .sum()
+    }
+
+    /// Observation count of a histogram over the series matching `labels`.
+    pub fn histogram_count(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.matching(name, labels)
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Histogram(h) => {
+                    h.iter().map(|b| b.count).fold(0.0, f64::max) as u64
+                }
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// The finite upper bounds of a histogram's buckets, for one series.
+    pub fn buckets(&self, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
+        self.matching(name, labels)
+            .find_map(|s| match &s.value {
+                prometheus_parse::Value::Histogram(h) => Some(
+                    h.iter()
+                        .map(|b| b.less_than)
+                        .filter(|b| b.is_finite())
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every value a label takes in a family's series.
+    pub fn label_values(&self, name: &str, label: &str) -> BTreeSet<String> {
+        self.scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter_map(|s| s.labels.get(label).map(str::to_string))
+            .collect()
+    }
+
+    /// The label names of a family's series (bucket `le` excluded).
+    pub fn label_names(&self, name: &str) -> BTreeSet<String> {
+        self.scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .flat_map(|s| s.labels.keys().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+}

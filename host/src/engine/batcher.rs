@@ -110,7 +110,9 @@ impl Batcher {
         let max = self.config.max_queue;
         self.stats
             .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < max).then_some(q + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q < max).then_some(q + 1)
+            })
             .map_err(EngineError::Overloaded)?;
         self.tx.send(req).map_err(|_| {
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
@@ -263,9 +265,14 @@ fn sampler(s: Sampling) -> LogitsProcessor {
     let sampling = if s.temperature <= 0.0 {
         CandleSampling::ArgMax
     } else if s.top_p < 1.0 {
-        CandleSampling::TopP { p: s.top_p, temperature: s.temperature }
+        CandleSampling::TopP {
+            p: s.top_p,
+            temperature: s.temperature,
+        }
     } else {
-        CandleSampling::All { temperature: s.temperature }
+        CandleSampling::All {
+            temperature: s.temperature,
+        }
     };
     LogitsProcessor::from_sampling(s.seed, sampling)
 }

@@ -18,7 +18,10 @@ pub struct Released {
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        Self { stops, held: String::new() }
+        Self {
+            stops,
+            held: String::new(),
+        }
     }
 
     pub fn push(&mut self, text: &str) -> Released {
@@ -31,13 +34,19 @@ impl StopMatcher {
         if let Some(at) = first {
             let text = self.held[..at].to_string();
             self.held.clear();
-            return Released { text, stopped: true };
+            return Released {
+                text,
+                stopped: true,
+            };
         }
         let keep = self.partial_suffix_len();
         let cut = self.held.len() - keep;
         let text = self.held[..cut].to_string();
         self.held.drain(..cut);
-        Released { text, stopped: false }
+        Released {
+            text,
+            stopped: false,
+        }
     }
 
     /// The longest suffix of the held text that begins some stop sequence.
@@ -73,7 +82,13 @@ mod tests {
         let mut m = StopMatcher::new(vec!["\n\n".into(), "END".into()]);
         assert_eq!(m.push("Hello E").text, "Hello ");
         let r = m.push("NDING");
-        assert_eq!(r, Released { text: String::new(), stopped: true });
+        assert_eq!(
+            r,
+            Released {
+                text: String::new(),
+                stopped: true
+            }
+        );
     }
 
     #[test]

@@ -204,7 +204,12 @@ impl Tokenizer {
         let split =
             Regex::new(GPT2_SPLIT).map_err(|e| TokenizerError::Metadata(format!("regex: {e}")))?;
         let mut end_ids = vec![p.eos_id];
-        for name in ["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"] {
+        for name in [
+            "<|endoftext|>",
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end_of_text|>",
+        ] {
             if let Some((_, id)) = specials.iter().find(|(t, _)| t == name) {
                 if !end_ids.contains(id) {
                     end_ids.push(*id);

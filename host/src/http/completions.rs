@@ -16,13 +16,13 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use crate::engine::chat::render_chatml;
 use super::generate::{Generation, Piece};
 use super::observe::RequestInfo;
 use super::types::{
     fields, parse_body, ChatRequest, CommonParams, CompletionRequest, Prompt, Usage, Validated,
 };
 use super::AppState;
+use crate::engine::chat::render_chatml;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Api {
@@ -55,7 +55,11 @@ pub async fn chat_completions(
         let req: ChatRequest = fields(&body)?;
         let params = fields::<CommonParams>(&body)?.validate(&state.model_name)?;
         let text = render_chatml(&req.chat_messages()?);
-        let prompt = state.model.tokenizer.encode(&text, true).map_err(internal)?;
+        let prompt = state
+            .model
+            .tokenizer
+            .encode(&text, true)
+            .map_err(internal)?;
         Ok((prompt, params))
     });
     respond(state, info, Api::Chat, result).await
@@ -70,7 +74,10 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(super::MAX_BODY_BYTES)
         } else {
-            ApiError::invalid(format!("The request body could not be read: {rejection}"), None)
+            ApiError::invalid(
+                format!("The request body could not be read: {rejection}"),
+                None,
+            )
         }
     })
 }
@@ -82,14 +89,23 @@ fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<Vec<u32>, ApiEr
         Prompt::Texts(mut v) if v.len() == 1 => v.remove(0),
         Prompt::Texts(v) => {
             return Err(ApiError::invalid(
-                format!("`prompt` must be one prompt (got {}): batch prompts are not served.", v.len()),
+                format!(
+                    "`prompt` must be one prompt (got {}): batch prompts are not served.",
+                    v.len()
+                ),
                 Some("prompt"),
             ))
         }
         Prompt::Tokens(ids) => {
-            if let Some(bad) = ids.iter().find(|&&id| id as usize >= tokenizer.vocab_size()) {
+            if let Some(bad) = ids
+                .iter()
+                .find(|&&id| id as usize >= tokenizer.vocab_size())
+            {
                 return Err(ApiError::invalid(
-                    format!("`prompt` holds token id {bad}, outside the vocabulary of {}.", tokenizer.vocab_size()),
+                    format!(
+                        "`prompt` holds token id {bad}, outside the vocabulary of {}.",
+                        tokenizer.vocab_size()
+                    ),
                     Some("prompt"),
                 ));
             }
@@ -97,7 +113,10 @@ fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<Vec<u32>, ApiEr
         }
     };
     if text.is_empty() {
-        return Err(ApiError::invalid("`prompt` must not be empty.", Some("prompt")));
+        return Err(ApiError::invalid(
+            "`prompt` must not be empty.",
+            Some("prompt"),
+        ));
     }
     let mut ids = Vec::new();
     if let (true, Some(bos)) = (tokenizer.add_bos, tokenizer.bos_id) {
@@ -255,7 +274,10 @@ fn sse_events(
                 }
                 Some(Piece::Finished { reason, usage }) => {
                     let text = (chunks.api == Api::Completion).then_some("");
-                    out.push(chunks.event(vec![chunks.choice(text, Some(reason.as_str()), false)], None));
+                    out.push(chunks.event(
+                        vec![chunks.choice(text, Some(reason.as_str()), false)],
+                        None,
+                    ));
                     if include_usage {
                         out.push(chunks.event(vec![], Some(usage)));
                     }
@@ -268,7 +290,10 @@ fn sse_events(
                 }
                 None => ended = true,
             }
-            Some((stream::iter(out.into_iter().map(Ok)), (chunks, generation, false, ended)))
+            Some((
+                stream::iter(out.into_iter().map(Ok)),
+                (chunks, generation, false, ended),
+            ))
         },
     )
     .flatten()

@@ -60,7 +60,9 @@ impl ApiError {
     /// The OpenAI error object, also sent as the last event of a failed stream.
     pub fn body(&self) -> ErrorBody {
         let (status, kind) = self.status_and_type();
-        let message = if status.is_server_error() && !matches!(self, ApiError::Engine(EngineError::Overloaded(_))) {
+        let message = if status.is_server_error()
+            && !matches!(self, ApiError::Engine(EngineError::Overloaded(_)))
+        {
             tracing::error!(error = %self, "request failed");
             "The server had an error while processing your request.".to_string()
         } else {

@@ -151,7 +151,11 @@ impl Generation {
                     let held = self.stops.finish();
                     self.release(held);
                 }
-                self.finish(if released.stopped { FinishReason::Stop } else { reason });
+                self.finish(if released.stopped {
+                    FinishReason::Stop
+                } else {
+                    reason
+                });
             }
             Some(GenEvent::Failed(message)) => {
                 self.ready
@@ -159,7 +163,8 @@ impl Generation {
                 self.done = true;
             }
             None => {
-                self.ready.push_back(Piece::Failed(EngineError::Stopped.into()));
+                self.ready
+                    .push_back(Piece::Failed(EngineError::Stopped.into()));
                 self.done = true;
             }
         }

@@ -84,7 +84,12 @@ struct Done {
 impl Drop for Done {
     fn drop(&mut self) {
         let elapsed = self.info.start.elapsed();
-        metrics::record_request(&self.endpoint, &self.method, &self.status, elapsed.as_secs_f64());
+        metrics::record_request(
+            &self.endpoint,
+            &self.method,
+            &self.status,
+            elapsed.as_secs_f64(),
+        );
         let ttft_us = self.info.ttft_us.load(Ordering::Relaxed);
         tracing::info!(
             route = %self.endpoint,

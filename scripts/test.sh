@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: set-up, the release build the end-to-end tests start, then
+# every test of the workspace on the real model (and a real Prometheus).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+cargo build --release --workspace --bins
+cargo test --release --workspace "$@"
