@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod prom;
+
 use futures_util::StreamExt;
 use serde_json::Value;
 
