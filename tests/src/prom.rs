@@ -146,13 +146,36 @@ impl Prometheus {
 
     /// Polls `expr` until it returns at least one series.
     pub async fn query_until_data(&self, expr: &str, within: Duration) -> Vec<Value> {
+        self.query_until(expr, within, |result| !result.is_empty())
+            .await
+    }
+
+    /// Polls `expr` until its first sample is a finite number (rates over too few
+    /// scrapes give NaN, which is "data" but not an answer).
+    pub async fn query_until_finite(&self, expr: &str, within: Duration) -> Option<f64> {
+        let result = self
+            .query_until(expr, within, |result| {
+                first_value(result).is_some_and(f64::is_finite)
+            })
+            .await;
+        first_value(&result)
+    }
+
+    /// Polls `expr` until `done` accepts its result, or `within` has passed (then the
+    /// last result is returned for the caller's assertion to explain).
+    pub async fn query_until(
+        &self,
+        expr: &str,
+        within: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
         let deadline = Instant::now() + within;
         loop {
             let result = self.query(expr).await;
-            if !result.is_empty() || Instant::now() > deadline {
+            if done(&result) || Instant::now() > deadline {
                 return result;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 

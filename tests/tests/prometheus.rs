@@ -51,25 +51,9 @@ async fn prometheus_scrapes_lynx_and_every_dashboard_query_returns_data() {
     let target = server.base.trim_start_matches("http://").to_string();
     let prometheus = Prometheus::start(&target).await;
 
-    for i in 0..20 {
-        let (status, body) = server
-            .post(
-                "/v1/completions",
-                &json!({"prompt": format!("Count to {i}:"), "max_tokens": 3}),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-    }
-    for bad in [
-        json!({"prompt": ""}),
-        json!({"prompt": "x", "max_tokens": 0}),
-        json!({"prompt": "x", "n": 3}),
-    ] {
-        let (status, _) = server.post("/v1/completions", &bad).await;
-        assert_eq!(status, 400);
-    }
-
     let within = Duration::from_secs(30);
+    // Traffic only after the first scrape, and in two phases with a scrape between
+    // them: a rate needs two samples of a series, and an increase between them.
     let up = prometheus
         .query_until_data(r#"up{job="lynx"} == 1"#, within)
         .await;
@@ -79,25 +63,45 @@ async fn prometheus_scrapes_lynx_and_every_dashboard_query_returns_data() {
         "target not up:\n{}",
         prometheus.log()
     );
-    let ok = prometheus
-        .query_until_data(
-            r#"sum(request_total{status="200",endpoint="/v1/completions"}) >= 20"#,
-            within,
-        )
-        .await;
-    assert_eq!(first_value(&ok), Some(20.0));
+    for phase in 1..=2 {
+        for i in 0..10 {
+            let (status, body) = server
+                .post(
+                    "/v1/completions",
+                    &json!({"prompt": format!("Count to {i}:"), "max_tokens": 3}),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+        for bad in [
+            json!({"prompt": ""}),
+            json!({"prompt": "x", "max_tokens": 0}),
+            json!({"prompt": "x", "n": 3}),
+        ] {
+            let (status, _) = server.post("/v1/completions", &bad).await;
+            assert_eq!(status, 400);
+        }
+        let want = f64::from(10 * phase);
+        let ok = prometheus
+            .query_until(
+                r#"sum(request_total{status="200",endpoint="/v1/completions"})"#,
+                within,
+                |r| first_value(r) == Some(want),
+            )
+            .await;
+        assert_eq!(first_value(&ok), Some(want), "phase {phase}");
+    }
     let bad = prometheus
         .query_until_data(r#"sum(request_total{status="400"})"#, within)
         .await;
-    assert_eq!(first_value(&bad), Some(3.0));
+    assert_eq!(first_value(&bad), Some(6.0));
     let p95 = prometheus
-        .query_until_data(
+        .query_until_finite(
             "histogram_quantile(0.95, sum by (le) (rate(request_duration_seconds_bucket[1m])))",
             within,
         )
         .await;
-    let p95 = first_value(&p95).expect("p95 is a number");
-    assert!(p95.is_finite() && p95 > 0.0, "p95 = {p95}");
+    assert!(p95.is_some_and(|p| p > 0.0), "p95 = {p95:?}");
 
     // The dashboard's model variable finds the model.
     assert_eq!(
