@@ -3,14 +3,42 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// The file name `scripts/fetch-model.sh` stores the default model under.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// lynx: an LLM serving host with an OpenAI-compatible API and Prometheus metrics.
+/// lynx: an LLM serving host with an OpenAI-compatible API, Prometheus metrics, and
+/// request processing in sandboxed WebAssembly plugins.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "lynx-host", version)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Plugin tools.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum PluginCommand {
+    /// Validates a plugin offline as the server would load it (compile, WIT version,
+    /// linking, smoke call) and prints what it exports and imports.
+    Check {
+        /// The plugin's .wasm file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     /// Address of the public listener (API, /health, /metrics).
     #[arg(long, env = "LYNX_LISTEN", default_value = "127.0.0.1:8000")]
@@ -34,6 +62,23 @@ pub struct Config {
     #[arg(long, env = "LYNX_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
 
+    /// The plugin folder.
+    #[arg(long, env = "LYNX_PLUGINS_DIR", default_value = "plugins/dist")]
+    pub plugins_dir: PathBuf,
+
+    /// The plugin that serves requests: `<plugins-dir>/<plugin>.wasm`.
+    #[arg(long, env = "LYNX_PLUGIN", default_value = "default")]
+    pub plugin: String,
+
+    /// The longest one call into a plugin may run, in milliseconds; past it the call is
+    /// stopped and its request fails.
+    #[arg(long, env = "LYNX_PLUGIN_TIMEOUT_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
+    pub plugin_timeout_ms: u64,
+
+    /// The most memory one plugin instance may use, in MiB.
+    #[arg(long, env = "LYNX_PLUGIN_MEMORY_MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub plugin_memory_mib: u64,
+
     /// Log filter, in `tracing` EnvFilter syntax (e.g. `info`, `lynx_host=debug`).
     #[arg(long, env = "LYNX_LOG", default_value = "info")]
     pub log: String,
@@ -51,5 +96,14 @@ impl Config {
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lynx")))
             .unwrap_or_else(|| PathBuf::from(".cache/lynx"));
         cache.join("models").join(DEFAULT_MODEL_FILE)
+    }
+}
+
+impl Config {
+    pub fn plugin_limits(&self) -> crate::plugins::PluginLimits {
+        crate::plugins::PluginLimits {
+            call_timeout: std::time::Duration::from_millis(self.plugin_timeout_ms),
+            memory_bytes: (self.plugin_memory_mib as usize) << 20,
+        }
     }
 }

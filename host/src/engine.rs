@@ -1,11 +1,9 @@
-//! The inference engine: the model and its tokenizer, the chat template, the scheduler
-//! task that owns the KV slots and the queue, and the text post-processing of generated
-//! tokens (incremental decoding, stop sequences).
+//! The inference engine: the model and its tokenizer, and the scheduler task that owns
+//! the KV slots and the queue. Prompt building and text post-processing are the
+//! plugins' (see `crate::plugins`).
 
 pub mod batcher;
-pub mod chat;
 pub mod model;
-pub mod stops;
 pub mod tokenizer;
 
 pub use batcher::{Batcher, BatcherConfig, FinishReason, GenEvent, GenerateRequest, Sampling};

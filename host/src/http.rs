@@ -18,7 +18,9 @@ use serde_json::json;
 
 use crate::engine::{Batcher, Model};
 use crate::metrics;
+use crate::plugins::Plugins;
 use error::ApiError;
+use observe::EndpointLabels;
 
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -26,10 +28,32 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub struct AppState {
     pub model: Arc<Model>,
     /// The `model` field of responses and the `model_name` metric label.
-    pub model_name: String,
+    pub model_name: Arc<str>,
     pub batcher: Batcher,
+    pub plugins: Plugins,
+    /// The `endpoint` label values seen, capped whatever the router plugin returns.
+    pub endpoints: EndpointLabels,
     /// When the server started, as `created` of the model object.
     pub started: u64,
+}
+
+impl AppState {
+    pub fn new(
+        model: Arc<Model>,
+        model_name: String,
+        batcher: Batcher,
+        plugins: Plugins,
+        started: u64,
+    ) -> Self {
+        Self {
+            model,
+            model_name: model_name.into(),
+            batcher,
+            plugins,
+            endpoints: EndpointLabels::default(),
+            started,
+        }
+    }
 }
 
 pub fn app(state: Arc<AppState>) -> Router {
@@ -43,12 +67,15 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn(observe::observe))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ))
         .with_state(state)
 }
 
 fn model_object(state: &AppState) -> serde_json::Value {
-    json!({"id": state.model_name, "object": "model", "created": state.started, "owned_by": "lynx"})
+    json!({"id": &*state.model_name, "object": "model", "created": state.started, "owned_by": "lynx"})
 }
 
 async fn list_models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
@@ -59,7 +86,7 @@ async fn get_model(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if id == state.model_name {
+    if *id == *state.model_name {
         Ok(Json(model_object(&state)))
     } else {
         Err(ApiError::ModelNotFound(id))
@@ -70,7 +97,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let stats = state.batcher.stats();
     Json(json!({
         "status": "ok",
-        "model": state.model_name,
+        "model": &*state.model_name,
         "kv_cache_slots_used": stats.slots_used(),
         "kv_cache_slots": state.batcher.config().kv_slots,
         "queue_depth": stats.queue_depth(),
@@ -87,8 +114,7 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
             text,
         )
             .into_response(),
-        Err(e) => ApiError::Engine(crate::engine::EngineError::Model(format!("metrics: {e}")))
-            .into_response(),
+        Err(e) => ApiError::Internal(format!("metrics: {e}")).into_response(),
     }
 }
 

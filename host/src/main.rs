@@ -1,23 +1,44 @@
-//! The `lynx-host` binary: reads the configuration, loads the model, starts the
-//! scheduler and serves HTTP until interrupted.
+//! The `lynx-host` binary: reads the configuration, loads the model and the plugin,
+//! starts the scheduler and serves HTTP until interrupted; or runs a subcommand.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Parser;
-use lynx_host::config::Config;
+use lynx_host::config::{Cli, Command, Config, PluginCommand};
 use lynx_host::engine::{Batcher, BatcherConfig, Model};
+use lynx_host::plugins::{check::check, PluginRuntime, Plugins};
 use lynx_host::{app, metrics, AppState};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let cli = Cli::parse();
+    let config = cli.config;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&config.log).context("--log is not a valid filter")?)
         .init();
+    match cli.command {
+        Some(Command::Plugin {
+            command: PluginCommand::Check { file },
+        }) => {
+            let path = model_path(&config)?;
+            let (tokenizer, context) = Model::read_tokenizer(&path)?;
+            let report = check(
+                &file,
+                Arc::new(tokenizer),
+                context as u32,
+                config.plugin_limits(),
+            )?;
+            print!("{report}");
+            Ok(())
+        }
+        None => serve(config).await,
+    }
+}
 
+fn model_path(config: &Config) -> anyhow::Result<std::path::PathBuf> {
     let path = config.model_path();
     if !path.exists() {
         anyhow::bail!(
@@ -25,6 +46,11 @@ async fn main() -> anyhow::Result<()> {
             path.display()
         );
     }
+    Ok(path)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let path = model_path(&config)?;
     let t0 = Instant::now();
     let model = tokio::task::spawn_blocking(move || Model::load(&path))
         .await
@@ -36,6 +62,19 @@ async fn main() -> anyhow::Result<()> {
         "model loaded"
     );
     let model = Arc::new(model);
+    let runtime = PluginRuntime::new(
+        model.tokenizer.clone(),
+        model.context_len as u32,
+        config.plugin_limits(),
+    )?;
+    let plugins =
+        Plugins::start(runtime, &config.plugins_dir, &config.plugin).with_context(|| {
+            format!(
+                "loading plugin `{}` from {} (scripts/build-plugins.sh builds the default plugins)",
+                config.plugin,
+                config.plugins_dir.display()
+            )
+        })?;
     let batcher = Batcher::start(
         model.clone(),
         BatcherConfig {
@@ -44,14 +83,15 @@ async fn main() -> anyhow::Result<()> {
         },
     )?;
     metrics::init(&config.model_name);
-    let state = Arc::new(AppState {
+    let state = Arc::new(AppState::new(
         model,
-        model_name: config.model_name.clone(),
+        config.model_name.clone(),
         batcher,
-        started: SystemTime::now()
+        plugins,
+        SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-    });
+    ));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -7,12 +7,13 @@
 use std::path::PathBuf;
 
 use candle_core::quantized::gguf_file;
-use lynx_host::config::{Config, DEFAULT_MODEL_FILE};
-use lynx_host::engine::tokenizer::{DecodeStream, Tokenizer};
+use lynx_host::config::{Cli, DEFAULT_MODEL_FILE};
+use lynx_host::engine::tokenizer::Tokenizer;
+use lynx_plugin_core::stream::TextStream;
 
 fn model_path() -> PathBuf {
     use clap::Parser;
-    let config = Config::parse_from(["lynx-host"]);
+    let config = Cli::parse_from(["lynx-host"]).config;
     let path = config.model_path();
     assert!(
         path.exists(),
@@ -64,11 +65,12 @@ fn round_trips_text_exactly() {
     ] {
         let ids = t.encode(text, true).unwrap();
         assert_eq!(t.decode(&ids, false).unwrap(), text);
-        // Streaming the same ids one at a time gives the same text.
-        let mut stream = DecodeStream::default();
+        // Streaming the same ids one at a time through the plugins' post-processing
+        // gives the same text.
+        let mut stream = TextStream::new(Vec::new());
         let mut streamed: String = ids
             .iter()
-            .map(|&id| stream.push(t.piece(id).unwrap()))
+            .map(|&id| stream.push(t.piece(id).unwrap()).text)
             .collect();
         streamed.push_str(&stream.finish());
         assert_eq!(streamed, text);

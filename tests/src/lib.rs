@@ -41,6 +41,31 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// The plugins built by `scripts/build-plugins.sh`: `default.wasm`, `strict.wasm`, and
+/// under `test/` the hostile and wrong-version ones.
+pub fn plugins_dist() -> PathBuf {
+    let dir = workspace_root().join("plugins/dist");
+    assert!(
+        dir.join("default.wasm").exists(),
+        "plugins not built at {}: run scripts/build-plugins.sh (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+/// Runs `lynx-host ARGS` to completion (for commands and refused start-ups): whether
+/// it succeeded, and its stdout and stderr together.
+pub fn run_host(args: &[&str]) -> (bool, String) {
+    let out = Command::new(host_binary())
+        .args(args)
+        .env("LYNX_LOG", "info")
+        .output()
+        .expect("run lynx-host");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
 /// A running `lynx-host`, killed on drop.
 pub struct Server {
     child: Child,
@@ -58,15 +83,19 @@ impl Server {
         let port = free_port();
         let log = std::env::temp_dir().join(format!("lynx-host-{port}.log"));
         let log_file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(host_binary())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+        let mut command = Command::new(host_binary());
+        command.args(["--listen", &format!("127.0.0.1:{port}")]);
+        if !args.contains(&"--plugins-dir") {
+            command.arg("--plugins-dir").arg(plugins_dist());
+        }
+        let child = command
             .args(args)
             .env("LYNX_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .expect("spawn lynx-host");
-        let server = Server {
+        let mut server = Server {
             child,
             base: format!("http://127.0.0.1:{port}"),
             client: reqwest::Client::new(),
@@ -76,9 +105,15 @@ impl Server {
         server
     }
 
-    async fn wait_ready(&self) {
+    async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "lynx-host exited ({status}) at start-up; its log:\n{}",
+                    self.log()
+                );
+            }
             if let Ok(r) = self.client.get(self.url("/health")).send().await {
                 if r.status().is_success() {
                     return;
@@ -87,6 +122,21 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("lynx-host did not become ready; its log:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process' resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
     }
 
     pub fn log(&self) -> String {

@@ -41,13 +41,7 @@ impl Model {
             )));
         }
         let tokenizer = Tokenizer::from_gguf(&content)?;
-        let trained = content
-            .metadata
-            .get("llama.context_length")
-            .and_then(|v| v.to_u32().ok())
-            .map_or(MAX_SEQ_LEN, |n| n as usize);
-        // candle's rotary tables stop at MAX_SEQ_LEN positions.
-        let context_len = trained.min(MAX_SEQ_LEN);
+        let context_len = context_len(&content);
         let device = Device::Cpu;
         let pristine = ModelWeights::from_gguf(content, &mut file, &device)?;
         Ok(Self {
@@ -56,6 +50,15 @@ impl Model {
             context_len,
             device,
         })
+    }
+
+    /// Only the tokenizer and context length of a GGUF, without loading its weights.
+    pub fn read_tokenizer(path: &Path) -> Result<(Tokenizer, usize), EngineError> {
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| EngineError::Model(format!("opening {}: {e}", path.display())))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| EngineError::Model(format!("reading {}: {e}", path.display())))?;
+        Ok((Tokenizer::from_gguf(&content)?, context_len(&content)))
     }
 
     /// A fresh sequence state: shared weights, empty KV cache.
@@ -73,4 +76,15 @@ impl Model {
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         Ok(weights.forward(&input, pos)?.squeeze(0)?)
     }
+}
+
+/// The context served: the model's trained context, capped where candle's rotary
+/// tables stop (MAX_SEQ_LEN positions).
+fn context_len(content: &gguf_file::Content) -> usize {
+    content
+        .metadata
+        .get("llama.context_length")
+        .and_then(|v| v.to_u32().ok())
+        .map_or(MAX_SEQ_LEN, |n| n as usize)
+        .min(MAX_SEQ_LEN)
 }

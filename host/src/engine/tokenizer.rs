@@ -1,9 +1,9 @@
 //! The tokenizer: GPT-2 style byte-level BPE built from a GGUF file's own metadata
 //! (`tokenizer.ggml.*`), so no tokenizer file or hub is ever needed.
 //!
-//! It owns encoding (special-token splitting, the `pre` pre-tokenizer, BPE merges),
-//! decoding, and incremental decoding for streams ([`DecodeStream`]), which holds back
-//! bytes of a UTF-8 character that a later token completes.
+//! It owns encoding (special-token splitting, the `pre` pre-tokenizer, BPE merges) and
+//! decoding. Incremental decoding of a stream is post-processing, so it lives in the
+//! plugins (`lynx-plugin-core`'s `TextStream`), which read token bytes from the host.
 
 use std::collections::HashMap;
 
@@ -360,47 +360,6 @@ struct TokenizerParts {
     add_bos: bool,
 }
 
-/// Incremental decoding for streams: releases text only once it is valid UTF-8, so a
-/// character split across tokens is never sent as replacement characters.
-#[derive(Default)]
-pub struct DecodeStream {
-    pending: Vec<u8>,
-}
-
-impl DecodeStream {
-    /// Adds a token's bytes; returns the text that became complete.
-    pub fn push(&mut self, piece: &[u8]) -> String {
-        self.pending.extend_from_slice(piece);
-        match std::str::from_utf8(&self.pending) {
-            Ok(s) => {
-                let s = s.to_string();
-                self.pending.clear();
-                s
-            }
-            Err(e) if e.error_len().is_none() => {
-                // An incomplete character at the end: release what precedes it.
-                let valid = e.valid_up_to();
-                let s = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
-                self.pending.drain(..valid);
-                s
-            }
-            Err(_) => {
-                // Invalid bytes the model will not complete: release them replaced.
-                let s = String::from_utf8_lossy(&self.pending).into_owned();
-                self.pending.clear();
-                s
-            }
-        }
-    }
-
-    /// Whatever is still held at the end of the stream.
-    pub fn finish(&mut self) -> String {
-        let s = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending.clear();
-        s
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,15 +402,5 @@ mod tests {
         assert!(!plain.contains(&1));
         assert_eq!(t.decode(&plain, false).unwrap(), "a<|im_end|>");
         assert!(t.is_end(1) && t.is_end(0));
-    }
-
-    #[test]
-    fn decode_stream_holds_back_split_characters() {
-        let mut s = DecodeStream::default();
-        let euro = "€".as_bytes();
-        assert_eq!(s.push(&euro[..1]), "");
-        assert_eq!(s.push(&euro[1..]), "€");
-        assert_eq!(s.push(b"ab\xe2"), "ab");
-        assert_eq!(s.finish(), "\u{FFFD}");
     }
 }

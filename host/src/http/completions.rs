@@ -1,5 +1,6 @@
-//! `POST /v1/completions` and `POST /v1/chat/completions`: parse and validate, build the
-//! prompt, then answer as one JSON body or as server-sent events ending in `[DONE]`.
+//! `POST /v1/completions` and `POST /v1/chat/completions`: parse and validate, let the
+//! policy plugin turn the prompt into tokens, then answer as one JSON body or as
+//! server-sent events ending in `[DONE]`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,12 +18,13 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::generate::{Generation, Piece};
-use super::observe::RequestInfo;
+use super::observe::{PluginSlot, RequestInfo};
 use super::types::{
     fields, parse_body, ChatRequest, CommonParams, CompletionRequest, Prompt, Usage, Validated,
 };
 use super::AppState;
-use crate::engine::chat::render_chatml;
+use crate::plugins::world::{self, PolicyRequest};
+use crate::plugins::{PluginError, PluginSession};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Api {
@@ -33,40 +35,32 @@ enum Api {
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     Extension(info): Extension<Arc<RequestInfo>>,
+    Extension(slot): Extension<PluginSlot>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let result = body_bytes(body).and_then(|b| {
+    let parsed = body_bytes(body).and_then(|b| {
         let body = parse_body(&b)?;
         let req: CompletionRequest = fields(&body)?;
         let params = fields::<CommonParams>(&body)?.validate(&state.model_name)?;
         let prompt = completion_prompt(&state, req.prompt)?;
         Ok((prompt, params))
     });
-    respond(state, info, Api::Completion, result).await
+    respond(state, info, slot, Api::Completion, parsed).await
 }
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     Extension(info): Extension<Arc<RequestInfo>>,
+    Extension(slot): Extension<PluginSlot>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let result = body_bytes(body).and_then(|b| {
+    let parsed = body_bytes(body).and_then(|b| {
         let body = parse_body(&b)?;
         let req: ChatRequest = fields(&body)?;
         let params = fields::<CommonParams>(&body)?.validate(&state.model_name)?;
-        let text = render_chatml(&req.chat_messages()?);
-        let prompt = state
-            .model
-            .tokenizer
-            .encode(&text, true)
-            .map_err(internal)?;
-        Ok((prompt, params))
+        Ok((world::Prompt::Chat(req.chat_messages()?), params))
     });
-    respond(state, info, Api::Chat, result).await
-}
-
-fn internal(e: impl Into<crate::engine::EngineError>) -> ApiError {
-    ApiError::Engine(e.into())
+    respond(state, info, slot, Api::Chat, parsed).await
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -82,8 +76,9 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     })
 }
 
-fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<Vec<u32>, ApiError> {
-    let tokenizer = &state.model.tokenizer;
+/// The client's prompt as the policy plugin receives it. Token ids are checked here:
+/// what the client sent is the client's error, whatever the plugin does with it.
+fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<world::Prompt, ApiError> {
     let text = match prompt {
         Prompt::Text(t) => t,
         Prompt::Texts(mut v) if v.len() == 1 => v.remove(0),
@@ -97,19 +92,20 @@ fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<Vec<u32>, ApiEr
             ))
         }
         Prompt::Tokens(ids) => {
-            if let Some(bad) = ids
-                .iter()
-                .find(|&&id| id as usize >= tokenizer.vocab_size())
-            {
+            let vocab = state.model.tokenizer.vocab_size();
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
                 return Err(ApiError::invalid(
-                    format!(
-                        "`prompt` holds token id {bad}, outside the vocabulary of {}.",
-                        tokenizer.vocab_size()
-                    ),
+                    format!("`prompt` holds token id {bad}, outside the vocabulary of {vocab}."),
                     Some("prompt"),
                 ));
             }
-            return Ok(ids);
+            if ids.is_empty() {
+                return Err(ApiError::invalid(
+                    "`prompt` must not be empty.",
+                    Some("prompt"),
+                ));
+            }
+            return Ok(world::Prompt::Tokens(ids));
         }
     };
     if text.is_empty() {
@@ -118,22 +114,66 @@ fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<Vec<u32>, ApiEr
             Some("prompt"),
         ));
     }
-    let mut ids = Vec::new();
-    if let (true, Some(bos)) = (tokenizer.add_bos, tokenizer.bos_id) {
-        ids.push(bos);
+    Ok(world::Prompt::Text(text))
+}
+
+/// The policy plugin's verdict: the prompt's token ids, or its rejection as a 400.
+/// Ids outside the vocabulary are the plugin's fault, not the client's.
+fn apply_policy(
+    state: &AppState,
+    session: &mut PluginSession,
+    prompt: world::Prompt,
+    params: &Validated,
+) -> Result<Vec<u32>, ApiError> {
+    let request = PolicyRequest {
+        prompt,
+        context_length: u32::try_from(state.model.context_len).unwrap_or(u32::MAX),
+        max_tokens: params
+            .max_tokens
+            .map(|m| u32::try_from(m).unwrap_or(u32::MAX)),
+    };
+    let ids = session.tokenize(&request)?.map_err(|rejection| {
+        let code = if rejection.code.is_empty() {
+            "rejected_by_policy".to_string()
+        } else {
+            rejection.code
+        };
+        ApiError::InvalidRequest {
+            message: format!(
+                "{} (policy plugin `{}`)",
+                rejection.message,
+                session.plugin_name()
+            ),
+            param: Some("prompt".into()),
+            code: Some(code),
+        }
+    })?;
+    let vocab = state.model.tokenizer.vocab_size();
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(PluginError::Misbehaved {
+            plugin: session.plugin_name().to_string(),
+            detail: format!("policy returned token id {bad}, outside the vocabulary of {vocab}"),
+        }
+        .into());
     }
-    ids.extend(tokenizer.encode(&text, true).map_err(internal)?);
     Ok(ids)
 }
 
 async fn respond(
     state: Arc<AppState>,
     info: Arc<RequestInfo>,
+    slot: PluginSlot,
     api: Api,
-    parsed: Result<(Vec<u32>, Validated), ApiError>,
+    parsed: Result<(world::Prompt, Validated), ApiError>,
 ) -> Response {
     let started = parsed.and_then(|(prompt, params)| {
-        let generation = Generation::start(state.clone(), info, prompt, &params)?;
+        // The session that routed this request serves it: one plugin version throughout.
+        let mut session = match slot.take() {
+            Some(session) => session,
+            None => state.plugins.session()?,
+        };
+        let ids = apply_policy(&state, &mut session, prompt, &params)?;
+        let generation = Generation::start(state.clone(), info, session, ids, &params)?;
         Ok((generation, params))
     });
     match started {
@@ -186,7 +226,7 @@ async fn whole(state: Arc<AppState>, api: Api, mut generation: Generation) -> Re
         "id": new_id(api),
         "object": object,
         "created": created(),
-        "model": state.model_name,
+        "model": &*state.model_name,
         "choices": [choice],
         "usage": usage,
     }))
@@ -244,7 +284,7 @@ fn stream(state: Arc<AppState>, api: Api, generation: Generation, params: Valida
         api,
         id: new_id(api),
         created: created(),
-        model: state.model_name.clone(),
+        model: state.model_name.to_string(),
     };
     let events = sse_events(chunks, generation, params.include_usage);
     Sse::new(events).into_response()

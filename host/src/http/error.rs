@@ -8,6 +8,7 @@ use axum::Json;
 use serde::Serialize;
 
 use crate::engine::EngineError;
+use crate::plugins::PluginError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -15,7 +16,7 @@ pub enum ApiError {
     InvalidRequest {
         message: String,
         param: Option<String>,
-        code: Option<&'static str>,
+        code: Option<String>,
     },
     #[error("The model `{0}` does not exist.")]
     ModelNotFound(String),
@@ -27,6 +28,10 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -53,7 +58,10 @@ impl ApiError {
             ApiError::Engine(EngineError::Overloaded(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
             }
-            ApiError::Engine(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+            ApiError::Engine(_) | ApiError::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "server_error")
+            }
+            ApiError::Plugin(_) => (StatusCode::INTERNAL_SERVER_ERROR, "plugin_error"),
         }
     }
 
@@ -69,9 +77,11 @@ impl ApiError {
             self.to_string()
         };
         let (param, code) = match self {
-            ApiError::InvalidRequest { param, code, .. } => (param.clone(), *code),
-            ApiError::ModelNotFound(_) => (Some("model".to_string()), Some("model_not_found")),
-            ApiError::PayloadTooLarge(_) => (None, Some("payload_too_large")),
+            ApiError::InvalidRequest { param, code, .. } => (param.clone(), code.clone()),
+            ApiError::ModelNotFound(_) => {
+                (Some("model".to_string()), Some("model_not_found".into()))
+            }
+            ApiError::PayloadTooLarge(_) => (None, Some("payload_too_large".into())),
             _ => (None, None),
         };
         ErrorBody {
@@ -96,7 +106,7 @@ pub struct ErrorObject {
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub param: Option<String>,
-    pub code: Option<&'static str>,
+    pub code: Option<String>,
 }
 
 impl IntoResponse for ApiError {

@@ -1,7 +1,8 @@
-//! One generation as the HTTP layer sees it: submits the prompt to the scheduler, turns
-//! token events into released text (incremental UTF-8 decoding, stop sequences), and
-//! records the token metrics and TTFT as tokens arrive. Streaming and non-streaming
-//! responses both read it, so they cannot differ.
+//! One generation as the HTTP layer sees it: submits the prompt to the scheduler and
+//! hands each generated token to the plugin's post-processing, which releases text and
+//! reports the token events the metrics come from. What a plugin fails to report, the
+//! host records itself, so the metrics stay exact. Streaming and non-streaming responses
+//! both read this, so they cannot differ.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -13,10 +14,11 @@ use super::error::ApiError;
 use super::observe::RequestInfo;
 use super::types::{Usage, Validated};
 use super::AppState;
-use crate::engine::stops::StopMatcher;
-use crate::engine::tokenizer::DecodeStream;
 use crate::engine::{EngineError, FinishReason, GenEvent, GenerateRequest, Sampling};
 use crate::metrics;
+use crate::plugins::state::EventSink;
+use crate::plugins::world::PostConfig;
+use crate::plugins::PluginSession;
 
 #[derive(Debug)]
 pub enum Piece {
@@ -26,11 +28,9 @@ pub enum Piece {
 }
 
 pub struct Generation {
-    state: Arc<AppState>,
     info: Arc<RequestInfo>,
     rx: mpsc::UnboundedReceiver<GenEvent>,
-    decoder: DecodeStream,
-    stops: StopMatcher,
+    session: PluginSession,
     prompt_tokens: usize,
     completion_tokens: usize,
     ready: VecDeque<Piece>,
@@ -42,6 +42,7 @@ impl Generation {
     pub fn start(
         state: Arc<AppState>,
         info: Arc<RequestInfo>,
+        mut session: PluginSession,
         prompt: Vec<u32>,
         params: &Validated,
     ) -> Result<Self, ApiError> {
@@ -56,7 +57,7 @@ impl Generation {
                     "This model's maximum context length is {context} tokens; the prompt has {n} tokens, leaving no room for a completion."
                 ),
                 param: Some("prompt".into()),
-                code: Some("context_length_exceeded"),
+                code: Some("context_length_exceeded".into()),
             });
         }
         let max_tokens = match params.max_tokens {
@@ -67,12 +68,19 @@ impl Generation {
                         n.saturating_add(m)
                     ),
                     param: Some("max_tokens".into()),
-                    code: Some("context_length_exceeded"),
+                    code: Some("context_length_exceeded".into()),
                 })
             }
             Some(m) => m,
             None => context - n,
         };
+        session.start(&PostConfig {
+            stops: params.stops.clone(),
+        })?;
+        session.set_sink(EventSink {
+            model_name: state.model_name.clone(),
+            info: info.clone(),
+        });
         let (tx, rx) = mpsc::unbounded_channel();
         let sampling = Sampling {
             temperature: params.temperature,
@@ -85,14 +93,21 @@ impl Generation {
             sampling,
             events: tx,
         })?;
+        let reported = session.state().ledger.prompt_tokens;
+        if reported != u32::try_from(n).ok() {
+            tracing::warn!(
+                plugin = session.plugin_name(),
+                ?reported,
+                actual = n,
+                "plugin misreported the prompt length; recording the actual length"
+            );
+        }
         metrics::record_prompt_tokens(&state.model_name, n);
         info.set_prompt_tokens(n);
         Ok(Self {
-            state,
             info,
             rx,
-            decoder: DecodeStream::default(),
-            stops: StopMatcher::new(params.stops.clone()),
+            session,
             prompt_tokens: n,
             completion_tokens: 0,
             ready: VecDeque::new(),
@@ -127,36 +142,28 @@ impl Generation {
             Some(GenEvent::Token(id)) => {
                 self.completion_tokens += 1;
                 self.info.set_completion_tokens(self.completion_tokens);
-                metrics::record_completion_token(&self.state.model_name);
-                if self.completion_tokens == 1 {
-                    let ttft = self.info.start.elapsed();
-                    self.info.set_ttft(ttft);
-                    metrics::record_ttft(&self.state.model_name, ttft.as_secs_f64());
-                }
-                let piece = self.state.model.tokenizer.piece(id).unwrap_or_default();
-                let text = self.decoder.push(piece);
-                let released = self.stops.push(&text);
-                self.release(released.text);
-                if released.stopped {
-                    // Closing the channel frees the slot before another token is computed.
-                    self.rx.close();
-                    self.finish(FinishReason::Stop);
+                let pushed = self.session.push(id);
+                self.reconcile_events();
+                match pushed {
+                    Ok(released) => {
+                        self.release(released.text);
+                        if released.stop {
+                            // Closing the channel frees the slot before another token
+                            // is computed.
+                            self.rx.close();
+                            self.finish(FinishReason::Stop);
+                        }
+                    }
+                    Err(e) => self.fail(e.into()),
                 }
             }
-            Some(GenEvent::Finished(reason)) => {
-                let tail = self.decoder.finish();
-                let released = self.stops.push(&tail);
-                self.release(released.text);
-                if !released.stopped {
-                    let held = self.stops.finish();
-                    self.release(held);
+            Some(GenEvent::Finished(reason)) => match self.session.finish() {
+                Ok(tail) => {
+                    self.release(tail);
+                    self.finish(reason);
                 }
-                self.finish(if released.stopped {
-                    FinishReason::Stop
-                } else {
-                    reason
-                });
-            }
+                Err(e) => self.fail(e.into()),
+            },
             Some(GenEvent::Failed(message)) => {
                 self.ready
                     .push_back(Piece::Failed(EngineError::Model(message).into()));
@@ -168,6 +175,29 @@ impl Generation {
                 self.done = true;
             }
         }
+    }
+
+    /// Records what the plugin should have reported for the tokens it was given.
+    fn reconcile_events(&mut self) {
+        let plugin = self.session.plugin_name().to_string();
+        let state = self.session.state_mut();
+        let missing = state.ledger.pushed - state.ledger.completion_tokens;
+        if missing > 0 {
+            tracing::debug!(plugin, missing, "plugin did not report completion tokens");
+            for _ in 0..missing {
+                state.count_completion();
+            }
+        }
+        if !state.ledger.first_token && state.ledger.pushed > 0 {
+            tracing::debug!(plugin, "plugin did not report the first token");
+            state.mark_first_token();
+        }
+    }
+
+    fn fail(&mut self, error: ApiError) {
+        self.rx.close();
+        self.ready.push_back(Piece::Failed(error));
+        self.done = true;
     }
 
     fn release(&mut self, text: String) {

@@ -1,21 +1,68 @@
-//! Per-request observation: the RED metrics and the one info log line per request. The
-//! duration ends when the body's last byte has been handed to the connection (or the
-//! client went away), so streamed responses are timed in full, not to their headers.
+//! Per-request observation: the `endpoint` label (named by the router plugin), the RED
+//! metrics and the one info log line per request. The duration ends when the body's last
+//! byte has been handed to the connection (or the client went away), so streamed
+//! responses are timed in full, not to their headers.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
+use super::AppState;
 use crate::metrics;
+use crate::plugins::PluginSession;
+
+/// The most distinct `endpoint` values the host keeps: past it, new values from the
+/// router plugin fold into the unmatched value, so even a faulty plugin cannot grow the
+/// label set without bound.
+pub const MAX_ENDPOINT_LABELS: usize = 64;
+/// The longest `endpoint` value kept.
+const MAX_ENDPOINT_LEN: usize = 128;
+
+#[derive(Default)]
+pub struct EndpointLabels {
+    seen: Mutex<HashSet<String>>,
+}
+
+impl EndpointLabels {
+    /// `label` if it is known or there is room for it; else the unmatched value.
+    pub fn admit(&self, label: String) -> String {
+        if label.len() > MAX_ENDPOINT_LEN {
+            return metrics::UNMATCHED_ENDPOINT.to_string();
+        }
+        let Ok(mut seen) = self.seen.lock() else {
+            return metrics::UNMATCHED_ENDPOINT.to_string();
+        };
+        if seen.contains(&label) {
+            return label;
+        }
+        if seen.len() >= MAX_ENDPOINT_LABELS {
+            tracing::warn!(%label, "endpoint label refused: the label set is full");
+            return metrics::UNMATCHED_ENDPOINT.to_string();
+        }
+        seen.insert(label.clone());
+        label
+    }
+}
+
+/// The plugin sandbox the middleware opened for a request, for its handler to take.
+#[derive(Clone, Default)]
+pub struct PluginSlot(Arc<Mutex<Option<PluginSession>>>);
+
+impl PluginSlot {
+    pub fn take(&self) -> Option<PluginSession> {
+        self.0.lock().ok().and_then(|mut s| s.take())
+    }
+}
 
 /// What a handler learns about its request, for the log line.
 #[derive(Debug)]
@@ -47,16 +94,14 @@ impl RequestInfo {
     }
 }
 
-pub async fn observe(mut req: Request, next: Next) -> Response {
+pub async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let endpoint = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or(metrics::UNMATCHED_ENDPOINT, MatchedPath::as_str)
-        .to_string();
     let method = req.method().to_string();
+    let (endpoint, session) = route(&state, &method, req.uri().path());
     let info = Arc::new(RequestInfo::new(start));
     req.extensions_mut().insert(info.clone());
+    req.extensions_mut()
+        .insert(PluginSlot(Arc::new(Mutex::new(session))));
     let response = next.run(req).await;
     let status = response.status();
     let done = Done {
@@ -71,6 +116,25 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
             done: Some(done),
         })
     })
+}
+
+/// The request's `endpoint` label from the router plugin, and the session for its
+/// handler. A router that fails yields the unmatched value, never a failed request.
+fn route(state: &AppState, method: &str, path: &str) -> (String, Option<PluginSession>) {
+    let mut session = match state.plugins.session() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no plugin session for routing");
+            return (metrics::UNMATCHED_ENDPOINT.to_string(), None);
+        }
+    };
+    match session.normalize(metrics::method_label(method), path) {
+        Ok(label) => (state.endpoints.admit(label), Some(session)),
+        Err(e) => {
+            tracing::warn!(error = %e, "route normalization failed");
+            (metrics::UNMATCHED_ENDPOINT.to_string(), None)
+        }
+    }
 }
 
 /// Recorded once, when the body ends or is dropped.

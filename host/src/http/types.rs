@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use crate::engine::chat::ChatMessage;
+use crate::plugins::world::ChatMessage;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]

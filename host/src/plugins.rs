@@ -1,0 +1,61 @@
+//! WebAssembly plugins: the wasmtime component host that runs lynx's request
+//! pre/post-processing in sandboxed components implementing `lynx:plugin@0.1.0`.
+//!
+//! [`world`] owns the generated bindings; [`runtime`] compiles, checks and
+//! pre-instantiates plugins; [`session`] is one request's sandbox; [`state`] is what a
+//! plugin can reach (the tokenizer, the log, and the event ledger).
+
+pub mod check;
+pub mod registry;
+pub mod runtime;
+pub mod session;
+pub mod state;
+pub mod world;
+
+pub use registry::Plugins;
+pub use runtime::{LoadedPlugin, PluginLimits, PluginRuntime};
+pub use session::PluginSession;
+
+/// Errors of the plugin layer. The HTTP layer answers 500 `plugin_error` naming the
+/// plugin; the details stay in the log.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin `{plugin}` trapped: {detail}")]
+    Trap { plugin: String, detail: String },
+    #[error("plugin `{plugin}` ran past its {millis} ms deadline")]
+    Timeout { plugin: String, millis: u64 },
+    #[error("plugin `{plugin}` exceeded its {mib} MiB memory limit")]
+    OutOfMemory { plugin: String, mib: u64 },
+    #[error("plugin `{plugin}` broke the interface contract: {detail}")]
+    Misbehaved { plugin: String, detail: String },
+    #[error("plugin `{plugin}` could not be instantiated: {detail}")]
+    Instantiate { plugin: String, detail: String },
+    #[error(
+        "plugin {file} was built for lynx:plugin@{found}; this host implements lynx:plugin@{expected}"
+    )]
+    IncompatibleVersion {
+        file: String,
+        found: String,
+        expected: String,
+    },
+    #[error("plugin {file} is not a lynx plugin: {detail}")]
+    Invalid { file: String, detail: String },
+    #[error("plugin {file} failed its smoke call: {detail}")]
+    SmokeFailed { file: String, detail: String },
+    #[error("plugin engine: {0}")]
+    Engine(String),
+}
+
+impl PluginError {
+    /// The plugin's name, when the error is about one plugin's run.
+    pub fn plugin(&self) -> Option<&str> {
+        match self {
+            PluginError::Trap { plugin, .. }
+            | PluginError::Timeout { plugin, .. }
+            | PluginError::OutOfMemory { plugin, .. }
+            | PluginError::Misbehaved { plugin, .. }
+            | PluginError::Instantiate { plugin, .. } => Some(plugin),
+            _ => None,
+        }
+    }
+}

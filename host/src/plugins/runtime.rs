@@ -1,0 +1,249 @@
+//! The wasmtime host: one engine (component model, epoch interruption driven by a ticker
+//! thread, pooling allocator), one linker holding only the lynx imports, and loading:
+//! compile → check the WIT version → link (any other import traps when called) →
+//! pre-instantiate → smoke call. Only a plugin that passes every step is served.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::session::PluginSession;
+use super::state::HostState;
+use super::world::{ChatMessage, Plugin, PluginPre, PolicyRequest, PostConfig, Prompt};
+use super::world::{WIT_PACKAGE, WIT_VERSION};
+use super::PluginError;
+use crate::engine::tokenizer::Tokenizer;
+
+/// How often the epoch advances: the granularity of call deadlines.
+const TICK: Duration = Duration::from_millis(5);
+/// Plugin instances alive at once (one per in-flight request).
+const POOL_INSTANCES: u32 = 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub struct PluginLimits {
+    /// The longest one call into a plugin may run.
+    pub call_timeout: Duration,
+    /// The most linear memory one plugin instance may have.
+    pub memory_bytes: usize,
+}
+
+impl PluginLimits {
+    pub fn memory_mib(&self) -> u64 {
+        (self.memory_bytes >> 20) as u64
+    }
+}
+
+pub struct PluginRuntime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    tokenizer: Arc<Tokenizer>,
+    pub limits: PluginLimits,
+    /// The model's context, told to the smoke call's policy request.
+    context_length: u32,
+}
+
+/// A plugin that passed loading, ready to instantiate per request.
+pub struct LoadedPlugin {
+    pub name: Arc<str>,
+    pub path: PathBuf,
+    pub wit_version: String,
+    pub loaded_at: SystemTime,
+    pub requests: AtomicU64,
+    pub traps: AtomicU64,
+    pub(crate) pre: PluginPre<HostState>,
+    pub(crate) component: Component,
+}
+
+fn engine_error(e: impl std::fmt::Display) -> PluginError {
+    PluginError::Engine(e.to_string())
+}
+
+impl PluginRuntime {
+    pub fn new(
+        tokenizer: Arc<Tokenizer>,
+        context_length: u32,
+        limits: PluginLimits,
+    ) -> Result<Self, PluginError> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(POOL_INSTANCES)
+            .total_core_instances(POOL_INSTANCES * 4)
+            .total_memories(POOL_INSTANCES * 2)
+            .total_tables(POOL_INSTANCES * 4)
+            .max_memory_size(limits.memory_bytes);
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .memory_reservation(limits.memory_bytes as u64)
+            .memory_guard_size(64 << 10)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(engine_error)?;
+
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("lynx-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = ticker.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .map_err(engine_error)?;
+
+        let mut linker = Linker::new(&engine);
+        Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(engine_error)?;
+        Ok(Self {
+            engine,
+            linker,
+            tokenizer,
+            limits,
+            context_length,
+        })
+    }
+
+    /// Epoch ticks in one call's deadline.
+    pub(crate) fn deadline_ticks(&self) -> u64 {
+        (self.limits.call_timeout.as_millis() / TICK.as_millis()).max(1) as u64
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// A sandbox for one request on `plugin`.
+    pub fn session(&self, plugin: &Arc<LoadedPlugin>) -> Result<PluginSession, PluginError> {
+        plugin
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        PluginSession::new(self, plugin)
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// Loads the plugin at `path`; its name is the file's stem.
+    pub fn load(&self, path: &Path) -> Result<Arc<LoadedPlugin>, PluginError> {
+        let file = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| PluginError::Invalid {
+            file: file.clone(),
+            detail: format!("reading it: {e}"),
+        })?;
+        let component = Component::new(&self.engine, &bytes).map_err(|e| PluginError::Invalid {
+            file: file.clone(),
+            detail: format!("not a valid WebAssembly component: {e}"),
+        })?;
+        let name = path
+            .file_stem()
+            .map_or_else(|| file.clone(), |s| s.to_string_lossy().into_owned());
+        self.load_component(name, path, &component)
+    }
+
+    fn load_component(
+        &self,
+        name: String,
+        path: &Path,
+        component: &Component,
+    ) -> Result<Arc<LoadedPlugin>, PluginError> {
+        let file = path.display().to_string();
+        let wit_version = self.check_version(&file, component)?;
+        let mut linker = self.linker.clone();
+        // WASI and any other import links, but traps if called: a plugin reaches
+        // nothing but the lynx imports.
+        linker
+            .define_unknown_imports_as_traps(component)
+            .map_err(|e| PluginError::Invalid {
+                file: file.clone(),
+                detail: format!("{e:#}"),
+            })?;
+        let pre = linker
+            .instantiate_pre(component)
+            .and_then(PluginPre::new)
+            .map_err(|e| PluginError::Invalid {
+                file: file.clone(),
+                detail: format!("{e:#}"),
+            })?;
+        let plugin = Arc::new(LoadedPlugin {
+            name: name.into(),
+            path: path.to_path_buf(),
+            wit_version,
+            loaded_at: SystemTime::now(),
+            requests: AtomicU64::new(0),
+            traps: AtomicU64::new(0),
+            pre,
+            component: component.clone(),
+        });
+        self.smoke(&plugin).map_err(|e| PluginError::SmokeFailed {
+            file,
+            detail: e.to_string(),
+        })?;
+        Ok(plugin)
+    }
+
+    /// The plugin's `lynx:plugin` version: every lynx interface it uses must be ours.
+    fn check_version(&self, file: &str, component: &Component) -> Result<String, PluginError> {
+        let ty = component.component_type();
+        let names: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .chain(ty.exports(&self.engine).map(|(n, _)| n.to_string()))
+            .collect();
+        let ours = major_minor(WIT_VERSION);
+        let mut found = None;
+        for name in &names {
+            let Some(rest) = name.strip_prefix(&format!("{WIT_PACKAGE}/")) else {
+                continue;
+            };
+            let version = rest.split_once('@').map_or("", |(_, v)| v);
+            if major_minor(version) != ours {
+                return Err(PluginError::IncompatibleVersion {
+                    file: file.to_string(),
+                    found: if version.is_empty() {
+                        "(unversioned)".into()
+                    } else {
+                        version.to_string()
+                    },
+                    expected: WIT_VERSION.to_string(),
+                });
+            }
+            found = Some(version.to_string());
+        }
+        found.ok_or_else(|| PluginError::Invalid {
+            file: file.to_string(),
+            detail: format!("it uses no {WIT_PACKAGE}@{WIT_VERSION} interface"),
+        })
+    }
+
+    /// One request's worth of calls on a sample conversation.
+    fn smoke(&self, plugin: &Arc<LoadedPlugin>) -> Result<(), PluginError> {
+        let mut session = PluginSession::new(self, plugin)?;
+        session.normalize("GET", "/v1/models")?;
+        let request = PolicyRequest {
+            prompt: Prompt::Chat(vec![ChatMessage {
+                role: "user".into(),
+                content: "Hello".into(),
+            }]),
+            context_length: self.context_length,
+            max_tokens: Some(16),
+        };
+        let first = match session.tokenize(&request)? {
+            Ok(ids) => ids.first().copied().unwrap_or(0),
+            Err(_) => 0,
+        };
+        session.start(&PostConfig { stops: vec![] })?;
+        session.push(first)?;
+        session.finish()?;
+        Ok(())
+    }
+}
+
+fn major_minor(version: &str) -> (&str, &str) {
+    let mut parts = version.split('.');
+    (parts.next().unwrap_or(""), parts.next().unwrap_or(""))
+}

@@ -1,0 +1,71 @@
+//! A hostile plugin for the test suite. It behaves as the default plugin unless the
+//! prompt holds a trigger word:
+//! - `TRAP`: panics (a trap) in the policy;
+//! - `SPIN`: loops forever in the policy;
+//! - `HOG`: allocates memory without bound in the policy;
+//! - `SNOOP`: tries to read `/etc/passwd` and the environment;
+//! - `LATE`: traps in post-processing, on the third generated token.
+
+use std::cell::Cell;
+
+use lynx_plugin_sdk::{defaults, host, LogLevel, PolicyRequest, Prompt, Rejection, Released};
+
+thread_local! {
+    static TRAP_AT_TOKEN: Cell<Option<u32>> = const { Cell::new(None) };
+    static TOKENS: Cell<u32> = const { Cell::new(0) };
+}
+
+fn prompt_text(prompt: &Prompt) -> String {
+    match prompt {
+        Prompt::Text(t) => t.clone(),
+        Prompt::Chat(messages) => messages.iter().map(|m| m.content.as_str()).collect(),
+        Prompt::Tokens(_) => String::new(),
+    }
+}
+
+fn tokenize(request: PolicyRequest) -> Result<Vec<u32>, Rejection> {
+    let text = prompt_text(&request.prompt);
+    if text.contains("TRAP") {
+        panic!("hostile plugin: trap on request");
+    }
+    if text.contains("SPIN") {
+        let mut n: u64 = 0;
+        loop {
+            n = std::hint::black_box(n.wrapping_add(1));
+        }
+    }
+    if text.contains("HOG") {
+        let mut hoard: Vec<Vec<u8>> = Vec::new();
+        loop {
+            hoard.push(vec![1u8; 1 << 20]);
+            std::hint::black_box(&hoard);
+        }
+    }
+    if text.contains("SNOOP") {
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        let home = std::env::var("HOME").unwrap_or_default();
+        host::log(
+            LogLevel::Warn,
+            &format!("snooped {} bytes of /etc/passwd, HOME={home}", passwd.len()),
+        );
+        return Err(Rejection {
+            code: "snooped".to_string(),
+            message: format!("read {} bytes and HOME={home:?}", passwd.len()),
+        });
+    }
+    if text.contains("LATE") {
+        TRAP_AT_TOKEN.set(Some(3));
+    }
+    defaults::tokenize(request)
+}
+
+fn push(token: u32) -> Released {
+    let n = TOKENS.get() + 1;
+    TOKENS.set(n);
+    if TRAP_AT_TOKEN.get() == Some(n) {
+        panic!("hostile plugin: trap mid-stream");
+    }
+    defaults::push(token)
+}
+
+lynx_plugin_sdk::plugin!(HostilePlugin, tokenize = tokenize, push = push);

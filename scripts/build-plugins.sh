@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Builds the guest components (wasm32-wasip2) and puts them where the host looks:
+#   plugins/dist/default.wasm, plugins/dist/strict.wasm   (the plugin folder)
+#   plugins/dist/test/{hostile,future}.wasm                (used by the tests only)
+set -euo pipefail
+cd "$(dirname "$0")/../plugins"
+rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+cargo build --quiet --target wasm32-wasip2 --release
+out=target/wasm32-wasip2/release
+mkdir -p dist/test
+# Write to a temporary name and rename, so a watching host never reads half a file.
+put() { cp "$out/lynx_plugin_$1.wasm" "$2.tmp" && mv "$2.tmp" "$2"; }
+put default dist/default.wasm
+put strict dist/strict.wasm
+put hostile dist/test/hostile.wasm
+put future dist/test/future.wasm
