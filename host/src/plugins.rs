@@ -47,6 +47,34 @@ pub enum PluginError {
 }
 
 impl PluginError {
+    /// What a client is told: which plugin failed and how, without the trap's details
+    /// (those go to the log), and a stable error code.
+    pub fn public(&self) -> (String, &'static str) {
+        let plugin = self.plugin().unwrap_or("?");
+        match self {
+            PluginError::Trap { .. } => (
+                format!("The plugin `{plugin}` trapped while processing this request."),
+                "plugin_trap",
+            ),
+            PluginError::Timeout { millis, .. } => (
+                format!("The plugin `{plugin}` ran past its {millis} ms deadline."),
+                "plugin_timeout",
+            ),
+            PluginError::OutOfMemory { mib, .. } => (
+                format!("The plugin `{plugin}` exceeded its {mib} MiB memory limit."),
+                "plugin_out_of_memory",
+            ),
+            PluginError::Misbehaved { .. } => (
+                format!("The plugin `{plugin}` returned an invalid result."),
+                "plugin_invalid_result",
+            ),
+            _ => (
+                format!("The plugin `{plugin}` could not serve this request."),
+                "plugin_unavailable",
+            ),
+        }
+    }
+
     /// The plugin's name, when the error is about one plugin's run.
     pub fn plugin(&self) -> Option<&str> {
         match self {

@@ -68,21 +68,31 @@ impl ApiError {
     /// The OpenAI error object, also sent as the last event of a failed stream.
     pub fn body(&self) -> ErrorBody {
         let (status, kind) = self.status_and_type();
-        let message = if status.is_server_error()
-            && !matches!(self, ApiError::Engine(EngineError::Overloaded(_)))
-        {
-            tracing::error!(error = %self, "request failed");
-            "The server had an error while processing your request.".to_string()
-        } else {
-            self.to_string()
-        };
-        let (param, code) = match self {
-            ApiError::InvalidRequest { param, code, .. } => (param.clone(), code.clone()),
-            ApiError::ModelNotFound(_) => {
-                (Some("model".to_string()), Some("model_not_found".into()))
+        let (message, code) = match self {
+            ApiError::Plugin(e) => {
+                tracing::error!(plugin = e.plugin().unwrap_or("?"), error = %e, "plugin failed a request");
+                let (message, code) = e.public();
+                (message, Some(code.to_string()))
             }
-            ApiError::PayloadTooLarge(_) => (None, Some("payload_too_large".into())),
-            _ => (None, None),
+            ApiError::Engine(EngineError::Overloaded(_)) => {
+                (self.to_string(), Some("overloaded".to_string()))
+            }
+            _ if status.is_server_error() => {
+                tracing::error!(error = %self, "request failed");
+                (
+                    "The server had an error while processing your request.".to_string(),
+                    None,
+                )
+            }
+            ApiError::InvalidRequest { code, .. } => (self.to_string(), code.clone()),
+            ApiError::ModelNotFound(_) => (self.to_string(), Some("model_not_found".into())),
+            ApiError::PayloadTooLarge(_) => (self.to_string(), Some("payload_too_large".into())),
+            _ => (self.to_string(), None),
+        };
+        let param = match self {
+            ApiError::InvalidRequest { param, .. } => param.clone(),
+            ApiError::ModelNotFound(_) => Some("model".to_string()),
+            _ => None,
         };
         ErrorBody {
             error: ErrorObject {

@@ -1,17 +1,23 @@
 //! A hostile plugin for the test suite. It behaves as the default plugin unless the
-//! prompt holds a trigger word:
-//! - `TRAP`: panics (a trap) in the policy;
+//! request holds a trigger word:
+//! - `TRAP` in the prompt: panics (a trap) in the policy;
 //! - `SPIN`: loops forever in the policy;
 //! - `HOG`: allocates memory without bound in the policy;
 //! - `SNOOP`: tries to read `/etc/passwd` and the environment;
-//! - `LATE`: traps in post-processing, on the third generated token.
+//! - `LATE`: traps in post-processing, on the third generated token;
+//! - `LIAR`: reports nonsense events (a wrong prompt length, every token three times,
+//!   a first token on every token);
+//! - `/TRAP` in the path: traps in route normalization.
 
 use std::cell::Cell;
 
-use lynx_plugin_sdk::{defaults, host, LogLevel, PolicyRequest, Prompt, Rejection, Released};
+use lynx_plugin_sdk::{
+    defaults, events, host, LogLevel, Plugin, PolicyRequest, Prompt, Rejection, Released,
+};
 
 thread_local! {
     static TRAP_AT_TOKEN: Cell<Option<u32>> = const { Cell::new(None) };
+    static LIAR: Cell<bool> = const { Cell::new(false) };
     static TOKENS: Cell<u32> = const { Cell::new(0) };
 }
 
@@ -23,49 +29,69 @@ fn prompt_text(prompt: &Prompt) -> String {
     }
 }
 
-fn tokenize(request: PolicyRequest) -> Result<Vec<u32>, Rejection> {
-    let text = prompt_text(&request.prompt);
-    if text.contains("TRAP") {
-        panic!("hostile plugin: trap on request");
-    }
-    if text.contains("SPIN") {
-        let mut n: u64 = 0;
-        loop {
-            n = std::hint::black_box(n.wrapping_add(1));
+struct HostilePlugin;
+
+impl Plugin for HostilePlugin {
+    fn normalize(method: &str, path: &str) -> String {
+        if path.contains("/TRAP") {
+            panic!("hostile plugin: trap in routing");
         }
+        defaults::normalize(method, path)
     }
-    if text.contains("HOG") {
-        let mut hoard: Vec<Vec<u8>> = Vec::new();
-        loop {
-            hoard.push(vec![1u8; 1 << 20]);
-            std::hint::black_box(&hoard);
+
+    fn tokenize(request: PolicyRequest) -> Result<Vec<u32>, Rejection> {
+        let text = prompt_text(&request.prompt);
+        if text.contains("TRAP") {
+            panic!("hostile plugin: trap on request");
         }
+        if text.contains("SPIN") {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        if text.contains("HOG") {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        if text.contains("SNOOP") {
+            let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+            let home = std::env::var("HOME").unwrap_or_default();
+            host::log(
+                LogLevel::Warn,
+                &format!("snooped {} bytes of /etc/passwd, HOME={home}", passwd.len()),
+            );
+            return Err(Rejection {
+                code: "snooped".to_string(),
+                message: format!("read {} bytes and HOME={home:?}", passwd.len()),
+            });
+        }
+        if text.contains("LATE") {
+            TRAP_AT_TOKEN.set(Some(3));
+        }
+        if text.contains("LIAR") {
+            LIAR.set(true);
+            events::prompt_tokens(12345);
+        }
+        defaults::tokenize(request)
     }
-    if text.contains("SNOOP") {
-        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-        let home = std::env::var("HOME").unwrap_or_default();
-        host::log(
-            LogLevel::Warn,
-            &format!("snooped {} bytes of /etc/passwd, HOME={home}", passwd.len()),
-        );
-        return Err(Rejection {
-            code: "snooped".to_string(),
-            message: format!("read {} bytes and HOME={home:?}", passwd.len()),
-        });
+
+    fn push(token: u32) -> Released {
+        let n = TOKENS.get() + 1;
+        TOKENS.set(n);
+        if TRAP_AT_TOKEN.get() == Some(n) {
+            panic!("hostile plugin: trap mid-stream");
+        }
+        if LIAR.get() {
+            events::first_token();
+            events::completion_token();
+            events::completion_token();
+        }
+        defaults::push(token)
     }
-    if text.contains("LATE") {
-        TRAP_AT_TOKEN.set(Some(3));
-    }
-    defaults::tokenize(request)
 }
 
-fn push(token: u32) -> Released {
-    let n = TOKENS.get() + 1;
-    TOKENS.set(n);
-    if TRAP_AT_TOKEN.get() == Some(n) {
-        panic!("hostile plugin: trap mid-stream");
-    }
-    defaults::push(token)
-}
-
-lynx_plugin_sdk::plugin!(HostilePlugin, tokenize = tokenize, push = push);
+lynx_plugin_sdk::plugin!(HostilePlugin);

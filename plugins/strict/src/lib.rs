@@ -1,12 +1,20 @@
 //! A strict tokenization policy: the default policy, but any prompt over
 //! [`MAX_PROMPT_TOKENS`] tokens is refused with `prompt_too_long` instead of served.
 
-use lynx_plugin_sdk::{defaults, host, LogLevel, PolicyRequest, Rejection};
+use lynx_plugin_sdk::{defaults, host, LogLevel, Plugin, PolicyRequest, Rejection};
 
 /// The longest prompt this policy admits.
 pub const MAX_PROMPT_TOKENS: usize = 64;
 
-fn tokenize(request: PolicyRequest) -> Result<Vec<u32>, Rejection> {
+struct StrictPlugin;
+
+impl Plugin for StrictPlugin {
+    fn tokenize(request: PolicyRequest) -> Result<Vec<u32>, Rejection> {
+        strict_tokenize(request)
+    }
+}
+
+fn strict_tokenize(request: PolicyRequest) -> Result<Vec<u32>, Rejection> {
     let ids = defaults::tokenize(request)?;
     if ids.len() > MAX_PROMPT_TOKENS {
         host::log(
@@ -24,4 +32,4 @@ fn tokenize(request: PolicyRequest) -> Result<Vec<u32>, Rejection> {
     Ok(ids)
 }
 
-lynx_plugin_sdk::plugin!(StrictPlugin, tokenize = tokenize);
+lynx_plugin_sdk::plugin!(StrictPlugin);
