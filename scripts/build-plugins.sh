@@ -2,6 +2,7 @@
 # Builds the guest components (wasm32-wasip2) and puts them where the host looks:
 #   plugins/dist/default.wasm, plugins/dist/strict.wasm   (the plugin folder)
 #   plugins/dist/test/{hostile,future}.wasm                (used by the tests only)
+#   plugins/dist/test/swap-{v1,v2,smoke-trap}.wasm         (the hot-swap tests' versions)
 set -euo pipefail
 cd "$(dirname "$0")/../plugins"
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -14,3 +15,11 @@ put default dist/default.wasm
 put strict dist/strict.wasm
 put hostile dist/test/hostile.wasm
 put future dist/test/future.wasm
+# The swap plugin's versions are one crate built with different features.
+put swap dist/test/swap-v1.wasm
+for version in v2 smoke-trap; do
+  cargo build --quiet --target wasm32-wasip2 --release -p lynx-plugin-swap --features "$version"
+  put swap "dist/test/swap-$version.wasm"
+done
+# Leave the workspace build's (featureless) artifact as it was.
+cargo build --quiet --target wasm32-wasip2 --release -p lynx-plugin-swap

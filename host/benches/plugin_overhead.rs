@@ -75,6 +75,7 @@ fn bench(c: &mut Criterion) {
             call_timeout: Duration::from_millis(250),
             memory_bytes: 64 << 20,
         },
+        None,
     )
     .expect("runtime");
     let plugin = runtime

@@ -79,9 +79,33 @@ pub struct Config {
     #[arg(long, env = "LYNX_PLUGIN_MEMORY_MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub plugin_memory_mib: u64,
 
+    /// Where compiled plugins are cached by sha256 (default: `plugins` in the lynx cache
+    /// folder). Writable only by the host's user: artifacts are native code.
+    #[arg(long, env = "LYNX_PLUGIN_CACHE_DIR")]
+    pub plugin_cache_dir: Option<PathBuf>,
+
+    /// Address of the admin listener (`/admin/plugins`). Beyond loopback it requires
+    /// `--admin-token`.
+    #[arg(long, env = "LYNX_ADMIN_LISTEN", default_value = "127.0.0.1:9000")]
+    pub admin_listen: SocketAddr,
+
+    /// Bearer token the admin API requires (always, when set).
+    #[arg(long, env = "LYNX_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// Log filter, in `tracing` EnvFilter syntax (e.g. `info`, `lynx_host=debug`).
     #[arg(long, env = "LYNX_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// The lynx cache folder: `LYNX_CACHE_DIR`, else `$XDG_CACHE_HOME/lynx`, else
+/// `~/.cache/lynx` (where scripts/fetch-model.sh puts the model).
+fn cache_dir() -> PathBuf {
+    std::env::var_os("LYNX_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("lynx")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lynx")))
+        .unwrap_or_else(|| PathBuf::from(".cache/lynx"))
 }
 
 impl Config {
@@ -90,12 +114,14 @@ impl Config {
         if let Some(path) = &self.model {
             return path.clone();
         }
-        let cache = std::env::var_os("LYNX_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("lynx")))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lynx")))
-            .unwrap_or_else(|| PathBuf::from(".cache/lynx"));
-        cache.join("models").join(DEFAULT_MODEL_FILE)
+        cache_dir().join("models").join(DEFAULT_MODEL_FILE)
+    }
+
+    /// The compiled-plugin cache folder.
+    pub fn plugin_cache_dir(&self) -> PathBuf {
+        self.plugin_cache_dir
+            .clone()
+            .unwrap_or_else(|| cache_dir().join("plugins"))
     }
 }
 

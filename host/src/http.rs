@@ -1,6 +1,7 @@
 //! The HTTP server: the OpenAI-compatible API, `/health`, `/metrics`, and the shared
 //! state handlers reach through `State<Arc<AppState>>`.
 
+pub mod admin;
 pub mod completions;
 pub mod error;
 pub mod generate;
@@ -30,7 +31,7 @@ pub struct AppState {
     /// The `model` field of responses and the `model_name` metric label.
     pub model_name: Arc<str>,
     pub batcher: Batcher,
-    pub plugins: Plugins,
+    pub plugins: Arc<Plugins>,
     /// The `endpoint` label values seen, capped whatever the router plugin returns.
     pub endpoints: EndpointLabels,
     /// When the server started, as `created` of the model object.
@@ -42,7 +43,7 @@ impl AppState {
         model: Arc<Model>,
         model_name: String,
         batcher: Batcher,
-        plugins: Plugins,
+        plugins: Arc<Plugins>,
         started: u64,
     ) -> Self {
         Self {

@@ -9,7 +9,8 @@ use anyhow::Context;
 use clap::Parser;
 use lynx_host::config::{Cli, Command, Config, PluginCommand};
 use lynx_host::engine::{Batcher, BatcherConfig, Model};
-use lynx_host::plugins::{check::check, PluginRuntime, Plugins};
+use lynx_host::http::admin::admin_app;
+use lynx_host::plugins::{check::check, watch, PluginRuntime, Plugins};
 use lynx_host::{app, metrics, AppState};
 use tracing_subscriber::EnvFilter;
 
@@ -41,6 +42,22 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// SIGHUP reloads the plugin folder, as the admin API's reload does.
+fn reload_on_sighup(plugins: Arc<Plugins>) -> anyhow::Result<()> {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading plugins");
+            let p = plugins.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || p.reload_all()).await {
+                tracing::error!(error = %e, "plugin reload failed");
+            }
+        }
+    });
+    Ok(())
+}
+
 fn model_path(config: &Config) -> anyhow::Result<std::path::PathBuf> {
     let path = config.model_path();
     if !path.exists() {
@@ -53,6 +70,12 @@ fn model_path(config: &Config) -> anyhow::Result<std::path::PathBuf> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    if !config.admin_listen.ip().is_loopback() && config.admin_token.is_none() {
+        anyhow::bail!(
+            "refusing to start: the admin API would listen on {} (beyond loopback) without a token; set LYNX_ADMIN_TOKEN (--admin-token) or listen on loopback",
+            config.admin_listen
+        );
+    }
     let path = model_path(&config)?;
     let t0 = Instant::now();
     let model = tokio::task::spawn_blocking(move || Model::load(&path))
@@ -69,6 +92,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         model.tokenizer.clone(),
         model.context_len as u32,
         config.plugin_limits(),
+        Some(config.plugin_cache_dir()),
     )?;
     let plugins =
         Plugins::start(runtime, &config.plugins_dir, &config.plugin).with_context(|| {
@@ -78,6 +102,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 config.plugins_dir.display()
             )
         })?;
+    let plugins = Arc::new(plugins);
+    // Kept for the life of the server: dropping it ends the watch.
+    let _watcher = watch::watch(plugins.clone())?;
+    reload_on_sighup(plugins.clone())?;
     let batcher = Batcher::start(
         model.clone(),
         BatcherConfig {
@@ -95,6 +123,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     ));
+
+    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
+    tracing::info!(addr = %admin.local_addr()?, auth = config.admin_token.is_some(), "admin API");
+    let admin_app = admin_app(state.clone(), config.admin_token.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(admin, admin_app).await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -2,14 +2,18 @@
 //! pre/post-processing in sandboxed components implementing `lynx:plugin@0.1.0`.
 //!
 //! [`world`] owns the generated bindings; [`runtime`] compiles, checks and
-//! pre-instantiates plugins; [`session`] is one request's sandbox; [`state`] is what a
-//! plugin can reach (the tokenizer, the log, and the event ledger).
+//! pre-instantiates plugins ([`cache`] keeps them compiled by sha256); [`session`] is
+//! one request's sandbox; [`state`] is what a plugin can reach (the tokenizer, the log,
+//! and the event ledger); [`registry`] is the plugin folder and the active plugin, which
+//! [`watch`] keeps in line with the files.
 
+pub mod cache;
 pub mod check;
 pub mod registry;
 pub mod runtime;
 pub mod session;
 pub mod state;
+pub mod watch;
 pub mod world;
 
 pub use registry::Plugins;

@@ -70,6 +70,8 @@ pub fn run_host(args: &[&str]) -> (bool, String) {
 pub struct Server {
     child: Child,
     pub base: String,
+    /// The admin listener's base URL.
+    pub admin: String,
     pub client: reqwest::Client,
     log: PathBuf,
 }
@@ -88,6 +90,14 @@ impl Server {
         if !args.contains(&"--plugins-dir") {
             command.arg("--plugins-dir").arg(plugins_dist());
         }
+        let admin_addr = match args.iter().position(|a| *a == "--admin-listen") {
+            Some(i) => args.get(i + 1).expect("--admin-listen ADDR").to_string(),
+            None => {
+                let addr = format!("127.0.0.1:{}", free_port());
+                command.args(["--admin-listen", &addr]);
+                addr
+            }
+        };
         let child = command
             .args(args)
             .env("LYNX_LOG", "info")
@@ -98,6 +108,10 @@ impl Server {
         let mut server = Server {
             child,
             base: format!("http://127.0.0.1:{port}"),
+            admin: format!(
+                "http://127.0.0.1:{}",
+                admin_addr.rsplit(':').next().unwrap_or_default()
+            ),
             client: reqwest::Client::new(),
             log,
         };

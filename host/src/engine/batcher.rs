@@ -138,6 +138,17 @@ struct Sequence {
     max_tokens: usize,
     sampler: LogitsProcessor,
     events: mpsc::UnboundedSender<GenEvent>,
+    /// The sequence's last event (finished or failed), sent only once its slot is
+    /// released: a client that has its answer never sees its slot still counted.
+    last: Option<GenEvent>,
+}
+
+impl Sequence {
+    fn close(self) {
+        if let Some(event) = self.last {
+            let _ = self.events.send(event);
+        }
+    }
 }
 
 enum Step {
@@ -167,10 +178,15 @@ impl Scheduler {
                 self.waiting.push_back(req);
             }
             self.admit();
-            let mut running = std::mem::take(&mut self.running);
-            running.retain_mut(|seq| matches!(self.step(seq, None), Step::Continue));
-            self.running = running;
+            let mut finished = Vec::new();
+            for mut seq in std::mem::take(&mut self.running) {
+                match self.step(&mut seq, None) {
+                    Step::Continue => self.running.push(seq),
+                    Step::Done => finished.push(seq),
+                }
+            }
             self.publish_slots();
+            finished.into_iter().for_each(Sequence::close);
         }
     }
 
@@ -194,11 +210,16 @@ impl Scheduler {
                 max_tokens: req.max_tokens,
                 sampler: sampler(req.sampling),
                 events: req.events,
+                last: None,
             };
-            if let Step::Continue = self.step(&mut seq, Some(&req.prompt)) {
+            let step = self.step(&mut seq, Some(&req.prompt));
+            if let Step::Continue = step {
                 self.running.push(seq);
+                self.publish_slots();
+            } else {
+                self.publish_slots();
+                seq.close();
             }
-            self.publish_slots();
         }
     }
 
@@ -217,7 +238,7 @@ impl Scheduler {
                 "internal error".to_string()
             }
         };
-        let _ = seq.events.send(GenEvent::Failed(message));
+        seq.last = Some(GenEvent::Failed(message));
         Step::Done
     }
 
@@ -253,7 +274,7 @@ impl Scheduler {
         };
         match finish {
             Some(reason) => {
-                let _ = seq.events.send(GenEvent::Finished(reason));
+                seq.last = Some(GenEvent::Finished(reason));
                 Ok(Step::Done)
             }
             None => Ok(Step::Continue),

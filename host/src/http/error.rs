@@ -24,6 +24,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("Method {0} is not allowed here.")]
     MethodNotAllowed(String),
+    #[error("A valid `Authorization: Bearer` admin token is required.")]
+    Unauthorized,
     #[error("The request body is larger than the {0}-byte limit.")]
     PayloadTooLarge(usize),
     #[error(transparent)]
@@ -55,6 +57,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error")
             }
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "authentication_error"),
             ApiError::Engine(EngineError::Overloaded(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
             }
@@ -87,6 +90,7 @@ impl ApiError {
             ApiError::InvalidRequest { code, .. } => (self.to_string(), code.clone()),
             ApiError::ModelNotFound(_) => (self.to_string(), Some("model_not_found".into())),
             ApiError::PayloadTooLarge(_) => (self.to_string(), Some("payload_too_large".into())),
+            ApiError::Unauthorized => (self.to_string(), Some("invalid_admin_token".into())),
             _ => (self.to_string(), None),
         };
         let param = match self {

@@ -35,6 +35,8 @@ pub struct Generation {
     completion_tokens: usize,
     ready: VecDeque<Piece>,
     done: bool,
+    /// The plugin ended generation: waiting for the scheduler to release the slot.
+    stopping: bool,
 }
 
 impl Generation {
@@ -112,6 +114,7 @@ impl Generation {
             completion_tokens: 0,
             ready: VecDeque::new(),
             done: false,
+            stopping: false,
         })
     }
 
@@ -138,6 +141,14 @@ impl Generation {
     }
 
     fn on_event(&mut self, event: Option<GenEvent>) {
+        if self.stopping {
+            // Tokens computed before the scheduler saw the stop are not part of the
+            // answer; the channel's end means the slot is free, and the answer complete.
+            if event.is_none() {
+                self.finish(FinishReason::Stop);
+            }
+            return;
+        }
         match event {
             Some(GenEvent::Token(id)) => {
                 self.completion_tokens += 1;
@@ -148,10 +159,11 @@ impl Generation {
                     Ok(released) => {
                         self.release(released.text);
                         if released.stop {
-                            // Closing the channel frees the slot before another token
-                            // is computed.
+                            // Closing the channel makes the scheduler free the slot
+                            // before another token is computed; the answer ends when
+                            // it has.
                             self.rx.close();
-                            self.finish(FinishReason::Stop);
+                            self.stopping = true;
                         }
                     }
                     Err(e) => self.fail(e.into()),

@@ -128,6 +128,12 @@ fn route(state: &AppState, method: &str, path: &str) -> (String, Option<PluginSe
             return (metrics::UNMATCHED_ENDPOINT.to_string(), None);
         }
     };
+    tracing::debug!(
+        plugin = session.plugin_name(),
+        sha256 = session.version(),
+        path,
+        "plugin version serving the request"
+    );
     match session.normalize(metrics::method_label(method), path) {
         Ok(label) => (state.endpoints.admit(label), Some(session)),
         Err(e) => {

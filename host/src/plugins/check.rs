@@ -16,7 +16,7 @@ pub fn check(
     context_length: u32,
     limits: PluginLimits,
 ) -> Result<String, PluginError> {
-    let runtime = PluginRuntime::new(tokenizer, context_length, limits)?;
+    let runtime = PluginRuntime::new(tokenizer, context_length, limits, None)?;
     let plugin = runtime.load(file)?;
     let component = &plugin.component;
     let ty = component.component_type();

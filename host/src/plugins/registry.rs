@@ -1,43 +1,266 @@
-//! The plugins a host serves with: the runtime, and the active plugin, swapped
-//! atomically so a request keeps the version it started with.
+//! The plugin folder as the host serves it: every `.wasm` file in it loaded and
+//! validated, and the active plugin (`--plugin NAME`, the file `NAME.wasm`) swapped
+//! atomically when its file changes, so a request keeps the version it started with.
+//!
+//! Load → validate → publish: a file that fails any step is refused and the version
+//! already serving keeps serving. Removing the active plugin's file keeps its last good
+//! version serving (state `removed`) until a new file arrives: an operator's mistake
+//! never takes the server down.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use serde::Serialize;
 
 use super::{LoadedPlugin, PluginError, PluginRuntime, PluginSession};
+
+/// What a plugin file is to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginState {
+    /// Serving requests.
+    Active,
+    /// Loaded and valid, not the one serving.
+    Standby,
+    /// No valid version was ever loaded from it.
+    Refused,
+    /// Its file is gone; the active plugin's last good version keeps serving.
+    Removed,
+}
+
+#[derive(Default)]
+struct Entry {
+    plugin: Option<Arc<LoadedPlugin>>,
+    removed: bool,
+    last_error: Option<String>,
+    last_error_at: Option<SystemTime>,
+}
+
+/// One plugin as the admin view shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginStatus {
+    pub name: String,
+    pub file: String,
+    pub state: PluginState,
+    pub wit_version: Option<String>,
+    pub sha256: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub loaded_at: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<u64>,
+    pub requests: u64,
+    pub traps: u64,
+}
 
 pub struct Plugins {
     pub runtime: PluginRuntime,
     pub dir: PathBuf,
+    active_name: String,
     active: ArcSwap<LoadedPlugin>,
+    entries: Mutex<BTreeMap<String, Entry>>,
+    /// One reload at a time: the watcher, SIGHUP and the admin API may ask together.
+    reloading: Mutex<()>,
+}
+
+fn epoch_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The plugin name of a path in the folder, if it is a plugin file.
+pub fn plugin_name(path: &Path) -> Option<String> {
+    if path.extension()? != "wasm" {
+        return None;
+    }
+    let stem = path.file_stem()?.to_str()?;
+    (!stem.starts_with('.')).then(|| stem.to_string())
 }
 
 impl Plugins {
-    /// Loads `DIR/NAME.wasm` as the active plugin.
+    /// Loads every plugin of `dir`; `DIR/NAME.wasm` must load, and serves.
     pub fn start(runtime: PluginRuntime, dir: &Path, name: &str) -> Result<Self, PluginError> {
         let path = dir.join(format!("{name}.wasm"));
         let plugin = runtime.load(&path)?;
-        tracing::info!(plugin = %plugin.name, path = %path.display(), wit = %plugin.wit_version, "plugin loaded");
-        Ok(Self {
+        tracing::info!(plugin = %plugin.name, path = %path.display(), wit = %plugin.wit_version, sha256 = %plugin.sha256, source = plugin.source.as_str(), "plugin active");
+        let mut entries = BTreeMap::new();
+        entries.insert(
+            name.to_string(),
+            Entry {
+                plugin: Some(plugin.clone()),
+                ..Entry::default()
+            },
+        );
+        let plugins = Self {
             runtime,
             dir: dir.to_path_buf(),
+            active_name: name.to_string(),
             active: ArcSwap::new(plugin),
-        })
+            entries: Mutex::new(entries),
+            reloading: Mutex::new(()),
+        };
+        for other in plugins.files() {
+            if other != name {
+                plugins.reload(&other);
+            }
+        }
+        Ok(plugins)
     }
 
     pub fn active(&self) -> Arc<LoadedPlugin> {
         self.active.load_full()
     }
 
-    /// Publishes a plugin that passed loading; requests already started keep theirs.
-    pub fn publish(&self, plugin: Arc<LoadedPlugin>) {
-        self.active.store(plugin);
+    pub fn active_name(&self) -> &str {
+        &self.active_name
     }
 
     /// A fresh sandbox on the active plugin, for one request.
     pub fn session(&self) -> Result<PluginSession, PluginError> {
         self.runtime.session(&self.active())
+    }
+
+    /// The plugin names of the folder's files.
+    fn files(&self) -> Vec<String> {
+        let Ok(read) = std::fs::read_dir(&self.dir) else {
+            tracing::warn!(dir = %self.dir.display(), "plugin folder unreadable");
+            return Vec::new();
+        };
+        read.filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter_map(|e| plugin_name(&e.path()))
+            .collect()
+    }
+
+    /// Reloads every file of the folder, and notices files that are gone.
+    pub fn reload_all(&self) {
+        let files = self.files();
+        let known: Vec<String> = self
+            .entries
+            .lock()
+            .map(|e| e.keys().cloned().collect())
+            .unwrap_or_default();
+        for name in known.iter().filter(|n| !files.contains(n)) {
+            self.reload(name);
+        }
+        for name in &files {
+            self.reload(name);
+        }
+    }
+
+    /// Brings the plugin `name` in line with its file: loads a new version (publishing it
+    /// if it is the active plugin), records a refusal, or marks it removed.
+    pub fn reload(&self, name: &str) {
+        let _one_at_a_time = self.reloading.lock();
+        let path = self.dir.join(format!("{name}.wasm"));
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.mark_removed(name);
+                return;
+            }
+            Err(e) => {
+                self.refuse(name, &format!("reading {}: {e}", path.display()));
+                return;
+            }
+        };
+        let sha = super::cache::sha256_hex(&bytes);
+        let current = self.entry_plugin(name);
+        if current.as_ref().is_some_and(|p| p.sha256 == sha) {
+            self.update(name, |e| {
+                e.removed = false;
+                e.last_error = None;
+            });
+            return;
+        }
+        match self.runtime.load_bytes(name.to_string(), &path, &bytes) {
+            Ok(plugin) => {
+                let previous = current.map(|p| p.sha256.clone());
+                self.update(name, |e| {
+                    e.plugin = Some(plugin.clone());
+                    e.removed = false;
+                    e.last_error = None;
+                    e.last_error_at = None;
+                });
+                if name == self.active_name {
+                    self.active.store(plugin.clone());
+                    tracing::info!(plugin = name, sha256 = %plugin.sha256, ?previous, source = plugin.source.as_str(), "plugin swapped in");
+                } else {
+                    tracing::info!(plugin = name, sha256 = %plugin.sha256, source = plugin.source.as_str(), "plugin loaded (standby)");
+                }
+            }
+            Err(e) => self.refuse(name, &e.to_string()),
+        }
+    }
+
+    fn entry_plugin(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
+        self.entries
+            .lock()
+            .ok()
+            .and_then(|e| e.get(name).and_then(|e| e.plugin.clone()))
+    }
+
+    fn update(&self, name: &str, f: impl FnOnce(&mut Entry)) {
+        if let Ok(mut entries) = self.entries.lock() {
+            f(entries.entry(name.to_string()).or_default());
+        }
+    }
+
+    fn refuse(&self, name: &str, reason: &str) {
+        let serving = self.entry_plugin(name).map(|p| p.sha256.clone());
+        tracing::warn!(plugin = name, reason, still_serving = ?serving, "plugin file refused");
+        self.update(name, |e| {
+            e.last_error = Some(reason.to_string());
+            e.last_error_at = Some(SystemTime::now());
+            e.removed = false;
+        });
+    }
+
+    fn mark_removed(&self, name: &str) {
+        if name == self.active_name {
+            tracing::warn!(
+                plugin = name,
+                "active plugin's file removed; its last good version keeps serving"
+            );
+            self.update(name, |e| e.removed = true);
+        } else if let Ok(mut entries) = self.entries.lock() {
+            if entries.remove(name).is_some() {
+                tracing::info!(plugin = name, "plugin file removed");
+            }
+        }
+    }
+
+    /// Every plugin of the folder, for the admin view.
+    pub fn status(&self) -> Vec<PluginStatus> {
+        let Ok(entries) = self.entries.lock() else {
+            return Vec::new();
+        };
+        entries
+            .iter()
+            .map(|(name, e)| {
+                let state = match (&e.plugin, name == &self.active_name) {
+                    (_, true) if e.removed => PluginState::Removed,
+                    (Some(_), true) => PluginState::Active,
+                    (Some(_), false) => PluginState::Standby,
+                    (None, _) => PluginState::Refused,
+                };
+                let p = e.plugin.as_ref();
+                PluginStatus {
+                    name: name.clone(),
+                    file: self.dir.join(format!("{name}.wasm")).display().to_string(),
+                    state,
+                    wit_version: p.map(|p| p.wit_version.clone()),
+                    sha256: p.map(|p| p.sha256.clone()),
+                    loaded_at: p.map(|p| epoch_secs(p.loaded_at)),
+                    last_error: e.last_error.clone(),
+                    last_error_at: e.last_error_at.map(epoch_secs),
+                    requests: p.map_or(0, |p| p.requests.load(Ordering::Relaxed)),
+                    traps: p.map_or(0, |p| p.traps.load(Ordering::Relaxed)),
+                }
+            })
+            .collect()
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+use super::cache::{sha256_hex, ComponentCache, Source};
 use super::session::PluginSession;
 use super::state::HostState;
 use super::world::{ChatMessage, Plugin, PluginPre, PolicyRequest, PostConfig, Prompt};
@@ -44,6 +45,7 @@ pub struct PluginRuntime {
     pub limits: PluginLimits,
     /// The model's context, told to the smoke call's policy request.
     context_length: u32,
+    cache: ComponentCache,
 }
 
 /// A plugin that passed loading, ready to instantiate per request.
@@ -51,6 +53,10 @@ pub struct LoadedPlugin {
     pub name: Arc<str>,
     pub path: PathBuf,
     pub wit_version: String,
+    /// The sha256 of the file it was loaded from: its version.
+    pub sha256: String,
+    /// Whether it was compiled or came from a cache.
+    pub source: Source,
     pub loaded_at: SystemTime,
     pub requests: AtomicU64,
     pub traps: AtomicU64,
@@ -63,10 +69,12 @@ fn engine_error(e: impl std::fmt::Display) -> PluginError {
 }
 
 impl PluginRuntime {
+    /// The engine and linker; compiled plugins are cached under `cache_dir` if given.
     pub fn new(
         tokenizer: Arc<Tokenizer>,
         context_length: u32,
         limits: PluginLimits,
+        cache_dir: Option<PathBuf>,
     ) -> Result<Self, PluginError> {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(POOL_INSTANCES)
@@ -104,6 +112,7 @@ impl PluginRuntime {
             tokenizer,
             limits,
             context_length,
+            cache: ComponentCache::new(cache_dir),
         })
     }
 
@@ -135,35 +144,40 @@ impl PluginRuntime {
             file: file.clone(),
             detail: format!("reading it: {e}"),
         })?;
-        let component = Component::new(&self.engine, &bytes).map_err(|e| PluginError::Invalid {
-            file: file.clone(),
-            detail: format!("not a valid WebAssembly component: {e}"),
-        })?;
         let name = path
             .file_stem()
             .map_or_else(|| file.clone(), |s| s.to_string_lossy().into_owned());
-        self.load_component(name, path, &component)
+        self.load_bytes(name, path, &bytes)
     }
 
-    fn load_component(
+    /// Loads a plugin from its bytes; `path` is where they came from, for messages.
+    pub fn load_bytes(
         &self,
         name: String,
         path: &Path,
-        component: &Component,
+        bytes: &[u8],
     ) -> Result<Arc<LoadedPlugin>, PluginError> {
         let file = path.display().to_string();
-        let wit_version = self.check_version(&file, component)?;
+        let sha256 = sha256_hex(bytes);
+        let (component, source) =
+            self.cache
+                .get(&self.engine, &sha256, bytes)
+                .map_err(|e| PluginError::Invalid {
+                    file: file.clone(),
+                    detail: format!("not a valid WebAssembly component: {e}"),
+                })?;
+        let wit_version = self.check_version(&file, &component)?;
         let mut linker = self.linker.clone();
         // WASI and any other import links, but traps if called: a plugin reaches
         // nothing but the lynx imports.
         linker
-            .define_unknown_imports_as_traps(component)
+            .define_unknown_imports_as_traps(&component)
             .map_err(|e| PluginError::Invalid {
                 file: file.clone(),
                 detail: format!("{e:#}"),
             })?;
         let pre = linker
-            .instantiate_pre(component)
+            .instantiate_pre(&component)
             .and_then(PluginPre::new)
             .map_err(|e| PluginError::Invalid {
                 file: file.clone(),
@@ -173,11 +187,13 @@ impl PluginRuntime {
             name: name.into(),
             path: path.to_path_buf(),
             wit_version,
+            sha256,
+            source,
             loaded_at: SystemTime::now(),
             requests: AtomicU64::new(0),
             traps: AtomicU64::new(0),
             pre,
-            component: component.clone(),
+            component,
         });
         self.smoke(&plugin).map_err(|e| PluginError::SmokeFailed {
             file,

@@ -58,6 +58,11 @@ impl PluginSession {
         &self.name
     }
 
+    /// The sha256 of the plugin version this request runs on.
+    pub fn version(&self) -> &str {
+        &self.plugin.sha256
+    }
+
     pub fn set_sink(&mut self, sink: EventSink) {
         self.store.data_mut().sink = Some(sink);
     }
