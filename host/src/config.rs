@@ -58,6 +58,11 @@ pub struct Config {
     #[arg(long, env = "LYNX_KV_SLOTS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
     pub kv_slots: u16,
 
+    /// Positions per KV slot: the longest prompt + completion served. Default: the
+    /// model's context, at most 4096, and at most what fits in half the available memory.
+    #[arg(long, env = "LYNX_MAX_SEQ_LEN", value_parser = clap::value_parser!(u32).range(16..))]
+    pub max_seq_len: Option<u32>,
+
     /// Requests that may wait for a slot; past this, requests get 503 with Retry-After.
     #[arg(long, env = "LYNX_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,

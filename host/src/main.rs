@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::Parser;
 use lynx_host::config::{Cli, Command, Config, PluginCommand};
+use lynx_host::engine::model::DEFAULT_MAX_SEQ_LEN;
 use lynx_host::engine::{Batcher, BatcherConfig, Model};
 use lynx_host::http::admin::admin_app;
 use lynx_host::plugins::{check::check, watch, PluginRuntime, Plugins};
@@ -40,6 +41,41 @@ async fn main() -> anyhow::Result<()> {
         }
         None => serve(config).await,
     }
+}
+
+/// Positions per slot: `--max-seq-len`, else the model's context capped at
+/// [`DEFAULT_MAX_SEQ_LEN`] and to half the available memory.
+fn max_seq_len(config: &Config, model: &Model) -> usize {
+    if let Some(n) = config.max_seq_len {
+        return n as usize;
+    }
+    let mut n = model.context_len.min(DEFAULT_MAX_SEQ_LEN);
+    let per_position = usize::from(config.kv_slots) * model.llama.kv_bytes_per_position();
+    if let Some(available) = available_memory() {
+        let fits = (available / 2) / per_position.max(1);
+        if fits < n {
+            tracing::warn!(
+                max_seq_len = fits,
+                "KV cache capped to half the available memory"
+            );
+            n = fits.max(16);
+        }
+    }
+    n
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// SIGHUP reloads the plugin folder, as the admin API's reload does.
@@ -88,9 +124,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "model loaded"
     );
     let model = Arc::new(model);
+    let batcher_config = BatcherConfig {
+        kv_slots: usize::from(config.kv_slots),
+        max_queue: config.max_queue,
+        max_seq_len: max_seq_len(&config, &model),
+    };
+    let batcher = Batcher::start(model.clone(), batcher_config)?;
+    let max_seq_len = batcher.config().max_seq_len;
+    tracing::info!(
+        kv_slots = config.kv_slots,
+        max_seq_len,
+        kv_cache_mib =
+            (config.kv_slots as usize * max_seq_len * model.llama.kv_bytes_per_position()) >> 20,
+        "KV cache allocated"
+    );
     let runtime = PluginRuntime::new(
         model.tokenizer.clone(),
-        model.context_len as u32,
+        max_seq_len as u32,
         config.plugin_limits(),
         Some(config.plugin_cache_dir()),
     )?;
@@ -106,13 +156,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Kept for the life of the server: dropping it ends the watch.
     let _watcher = watch::watch(plugins.clone())?;
     reload_on_sighup(plugins.clone())?;
-    let batcher = Batcher::start(
-        model.clone(),
-        BatcherConfig {
-            kv_slots: usize::from(config.kv_slots),
-            max_queue: config.max_queue,
-        },
-    )?;
     metrics::init(&config.model_name);
     let state = Arc::new(AppState::new(
         model,

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -163,37 +163,54 @@ async fn swapping_under_load_loses_nothing_and_never_mixes_versions() {
     let server = start(&dir, &["--kv-slots", "16"]).await;
     assert_eq!(served_by(&server).await, V1);
 
-    // 16 streaming clients, until the swapping ends.
+    // 16 streaming clients, until the swapping ends. Each records when it sent a request
+    // and which version served it.
     let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Vec::<(Duration, Result<&str, String>)>::new()));
     let t0 = Instant::now();
     let mut clients = Vec::new();
     for _ in 0..16 {
-        let (stop, client, base) = (stop.clone(), server.client.clone(), server.base.clone());
+        let (stop, seen) = (stop.clone(), seen.clone());
+        let (client, base) = (server.client.clone(), server.base.clone());
         clients.push(tokio::spawn(async move {
-            let mut seen = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let sent = t0.elapsed();
-                seen.push((sent, stream_once(&client, &base).await));
+                let result = stream_once(&client, &base).await;
+                seen.lock().expect("seen").push((sent, result));
             }
-            seen
         }));
     }
+    // Requests that were sent after `since` and have completed.
+    let completed_since = |since: Duration| {
+        seen.lock()
+            .expect("seen")
+            .iter()
+            .filter(|(sent, _)| *sent >= since)
+            .count()
+    };
 
-    // 20 swaps, alternating versions; each holds 2.5 s.
+    // 20 swaps, alternating versions. Each holds until a few requests sent from 1 s after
+    // it have completed, so a slow machine stretches the test rather than leaving a
+    // swap's window empty.
     let mut swaps = Vec::new();
     for i in 0..20 {
-        tokio::time::sleep(Duration::from_millis(2500)).await;
         let (bytes, version) = if i % 2 == 0 { (&v2, V2) } else { (&v1, V1) };
-        swaps.push((t0.elapsed(), version));
+        let at = t0.elapsed();
+        swaps.push((at, version));
         dir.install("swap", bytes);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while completed_since(at + Duration::from_secs(1)) < 4 {
+            assert!(Instant::now() < deadline, "traffic stalled after swap {i}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
     stop.store(true, Ordering::Relaxed);
     let end = t0.elapsed();
-    let mut seen = Vec::new();
     for c in clients {
-        seen.extend(c.await.expect("client task"));
+        c.await.expect("client task");
     }
+    let seen = std::mem::take(&mut *seen.lock().expect("seen"));
 
     let failed: Vec<_> = seen.iter().filter(|(_, r)| r.is_err()).collect();
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());

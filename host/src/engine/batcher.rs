@@ -1,25 +1,36 @@
-//! The scheduler: a task on its own thread that owns the KV slots and the waiting queue,
-//! reached only through a channel. Each step it admits waiting requests into free slots
-//! (prefill) and advances every running sequence by one token.
+//! The scheduler: a task on its own thread that owns the KV cache's slots and the
+//! waiting queue, reached only through a channel (continuous batching).
 //!
-//! Today a step runs one forward pass per running sequence; batching them into one pass
-//! is the batcher issue's work and changes nothing behind this interface.
+//! Each step it drops sequences whose client left, admits waiting requests into free
+//! slots, and runs ONE batched forward pass ([`super::llama::Llama::forward`]) holding a
+//! token for every decoding sequence plus chunks of prompts being prefilled, so a long
+//! prompt never stalls the streams already running. A prompt is always split into
+//! [`PREFILL_CHUNK`]-token chunks from its start, whatever else runs, and each sequence
+//! samples with its own RNG: its output does not depend on what else is in the batch.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
-use candle_transformers::models::quantized_llama::ModelWeights;
 use tokio::sync::mpsc;
 
+use super::llama::{Entry, KvCache};
 use super::{EngineError, Model};
+
+/// The prompt tokens of one prefill chunk.
+pub const PREFILL_CHUNK: usize = 128;
+/// The most prompt tokens prefilled in one step (whole chunks; the first always runs).
+pub const PREFILL_BUDGET: usize = 256;
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatcherConfig {
     pub kv_slots: usize,
     pub max_queue: usize,
+    /// Positions per slot: the longest prompt + completion served.
+    pub max_seq_len: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -90,13 +101,20 @@ impl Batcher {
     pub fn start(model: Arc<Model>, config: BatcherConfig) -> Result<Self, EngineError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(BatcherStats::default());
+        let cache = model.llama.kv_cache(config.kv_slots, config.max_seq_len)?;
+        let config = BatcherConfig {
+            max_seq_len: cache.capacity,
+            ..config
+        };
         let scheduler = Scheduler {
             model,
+            cache,
             rx,
             stats: stats.clone(),
             config,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            free: (0..config.kv_slots).rev().collect(),
         };
         std::thread::Builder::new()
             .name("lynx-scheduler".into())
@@ -130,8 +148,11 @@ impl Batcher {
 }
 
 struct Sequence {
-    weights: ModelWeights,
-    /// Tokens already in the KV cache.
+    slot: usize,
+    prompt: Vec<u32>,
+    /// Prompt tokens already in the cache; prefill is done when it reaches the prompt.
+    prefilled: usize,
+    /// Tokens in the slot's cache.
     pos: usize,
     next_input: u32,
     generated: usize,
@@ -144,6 +165,10 @@ struct Sequence {
 }
 
 impl Sequence {
+    fn decoding(&self) -> bool {
+        self.prefilled == self.prompt.len()
+    }
+
     fn close(self) {
         if let Some(event) = self.last {
             let _ = self.events.send(event);
@@ -151,18 +176,15 @@ impl Sequence {
     }
 }
 
-enum Step {
-    Continue,
-    Done,
-}
-
 struct Scheduler {
     model: Arc<Model>,
+    cache: KvCache,
     rx: mpsc::UnboundedReceiver<GenerateRequest>,
     stats: Arc<BatcherStats>,
     config: BatcherConfig,
     waiting: VecDeque<GenerateRequest>,
     running: Vec<Sequence>,
+    free: Vec<usize>,
 }
 
 impl Scheduler {
@@ -177,13 +199,14 @@ impl Scheduler {
             while let Ok(req) = self.rx.try_recv() {
                 self.waiting.push_back(req);
             }
+            self.leave_abandoned();
             self.admit();
-            let mut finished = Vec::new();
-            for mut seq in std::mem::take(&mut self.running) {
-                match self.step(&mut seq, None) {
-                    Step::Continue => self.running.push(seq),
-                    Step::Done => finished.push(seq),
-                }
+            if self.running.is_empty() {
+                continue;
+            }
+            let finished = self.step();
+            for seq in &finished {
+                self.free.push(seq.slot);
             }
             self.publish_slots();
             finished.into_iter().for_each(Sequence::close);
@@ -196,14 +219,37 @@ impl Scheduler {
             .store(self.running.len(), Ordering::Relaxed);
     }
 
+    /// Sequences whose client went away leave before another token is computed.
+    fn leave_abandoned(&mut self) {
+        let before = self.running.len();
+        let free = &mut self.free;
+        self.running.retain(|seq| {
+            let keep = !seq.events.is_closed();
+            if !keep {
+                free.push(seq.slot);
+            }
+            keep
+        });
+        if self.running.len() != before {
+            self.publish_slots();
+        }
+    }
+
     fn admit(&mut self) {
-        while self.running.len() < self.config.kv_slots {
+        while let Some(slot) = self.free.pop() {
             let Some(req) = self.waiting.pop_front() else {
+                self.free.push(slot);
                 break;
             };
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
-            let mut seq = Sequence {
-                weights: self.model.new_sequence(),
+            if req.events.is_closed() {
+                self.free.push(slot);
+                continue;
+            }
+            self.running.push(Sequence {
+                slot,
+                prompt: req.prompt,
+                prefilled: 0,
                 pos: 0,
                 next_input: 0,
                 generated: 0,
@@ -211,74 +257,152 @@ impl Scheduler {
                 sampler: sampler(req.sampling),
                 events: req.events,
                 last: None,
-            };
-            let step = self.step(&mut seq, Some(&req.prompt));
-            if let Step::Continue = step {
-                self.running.push(seq);
-                self.publish_slots();
-            } else {
-                self.publish_slots();
-                seq.close();
+            });
+        }
+        self.publish_slots();
+    }
+
+    /// One batched forward pass for every running sequence; returns those that ended.
+    fn step(&mut self) -> Vec<Sequence> {
+        let mut budget = PREFILL_BUDGET;
+        let mut prefilling = 0;
+        // (index into running, tokens this step, wants logits)
+        let mut plan: Vec<(usize, usize, bool)> = Vec::new();
+        for (i, seq) in self.running.iter().enumerate() {
+            if seq.decoding() {
+                plan.push((i, 1, true));
+                continue;
+            }
+            let n = (seq.prompt.len() - seq.prefilled).min(PREFILL_CHUNK);
+            if prefilling == 0 || n <= budget {
+                budget = budget.saturating_sub(n);
+                prefilling += 1;
+                plan.push((i, n, seq.prefilled + n == seq.prompt.len()));
             }
         }
-    }
-
-    /// Advances one sequence by one token (prefilling `prompt` first, if given). An
-    /// error or a panic fails that sequence only; the scheduler goes on.
-    fn step(&self, seq: &mut Sequence, prompt: Option<&[u32]>) -> Step {
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.advance(seq, prompt)));
-        let message = match outcome {
-            Ok(Ok(step)) => return step,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "generation failed");
-                e.to_string()
-            }
-            Err(_) => {
-                tracing::error!("generation panicked; its sequence was dropped");
-                "internal error".to_string()
-            }
+        let inputs: Vec<Vec<u32>> = plan
+            .iter()
+            .map(|&(i, n, _)| {
+                let seq = &self.running[i];
+                if seq.decoding() {
+                    vec![seq.next_input]
+                } else {
+                    seq.prompt[seq.prefilled..seq.prefilled + n].to_vec()
+                }
+            })
+            .collect();
+        let entries: Vec<Entry> = plan
+            .iter()
+            .zip(&inputs)
+            .map(|(&(i, _, logits), tokens)| Entry {
+                slot: self.running[i].slot,
+                pos: self.running[i].pos,
+                tokens,
+                logits,
+            })
+            .collect();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.model.llama.forward(&self.cache, &entries)
+        }));
+        let logits = match outcome {
+            Ok(Ok(logits)) => logits,
+            Ok(Err(e)) => return self.fail_batch(&plan, &e.to_string()),
+            Err(_) => return self.fail_batch(&plan, "the forward pass panicked"),
         };
-        seq.last = Some(GenEvent::Failed(message));
-        Step::Done
+        let mut row = 0;
+        let mut done = vec![false; self.running.len()];
+        for &(i, n, wants) in &plan {
+            let seq = &mut self.running[i];
+            let was_decoding = seq.decoding();
+            seq.pos += n;
+            if !was_decoding {
+                seq.prefilled += n;
+            }
+            if !wants {
+                continue;
+            }
+            let result = logits
+                .as_ref()
+                .ok_or_else(|| EngineError::Model("no logits".into()))
+                .and_then(|l| Ok(l.get(row)?))
+                .and_then(|l| self::advance(&self.model, &self.config, seq, &l));
+            row += 1;
+            match result {
+                Ok(Step::Continue) => {}
+                Ok(Step::Done) => done[i] = true,
+                Err(e) => {
+                    tracing::error!(error = %e, "sampling failed");
+                    seq.last = Some(GenEvent::Failed(e.to_string()));
+                    done[i] = true;
+                }
+            }
+        }
+        let mut finished = Vec::new();
+        let mut kept = Vec::with_capacity(self.running.len());
+        for (seq, done) in std::mem::take(&mut self.running).into_iter().zip(done) {
+            if done {
+                finished.push(seq);
+            } else {
+                kept.push(seq);
+            }
+        }
+        self.running = kept;
+        finished
     }
 
-    fn advance(&self, seq: &mut Sequence, prompt: Option<&[u32]>) -> Result<Step, EngineError> {
-        if seq.events.is_closed() {
+    /// A failed forward pass fails the sequences that were in it; the scheduler goes on.
+    fn fail_batch(&mut self, plan: &[(usize, usize, bool)], message: &str) -> Vec<Sequence> {
+        tracing::error!(
+            error = message,
+            sequences = plan.len(),
+            "forward pass failed"
+        );
+        let in_batch: Vec<usize> = plan.iter().map(|p| p.0).collect();
+        let mut failed = Vec::new();
+        let mut kept = Vec::new();
+        for (i, mut seq) in std::mem::take(&mut self.running).into_iter().enumerate() {
+            if in_batch.contains(&i) {
+                seq.last = Some(GenEvent::Failed("internal error".into()));
+                failed.push(seq);
+            } else {
+                kept.push(seq);
+            }
+        }
+        self.running = kept;
+        failed
+    }
+}
+
+enum Step {
+    Continue,
+    Done,
+}
+
+/// Samples the next token of `seq` from its logits and reports it.
+fn advance(
+    model: &Model,
+    config: &BatcherConfig,
+    seq: &mut Sequence,
+    logits: &Tensor,
+) -> Result<Step, EngineError> {
+    let token = seq.sampler.sample(logits)?;
+    let finish = if model.tokenizer.is_end(token) {
+        Some(FinishReason::Stop)
+    } else {
+        if seq.events.send(GenEvent::Token(token)).is_err() {
             return Ok(Step::Done);
         }
-        let logits = match prompt {
-            Some(prompt) => {
-                let logits = self.model.forward(&mut seq.weights, prompt, 0)?;
-                seq.pos = prompt.len();
-                logits
-            }
-            None => {
-                let logits = self
-                    .model
-                    .forward(&mut seq.weights, &[seq.next_input], seq.pos)?;
-                seq.pos += 1;
-                logits
-            }
-        };
-        let token = seq.sampler.sample(&logits)?;
-        let finish = if self.model.tokenizer.is_end(token) {
-            Some(FinishReason::Stop)
-        } else {
-            if seq.events.send(GenEvent::Token(token)).is_err() {
-                return Ok(Step::Done);
-            }
-            seq.generated += 1;
-            seq.next_input = token;
-            (seq.generated >= seq.max_tokens || seq.pos >= self.model.context_len)
-                .then_some(FinishReason::Length)
-        };
-        match finish {
-            Some(reason) => {
-                seq.last = Some(GenEvent::Finished(reason));
-                Ok(Step::Done)
-            }
-            None => Ok(Step::Continue),
+        seq.generated += 1;
+        seq.next_input = token;
+        (seq.generated >= seq.max_tokens || seq.pos >= config.max_seq_len)
+            .then_some(FinishReason::Length)
+    };
+    match finish {
+        Some(reason) => {
+            seq.last = Some(GenEvent::Finished(reason));
+            Ok(Step::Done)
         }
+        None => Ok(Step::Continue),
     }
 }
 

@@ -1,23 +1,24 @@
-//! The model: a llama-family GGUF loaded with candle's quantized llama, its tokenizer,
-//! and the context limit that serving enforces.
+//! The model: a llama-family GGUF's weights (run by [`Llama`], batched), its tokenizer,
+//! and its context length.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
+use candle_core::Device;
 
+use super::llama::Llama;
 use super::tokenizer::Tokenizer;
 use super::EngineError;
 
+/// Positions a slot holds by default at most, whatever the model's context: 4096
+/// positions are 180 MiB of f32 KV cache per slot for SmolLM2-135M (1.4 GiB at 8 slots).
+pub const DEFAULT_MAX_SEQ_LEN: usize = 4096;
+
 pub struct Model {
-    /// Never run: each sequence runs on its own clone. Clones share the weights (they are
-    /// reference counted) but not the KV cache nor candle's per-shape mask cache, which
-    /// would otherwise grow for the life of the process.
-    pristine: ModelWeights,
+    pub llama: Llama,
     pub tokenizer: Arc<Tokenizer>,
-    /// The longest sequence (prompt + completion) served, in tokens.
+    /// The model's trained context, in tokens.
     pub context_len: usize,
     pub device: Device,
 }
@@ -43,9 +44,9 @@ impl Model {
         let tokenizer = Tokenizer::from_gguf(&content)?;
         let context_len = context_len(&content);
         let device = Device::Cpu;
-        let pristine = ModelWeights::from_gguf(content, &mut file, &device)?;
+        let llama = Llama::from_gguf(&content, &mut file, &device, context_len)?;
         Ok(Self {
-            pristine,
+            llama,
             tokenizer: Arc::new(tokenizer),
             context_len,
             device,
@@ -60,31 +61,13 @@ impl Model {
             .map_err(|e| EngineError::Model(format!("reading {}: {e}", path.display())))?;
         Ok((Tokenizer::from_gguf(&content)?, context_len(&content)))
     }
-
-    /// A fresh sequence state: shared weights, empty KV cache.
-    pub fn new_sequence(&self) -> ModelWeights {
-        self.pristine.clone()
-    }
-
-    /// Runs `tokens` at positions `pos..` through `weights`; the last position's logits.
-    pub fn forward(
-        &self,
-        weights: &mut ModelWeights,
-        tokens: &[u32],
-        pos: usize,
-    ) -> Result<Tensor, EngineError> {
-        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        Ok(weights.forward(&input, pos)?.squeeze(0)?)
-    }
 }
 
-/// The context served: the model's trained context, capped where candle's rotary
-/// tables stop (MAX_SEQ_LEN positions).
+/// The model's trained context (2048 when the GGUF does not say).
 fn context_len(content: &gguf_file::Content) -> usize {
     content
         .metadata
         .get("llama.context_length")
         .and_then(|v| v.to_u32().ok())
-        .map_or(MAX_SEQ_LEN, |n| n as usize)
-        .min(MAX_SEQ_LEN)
+        .map_or(2048, |n| n as usize)
 }

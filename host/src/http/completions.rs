@@ -127,7 +127,7 @@ fn apply_policy(
 ) -> Result<Vec<u32>, ApiError> {
     let request = PolicyRequest {
         prompt,
-        context_length: u32::try_from(state.model.context_len).unwrap_or(u32::MAX),
+        context_length: u32::try_from(state.batcher.config().max_seq_len).unwrap_or(u32::MAX),
         max_tokens: params
             .max_tokens
             .map(|m| u32::try_from(m).unwrap_or(u32::MAX)),

@@ -48,7 +48,7 @@ impl Generation {
         prompt: Vec<u32>,
         params: &Validated,
     ) -> Result<Self, ApiError> {
-        let context = state.model.context_len;
+        let context = state.batcher.config().max_seq_len;
         let n = prompt.len();
         if n == 0 {
             return Err(ApiError::invalid("The prompt is empty.", Some("prompt")));
