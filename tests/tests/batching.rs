@@ -9,8 +9,13 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lynx_tests::Server;
 use serde_json::{json, Value};
+use tokio::sync::RwLock;
 
 const LONG: Duration = Duration::from_secs(300);
+
+/// The disconnect test bounds wall time, so it runs with the CPU to itself: it takes
+/// this lock to write, the other tests (each a server on the model) take it to read.
+static CPU: RwLock<()> = RwLock::const_new(());
 
 async fn health(server: &Server) -> Value {
     server
@@ -26,6 +31,7 @@ async fn health(server: &Server) -> Value {
 
 #[tokio::test]
 async fn greedy_output_is_the_same_alone_and_in_a_changing_batch() {
+    let _shared = CPU.read().await;
     let server = Arc::new(Server::start().await);
     let probe = json!({
         "messages": [{"role": "user", "content": "Write a haiku about the sea."}],
@@ -33,6 +39,10 @@ async fn greedy_output_is_the_same_alone_and_in_a_changing_batch() {
     });
     let (status, alone) = server.post("/v1/chat/completions", &probe).await;
     assert_eq!(status, 200, "{alone}");
+    // Seeded sampling draws from the request's own RNG, so it is batch-independent too.
+    let sampled = json!({"prompt": "My favourite animal is", "max_tokens": 30, "temperature": 0.9, "top_p": 0.95, "seed": 42});
+    let (status, sampled_alone) = server.post("/v1/completions", &sampled).await;
+    assert_eq!(status, 200, "{sampled_alone}");
 
     // Seven other requests of different lengths join and leave around it.
     let others = [
@@ -56,8 +66,12 @@ async fn greedy_output_is_the_same_alone_and_in_a_changing_batch() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(350)).await;
-    let (status, batched) = server.post("/v1/chat/completions", &probe).await;
+    let (sampled_batched, (status, batched)) = tokio::join!(
+        server.post("/v1/completions", &sampled),
+        server.post("/v1/chat/completions", &probe)
+    );
     assert_eq!(status, 200, "{batched}");
+    assert_eq!(sampled_batched.0, 200, "{}", sampled_batched.1);
     for t in tasks {
         t.await.expect("other request");
     }
@@ -66,10 +80,15 @@ async fn greedy_output_is_the_same_alone_and_in_a_changing_batch() {
         alone["choices"][0]["message"]["content"]
     );
     assert_eq!(batched["usage"], alone["usage"]);
+    assert_eq!(
+        sampled_batched.1["choices"][0]["text"],
+        sampled_alone["choices"][0]["text"]
+    );
 }
 
 #[tokio::test]
 async fn twenty_requests_share_eight_slots_and_everything_drains() {
+    let _shared = CPU.read().await;
     let server = Arc::new(Server::start_with(&["--kv-slots", "8"]).await);
     let watching = Arc::new(AtomicBool::new(true));
     let watcher = {
@@ -117,6 +136,7 @@ async fn twenty_requests_share_eight_slots_and_everything_drains() {
 
 #[tokio::test]
 async fn overflow_gets_503_with_retry_after_and_the_rest_complete() {
+    let _shared = CPU.read().await;
     let server = Arc::new(Server::start_with(&["--kv-slots", "2", "--max-queue", "2"]).await);
     let mut tasks = Vec::new();
     for i in 0..12 {
@@ -175,10 +195,17 @@ async fn overflow_gets_503_with_retry_after_and_the_rest_complete() {
 
 #[tokio::test]
 async fn disconnected_streams_free_their_slots_within_a_second() {
+    let _alone = CPU.write().await;
+    // Greedy counting goes on for far more than 1000 tokens: no stream ends by itself.
+    let counting = |i: usize| {
+        let n = i * 100 + 1;
+        format!("{n}, {}, {}, {},", n + 1, n + 2, n + 3)
+    };
     let server = Server::start_with(&["--kv-slots", "10"]).await;
     let mut streams = Vec::new();
     for i in 0..10 {
-        let body = json!({"prompt": format!("Tell a very long story, part {i}."), "max_tokens": 2000, "stream": true});
+        let body =
+            json!({"prompt": counting(i), "max_tokens": 1000, "temperature": 0, "stream": true});
         let r = server
             .client
             .post(server.url("/v1/completions"))
@@ -215,6 +242,7 @@ async fn disconnected_streams_free_their_slots_within_a_second() {
 
 #[tokio::test]
 async fn a_request_that_cannot_fit_a_slot_is_refused_naming_the_limit() {
+    let _shared = CPU.read().await;
     let server = Server::start_with(&["--max-seq-len", "64"]).await;
     let (status, body) = server
         .post(

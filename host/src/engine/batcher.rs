@@ -79,6 +79,8 @@ pub enum GenEvent {
 pub struct BatcherStats {
     queued: AtomicUsize,
     slots_used: AtomicUsize,
+    /// Requests accepted and not yet gone: waiting, in the channel, or running.
+    in_system: AtomicUsize,
 }
 
 impl BatcherStats {
@@ -123,17 +125,22 @@ impl Batcher {
         Ok(Self { tx, stats, config })
     }
 
-    /// Queues a request; refused when `max_queue` requests are already waiting.
+    /// Queues a request; refused when every slot is taken and `max_queue` requests are
+    /// already waiting. Counted against slots + queue, not the queue alone: a request
+    /// that arrives while the scheduler is mid-step waits for a free slot for a moment,
+    /// and must not be refused for it.
     pub fn submit(&self, req: GenerateRequest) -> Result<(), EngineError> {
-        let max = self.config.max_queue;
+        let capacity = self.config.kv_slots + self.config.max_queue;
         self.stats
-            .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
-                (q < max).then_some(q + 1)
+            .in_system
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < capacity).then_some(n + 1)
             })
-            .map_err(EngineError::Overloaded)?;
+            .map_err(|n| EngineError::Overloaded(n.saturating_sub(self.config.kv_slots)))?;
+        self.stats.queued.fetch_add(1, Ordering::AcqRel);
         self.tx.send(req).map_err(|_| {
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+            self.stats.in_system.fetch_sub(1, Ordering::AcqRel);
             EngineError::Stopped
         })
     }
@@ -208,9 +215,15 @@ impl Scheduler {
             for seq in &finished {
                 self.free.push(seq.slot);
             }
+            self.gone(finished.len());
             self.publish_slots();
             finished.into_iter().for_each(Sequence::close);
         }
+    }
+
+    /// `n` accepted requests left the system (finished, failed or abandoned).
+    fn gone(&self, n: usize) {
+        self.stats.in_system.fetch_sub(n, Ordering::AcqRel);
     }
 
     fn publish_slots(&self) {
@@ -231,6 +244,7 @@ impl Scheduler {
             keep
         });
         if self.running.len() != before {
+            self.gone(before - self.running.len());
             self.publish_slots();
         }
     }
@@ -244,6 +258,7 @@ impl Scheduler {
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
             if req.events.is_closed() {
                 self.free.push(slot);
+                self.gone(1);
                 continue;
             }
             self.running.push(Sequence {
@@ -301,6 +316,7 @@ impl Scheduler {
                 logits,
             })
             .collect();
+        let started = std::time::Instant::now();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
             self.model.llama.forward(&self.cache, &entries)
         }));
@@ -309,6 +325,7 @@ impl Scheduler {
             Ok(Err(e)) => return self.fail_batch(&plan, &e.to_string()),
             Err(_) => return self.fail_batch(&plan, "the forward pass panicked"),
         };
+        let forward = started.elapsed();
         let mut row = 0;
         let mut done = vec![false; self.running.len()];
         for &(i, n, wants) in &plan {
@@ -337,6 +354,14 @@ impl Scheduler {
                 }
             }
         }
+        // Where a step's time goes, for profiling (`RUST_LOG=lynx_host::engine=debug`).
+        tracing::debug!(
+            sequences = plan.len(),
+            rows = inputs.iter().map(Vec::len).sum::<usize>(),
+            forward_us = forward.as_micros() as u64,
+            sample_us = (started.elapsed() - forward).as_micros() as u64,
+            "step"
+        );
         let mut finished = Vec::new();
         let mut kept = Vec::with_capacity(self.running.len());
         for (seq, done) in std::mem::take(&mut self.running).into_iter().zip(done) {

@@ -1,0 +1,197 @@
+//! Load generator for continuous batching (prints figures; not a test).
+//!
+//! Runs streaming `/v1/completions` of up to 128 tokens at concurrency 1, 2, 4, 8 and 16,
+//! one level after the other against one server, and prints per level: aggregate
+//! completion tokens/s (all tokens received / wall time of the level), TTFT p50/p95 as
+//! the client sees it (request sent → first token chunk), and each level's throughput as
+//! a ratio of concurrency 1's.
+//!
+//! ```text
+//! cargo run --release -p lynx-tests --bin load [-- --requests N] [-- --base URL]
+//! ```
+//!
+//! Without `--base` it starts `target/release/lynx-host` on the default model with
+//! `--kv-slots 16` (needs the model, the plugins and the built binary: `scripts/test.sh`
+//! leaves all three). `--requests N` (default 3) is how many requests each client sends
+//! back to back.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lynx_tests::{sse_data, Server};
+use serde_json::{json, Value};
+
+const LEVELS: [usize; 5] = [1, 2, 4, 8, 16];
+const MAX_TOKENS: u64 = 128;
+const PROMPTS: [&str; 4] = [
+    "Once upon a time, in a small village by the sea,",
+    "The history of the printing press begins",
+    "Here is a detailed recipe for bread. First,",
+    "Dear diary, today was the strangest day of my life because",
+];
+
+struct Sample {
+    ttft: Duration,
+    tokens: u64,
+}
+
+/// One streamed completion: time to the first token chunk and completion tokens.
+async fn one(client: &reqwest::Client, base: &str, i: usize) -> Result<Sample, String> {
+    let body = json!({
+        "prompt": PROMPTS[i % PROMPTS.len()],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.8,
+        "seed": i,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let sent = Instant::now();
+    let r = client
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status() != 200 {
+        return Err(format!("status {}", r.status()));
+    }
+    let mut ttft = None;
+    let mut buf = Vec::new();
+    let mut chunks = r.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        buf.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+        // The first event carrying text marks the first token.
+        if ttft.is_none()
+            && sse_data(&String::from_utf8_lossy(&buf))
+                .iter()
+                .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+                .any(|e| {
+                    e["choices"][0]["text"]
+                        .as_str()
+                        .is_some_and(|t| !t.is_empty())
+                })
+        {
+            ttft = Some(sent.elapsed());
+        }
+    }
+    let events = sse_data(&String::from_utf8_lossy(&buf));
+    let tokens = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find_map(|e| e["usage"]["completion_tokens"].as_u64())
+        .ok_or("no usage in the stream")?;
+    Ok(Sample {
+        ttft: ttft.ok_or("no token")?,
+        tokens,
+    })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+struct Level {
+    concurrency: usize,
+    requests: usize,
+    tokens: u64,
+    wall: Duration,
+    ttft_p50: Duration,
+    ttft_p95: Duration,
+}
+
+async fn level(client: &reqwest::Client, base: &str, concurrency: usize, per: usize) -> Level {
+    let t0 = Instant::now();
+    let mut clients = Vec::new();
+    for c in 0..concurrency {
+        let (client, base) = (client.clone(), base.to_string());
+        clients.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            for r in 0..per {
+                match one(&client, &base, c * per + r).await {
+                    Ok(s) => samples.push(s),
+                    Err(e) => panic!("request failed: {e}"),
+                }
+            }
+            samples
+        }));
+    }
+    let mut samples = Vec::new();
+    for c in clients {
+        samples.extend(c.await.expect("client"));
+    }
+    let wall = t0.elapsed();
+    let mut ttfts: Vec<Duration> = samples.iter().map(|s| s.ttft).collect();
+    ttfts.sort();
+    Level {
+        concurrency,
+        requests: samples.len(),
+        tokens: samples.iter().map(|s| s.tokens).sum(),
+        wall,
+        ttft_p50: percentile(&ttfts, 0.5),
+        ttft_p95: percentile(&ttfts, 0.95),
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let per: usize = arg("--requests").map_or(3, |n| n.parse().expect("--requests N"));
+    let server;
+    let base = match arg("--base") {
+        Some(base) => base,
+        None => {
+            server = Server::start_with(&["--kv-slots", "16"]).await;
+            server.base.clone()
+        }
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .expect("client");
+    // Warm-up: the first request pays for page faults and allocator growth.
+    one(&client, &base, 0).await.expect("warm-up");
+
+    println!("machine: {}", machine());
+    println!(
+        "{per} streamed requests per client, up to {MAX_TOKENS} completion tokens, temperature 0.8"
+    );
+    println!("concurrency  requests  tokens  wall s  tok/s  vs c=1  TTFT p50  TTFT p95");
+    let mut base_rate = None;
+    for c in LEVELS {
+        let l = level(&client, &base, c, per).await;
+        let rate = l.tokens as f64 / l.wall.as_secs_f64();
+        let base_rate = *base_rate.get_or_insert(rate);
+        println!(
+            "{:>11}  {:>8}  {:>6}  {:>6.1}  {:>5.1}  {:>5.2}x  {:>6.0}ms  {:>6.0}ms",
+            l.concurrency,
+            l.requests,
+            l.tokens,
+            l.wall.as_secs_f64(),
+            rate,
+            rate / base_rate,
+            l.ttft_p50.as_secs_f64() * 1e3,
+            l.ttft_p95.as_secs_f64() * 1e3,
+        );
+    }
+}
