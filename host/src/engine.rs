@@ -5,6 +5,7 @@
 pub mod batcher;
 pub mod llama;
 pub mod model;
+pub mod qmatmul;
 pub mod tokenizer;
 
 pub use batcher::{Batcher, BatcherConfig, FinishReason, GenEvent, GenerateRequest, Sampling};

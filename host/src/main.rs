@@ -15,8 +15,22 @@ use lynx_host::plugins::{check::check, watch, PluginRuntime, Plugins};
 use lynx_host::{app, metrics, AppState};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // candle sizes its thread use from RAYON_NUM_THREADS on every op and, without it,
+    // counts cores by reading /proc/cpuinfo each time (measurable in a decode step).
+    // Set once, before any thread exists.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config;
     tracing_subscriber::fmt()

@@ -211,7 +211,10 @@ impl Scheduler {
             if self.running.is_empty() {
                 continue;
             }
-            let finished = self.step();
+            // The step runs on a rayon worker, so its serial candle ops and the kernels'
+            // parallel tiles share the pool's threads (one per core) instead of this
+            // thread competing with the workers for the cores.
+            let finished = rayon::scope(|_| self.step());
             for seq in &finished {
                 self.free.push(seq.slot);
             }

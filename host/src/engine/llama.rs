@@ -14,24 +14,25 @@
 //! longer chunks, and 8-bit activation quantization can amplify that), so the scheduler
 //! splits every prompt the same way whatever else runs.
 
-use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::{build_causal_mask, repeat_kv};
 
+use super::qmatmul::Linear;
 use super::EngineError;
 
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 /// The weights and shape of a llama-family model.
@@ -39,7 +40,7 @@ pub struct Llama {
     embed: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     n_head: usize,
@@ -109,10 +110,8 @@ impl Llama {
         };
         let mut layers = Vec::with_capacity(blocks);
         for i in 0..blocks {
-            let mut q = |part: &str| -> Result<QMatMul, EngineError> {
-                Ok(QMatMul::from_qtensor(tensor(&format!(
-                    "blk.{i}.{part}.weight"
-                ))?)?)
+            let mut q = |part: &str| -> Result<Linear, EngineError> {
+                Linear::from_qtensor(tensor(&format!("blk.{i}.{part}.weight"))?)
             };
             let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
             let (gate, up, down) = (q("ffn_gate")?, q("ffn_up")?, q("ffn_down")?);
@@ -146,7 +145,7 @@ impl Llama {
             embed,
             layers,
             norm,
-            output: QMatMul::from_qtensor(output)?,
+            output: Linear::from_qtensor(output)?,
             cos: angles.cos()?,
             sin: angles.sin()?,
             n_head,
