@@ -77,15 +77,17 @@ pub enum GenEvent {
 /// Live scheduler figures, read at scrape time.
 #[derive(Debug, Default)]
 pub struct BatcherStats {
-    queued: AtomicUsize,
     slots_used: AtomicUsize,
     /// Requests accepted and not yet gone: waiting, in the channel, or running.
     in_system: AtomicUsize,
 }
 
 impl BatcherStats {
+    /// Requests waiting for a slot: those accepted and not running.
     pub fn queue_depth(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.in_system
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.slots_used())
     }
     pub fn slots_used(&self) -> usize {
         self.slots_used.load(Ordering::Relaxed)
@@ -137,9 +139,7 @@ impl Batcher {
                 (n < capacity).then_some(n + 1)
             })
             .map_err(|n| EngineError::Overloaded(n.saturating_sub(self.config.kv_slots)))?;
-        self.stats.queued.fetch_add(1, Ordering::AcqRel);
         self.tx.send(req).map_err(|_| {
-            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
             self.stats.in_system.fetch_sub(1, Ordering::AcqRel);
             EngineError::Stopped
         })
@@ -258,7 +258,6 @@ impl Scheduler {
                 self.free.push(slot);
                 break;
             };
-            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
             if req.events.is_closed() {
                 self.free.push(slot);
                 self.gone(1);
@@ -365,17 +364,17 @@ impl Scheduler {
             sample_us = (started.elapsed() - forward).as_micros() as u64,
             "step"
         );
-        let mut finished = Vec::new();
-        let mut kept = Vec::with_capacity(self.running.len());
-        for (seq, done) in std::mem::take(&mut self.running).into_iter().zip(done) {
-            if done {
-                finished.push(seq);
-            } else {
-                kept.push(seq);
-            }
-        }
-        self.running = kept;
-        finished
+        self.take_done(&done)
+    }
+
+    /// Removes and returns the running sequences marked done.
+    fn take_done(&mut self, done: &[bool]) -> Vec<Sequence> {
+        let (finished, kept) = std::mem::take(&mut self.running)
+            .into_iter()
+            .zip(done)
+            .partition::<Vec<_>, _>(|(_, done)| **done);
+        self.running = kept.into_iter().map(|(seq, _)| seq).collect();
+        finished.into_iter().map(|(seq, _)| seq).collect()
     }
 
     /// A failed forward pass fails the sequences that were in it; the scheduler goes on.
@@ -385,19 +384,12 @@ impl Scheduler {
             sequences = plan.len(),
             "forward pass failed"
         );
-        let in_batch: Vec<usize> = plan.iter().map(|p| p.0).collect();
-        let mut failed = Vec::new();
-        let mut kept = Vec::new();
-        for (i, mut seq) in std::mem::take(&mut self.running).into_iter().enumerate() {
-            if in_batch.contains(&i) {
-                seq.last = Some(GenEvent::Failed("internal error".into()));
-                failed.push(seq);
-            } else {
-                kept.push(seq);
-            }
+        let mut done = vec![false; self.running.len()];
+        for &(i, _, _) in plan {
+            done[i] = true;
+            self.running[i].last = Some(GenEvent::Failed("internal error".into()));
         }
-        self.running = kept;
-        failed
+        self.take_done(&done)
     }
 }
 

@@ -37,7 +37,7 @@ pub struct ActBlock {
 
 /// Quantizes a row of activations as candle's `BlockQ8_1::from_float` does, values and
 /// f16 rounding of the scales included.
-pub fn quantize_row(xs: &[f32], out: &mut Vec<ActBlock>) {
+fn quantize_row(xs: &[f32], out: &mut Vec<ActBlock>) {
     for block in xs.chunks_exact(QK) {
         let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
         let d = amax / 127.0;
@@ -416,6 +416,10 @@ mod tests {
         (q, Linear::from_qtensor(q2).unwrap())
     }
 
+    fn values(t: Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     fn input(m: usize, k: usize) -> Tensor {
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 104729 % 997) as f32 / 498.0 - 1.0) * 2.0)
@@ -431,20 +435,8 @@ mod tests {
             let candle = QMatMul::from_qtensor(q).unwrap();
             for m in [1, 3, 8, 9, 17] {
                 let x = input(m, 576);
-                let want: Vec<f32> = candle
-                    .forward(&x)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let got: Vec<f32> = ours
-                    .forward(&x)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let want = values(candle.forward(&x).unwrap());
+                let got = values(ours.forward(&x).unwrap());
                 assert_eq!(want.len(), got.len());
                 for (w, g) in want.iter().zip(&got) {
                     // Bit for bit: last-bit differences grow through the layers.
@@ -458,21 +450,9 @@ mod tests {
     fn a_row_gets_the_same_bits_whatever_else_is_in_the_step() {
         let (_, ours) = weights(130, 576, GgmlDType::Q4_1);
         let x = input(7, 576);
-        let all: Vec<f32> = ours
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let all = values(ours.forward(&x).unwrap());
         for r in 0..7 {
-            let one: Vec<f32> = ours
-                .forward(&x.narrow(0, r, 1).unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let one = values(ours.forward(&x.narrow(0, r, 1).unwrap()).unwrap());
             assert_eq!(one, all[r * 130..(r + 1) * 130], "row {r}");
         }
     }
@@ -486,7 +466,7 @@ mod tests {
             };
             let p = &p.0;
             let x = input(5, 1536);
-            let acts = Acts::quantize(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 1536);
+            let acts = Acts::quantize(&values(x), 1536);
             let fast = p.matmul(&acts);
             for j in 0..70 {
                 let mut slow = [0f32; 5];
