@@ -1,8 +1,9 @@
 //! The inference engine: the model and its tokenizer, the batched llama forward pass
-//! and its slot KV cache, and the scheduler task that owns the slots and the queue. Prompt building and text post-processing are the
-//! plugins' (see `crate::plugins`).
+//! and its slot KV cache, and the scheduler task that owns the slots and the queue.
+//! Prompt building and text post-processing are the plugins' (see `crate::plugins`).
 
 pub mod batcher;
+pub mod kv_cache;
 pub mod llama;
 pub mod model;
 pub mod qmatmul;

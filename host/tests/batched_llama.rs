@@ -9,7 +9,8 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use clap::Parser;
 use lynx_host::config::Cli;
-use lynx_host::engine::llama::{Entry, KvCache, Llama};
+use lynx_host::engine::kv_cache::KvCache;
+use lynx_host::engine::llama::{Entry, Llama};
 use lynx_host::engine::tokenizer::Tokenizer;
 
 const TOLERANCE: f32 = 1e-3;

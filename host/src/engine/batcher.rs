@@ -15,9 +15,11 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
+use rayon::prelude::*;
 use tokio::sync::mpsc;
 
-use super::llama::{Entry, KvCache};
+use super::kv_cache::KvCache;
+use super::llama::Entry;
 use super::{EngineError, Model};
 
 /// The prompt tokens of one prefill chunk.
@@ -328,34 +330,44 @@ impl Scheduler {
             Err(_) => return self.fail_batch(&plan, "the forward pass panicked"),
         };
         let forward = started.elapsed();
+        // Each sequence that asked for logits gets its row; sampling (a softmax over the
+        // vocabulary each) runs in parallel, every sequence with its own RNG.
+        let mut rows: Vec<Option<usize>> = vec![None; self.running.len()];
         let mut row = 0;
-        let mut done = vec![false; self.running.len()];
         for &(i, n, wants) in &plan {
             let seq = &mut self.running[i];
-            let was_decoding = seq.decoding();
-            seq.pos += n;
-            if !was_decoding {
+            if !seq.decoding() {
                 seq.prefilled += n;
             }
-            if !wants {
-                continue;
-            }
-            let result = logits
-                .as_ref()
-                .ok_or_else(|| EngineError::Model("no logits".into()))
-                .and_then(|l| Ok(l.get(row)?))
-                .and_then(|l| self::advance(&self.model, &self.config, seq, &l));
-            row += 1;
-            match result {
-                Ok(Step::Continue) => {}
-                Ok(Step::Done) => done[i] = true,
-                Err(e) => {
-                    tracing::error!(error = %e, "sampling failed");
-                    seq.last = Some(GenEvent::Failed(e.to_string()));
-                    done[i] = true;
-                }
+            seq.pos += n;
+            if wants {
+                rows[i] = Some(row);
+                row += 1;
             }
         }
+        let (model, config) = (&self.model, &self.config);
+        let done: Vec<bool> = self
+            .running
+            .par_iter_mut()
+            .zip(rows)
+            .map(|(seq, row)| {
+                let Some(row) = row else { return false };
+                let result = logits
+                    .as_ref()
+                    .ok_or_else(|| EngineError::Model("no logits".into()))
+                    .and_then(|l| Ok(l.get(row)?))
+                    .and_then(|l| self::advance(model, config, seq, &l));
+                match result {
+                    Ok(Step::Continue) => false,
+                    Ok(Step::Done) => true,
+                    Err(e) => {
+                        tracing::error!(error = %e, "sampling failed");
+                        seq.last = Some(GenEvent::Failed(e.to_string()));
+                        true
+                    }
+                }
+            })
+            .collect();
         // Where a step's time goes, for profiling (`RUST_LOG=lynx_host::engine=debug`).
         tracing::debug!(
             sequences = plan.len(),

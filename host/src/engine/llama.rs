@@ -18,8 +18,9 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
-use candle_transformers::utils::{build_causal_mask, repeat_kv};
+use rayon::prelude::*;
 
+use super::kv_cache::{self, KvCache};
 use super::qmatmul::Linear;
 use super::EngineError;
 
@@ -43,25 +44,15 @@ pub struct Llama {
     output: Linear,
     cos: Tensor,
     sin: Tensor,
+    /// `cos`/`sin` as plain rows (`[position][rope_dim / 2]`) for decode tokens.
+    cos_rows: Vec<f32>,
+    sin_rows: Vec<f32>,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
-    hidden: usize,
     /// Positions the rotary tables cover.
     pub max_positions: usize,
     device: Device,
-}
-
-/// One slot's keys and values for every layer: `[1, kv_heads, capacity, head_dim]`.
-pub struct Slot {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
-}
-
-/// The KV cache: `slots` slots of `capacity` positions, allocated once.
-pub struct KvCache {
-    slots: Vec<Slot>,
-    pub capacity: usize,
 }
 
 /// One sequence's part of a step: `tokens` at positions `pos..`, in `slot`.
@@ -141,17 +132,19 @@ impl Llama {
             .to_dtype(DType::F32)?
             .reshape((max_positions, 1))?
             .matmul(&theta.reshape((1, theta.elem_count()))?)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
         Ok(Self {
             embed,
             layers,
             norm,
             output: Linear::from_qtensor(output)?,
-            cos: angles.cos()?,
-            sin: angles.sin()?,
+            cos_rows: cos.flatten_all()?.to_vec1()?,
+            sin_rows: sin.flatten_all()?.to_vec1()?,
+            cos,
+            sin,
             n_head,
             n_kv_head,
             head_dim: hidden / n_head,
-            hidden,
             max_positions,
             device: device.clone(),
         })
@@ -164,22 +157,13 @@ impl Llama {
 
     /// A cache of `slots` slots of `capacity` positions each.
     pub fn kv_cache(&self, slots: usize, capacity: usize) -> Result<KvCache, EngineError> {
-        let capacity = capacity.min(self.max_positions);
-        let shape = (1, self.n_kv_head, capacity, self.head_dim);
-        let mut all = Vec::with_capacity(slots);
-        for _ in 0..slots {
-            let mut k = Vec::with_capacity(self.layers.len());
-            let mut v = Vec::with_capacity(self.layers.len());
-            for _ in &self.layers {
-                k.push(Tensor::zeros(shape, DType::F32, &self.device)?);
-                v.push(Tensor::zeros(shape, DType::F32, &self.device)?);
-            }
-            all.push(Slot { k, v });
-        }
-        Ok(KvCache {
-            slots: all,
-            capacity,
-        })
+        KvCache::new(
+            slots,
+            self.layers.len(),
+            (self.n_kv_head, self.head_dim),
+            capacity.min(self.max_positions),
+            &self.device,
+        )
     }
 
     /// Runs one step. Returns, for each entry that asked, the logits after its last
@@ -192,7 +176,7 @@ impl Llama {
         for e in entries {
             if e.tokens.is_empty()
                 || e.pos + e.tokens.len() > cache.capacity
-                || e.slot >= cache.slots.len()
+                || e.slot >= cache.slots()
             {
                 return Err(EngineError::Model(format!(
                     "step entry out of bounds: slot {}, positions {}..{} of {}",
@@ -213,29 +197,13 @@ impl Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
-            let q = layer.wq.forward(&h)?;
-            let k = layer.wk.forward(&h)?;
-            let v = layer.wv.forward(&h)?;
-            let mut outs = Vec::with_capacity(entries.len());
-            let mut start = 0;
-            for e in entries {
-                let t = e.tokens.len();
-                let slot = &cache.slots[e.slot];
-                outs.push(self.attend(
-                    &q.narrow(1, start, t)?,
-                    &k.narrow(1, start, t)?,
-                    &v.narrow(1, start, t)?,
-                    (&slot.k[li], &slot.v[li]),
-                    e.pos,
-                )?);
-                start += t;
-            }
-            let attn = Tensor::cat(&outs, 1)?; // [1, n, hidden]
+            let [q, k, v] = Linear::forward_all([&layer.wq, &layer.wk, &layer.wv], &h)?;
+            let attn = self.attention(cache, li, entries, (q, k, v))?;
             let attn = layer.wo.forward(&attn)?;
             let x1 = (attn + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
-            let gate = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let mlp = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+            let [gate, up] = Linear::forward_all([&layer.gate, &layer.up], &h)?;
+            let mlp = layer.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
             x = (mlp + x1)?;
         }
         let x = self.norm.forward(&x)?.squeeze(0)?; // [n, hidden]
@@ -255,44 +223,66 @@ impl Llama {
         Ok(Some(self.output.forward(&rows)?))
     }
 
-    /// One sequence's attention: its `t` new queries, keys and values (`[1, t, ..]`) at
-    /// positions `pos..pos+t`, appended to its slot's cache and attending to all of it.
-    fn attend(
+    /// Every entry's attention at layer `li`, given the step's projections
+    /// (`[1, n, ..]`); returns `[1, n, hidden]`. New keys and values go into the cache
+    /// first, one entry after the other; then the sequences attend in parallel.
+    fn attention(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        (k_cache, v_cache): (&Tensor, &Tensor),
-        pos: usize,
+        cache: &KvCache,
+        li: usize,
+        entries: &[Entry],
+        (q, k, v): (Tensor, Tensor, Tensor),
     ) -> Result<Tensor, EngineError> {
-        let t = q.dim(1)?;
-        let heads = |x: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-            x.reshape((1, t, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        let q = candle_nn::rotary_emb::rope_i(&heads(q, self.n_head)?, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope_i(&heads(k, self.n_kv_head)?, &cos, &sin)?;
-        let v = heads(v, self.n_kv_head)?;
-        k_cache.slice_set(&k, 2, pos)?;
-        v_cache.slice_set(&v, 2, pos)?;
-        let len = pos + t;
-        let n_rep = self.n_head / self.n_kv_head;
-        let k = repeat_kv(k_cache.narrow(2, 0, len)?.contiguous()?, n_rep)?;
-        let v = repeat_kv(v_cache.narrow(2, 0, len)?.contiguous()?, n_rep)?;
-        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let att = if t > 1 {
-            let mask = build_causal_mask(t, pos, &self.device)?.broadcast_as(att.shape())?;
-            let neg_inf =
-                Tensor::new(f32::NEG_INFINITY, &self.device)?.broadcast_as(att.shape())?;
-            mask.where_cond(&neg_inf, &att)?
-        } else {
-            att
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?; // [1, heads, t, head_dim]
-        Ok(y.transpose(1, 2)?.reshape((1, t, self.hidden))?)
+        let (hd, kvh) = (self.head_dim, self.n_kv_head);
+        let mut queries = Vec::with_capacity(entries.len());
+        let mut start = 0;
+        for e in entries {
+            let t = e.tokens.len();
+            let (q, k, v) = (
+                q.narrow(1, start, t)?,
+                k.narrow(1, start, t)?,
+                v.narrow(1, start, t)?,
+            );
+            let (q, k, v) = if t == 1 {
+                // One token: rotated in place with candle's single-token formula, which
+                // saves a dozen tensor ops per sequence and layer.
+                let half = self.cos_rows.len() / self.max_positions;
+                let angles = e.pos * half..(e.pos + 1) * half;
+                let (cos, sin) = (&self.cos_rows[angles.clone()], &self.sin_rows[angles]);
+                let row = |x: &Tensor, heads: usize, rotate: bool| -> Result<Tensor, EngineError> {
+                    let mut x = x.flatten_all()?.to_vec1::<f32>()?;
+                    if rotate {
+                        kv_cache::rope_row(&mut x, hd, cos, sin);
+                    }
+                    Ok(Tensor::from_vec(x, (1, heads, 1, hd), &self.device)?)
+                };
+                (
+                    row(&q, self.n_head, true)?,
+                    row(&k, kvh, true)?,
+                    row(&v, kvh, false)?,
+                )
+            } else {
+                let heads = |x: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+                    x.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()
+                };
+                let cos = self.cos.narrow(0, e.pos, t)?;
+                let sin = self.sin.narrow(0, e.pos, t)?;
+                let rope = |x| candle_nn::rotary_emb::rope_i(&x, &cos, &sin);
+                (
+                    rope(heads(&q, self.n_head)?)?,
+                    rope(heads(&k, kvh)?)?,
+                    heads(&v, kvh)?,
+                )
+            };
+            cache.write((e.slot, li, e.pos), &k, &v)?;
+            queries.push(q);
+            start += t;
+        }
+        let outs = entries
+            .par_iter()
+            .zip(&queries)
+            .map(|(e, q)| cache.attend((e.slot, li, e.pos), q))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Tensor::cat(&outs, 1)?)
     }
 }

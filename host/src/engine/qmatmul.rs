@@ -70,6 +70,17 @@ pub struct Acts {
 }
 
 impl Acts {
+    /// A tensor `[.., k]` quantized, or an error if its last dimension is not `k`.
+    fn from_tensor(x: &Tensor, k: usize) -> Result<Self, EngineError> {
+        let features = x.dims().last().copied().unwrap_or(0);
+        if features != k || k % QK != 0 {
+            return Err(EngineError::Model(format!(
+                "matmul: input has {features} features, the weight {k}"
+            )));
+        }
+        Ok(Self::quantize(&x.flatten_all()?.to_vec1::<f32>()?, k))
+    }
+
     /// `xs`: `m` rows of `k` values, `k` a multiple of 32.
     pub fn quantize(xs: &[f32], k: usize) -> Self {
         let m = xs.len() / k;
@@ -173,28 +184,50 @@ impl Linear {
         }))))
     }
 
+    /// Several layers applied to the same input (q/k/v, gate/up): the input is
+    /// quantized once for all of them.
+    pub fn forward_all<const N: usize>(
+        layers: [&Linear; N],
+        x: &Tensor,
+    ) -> Result<[Tensor; N], EngineError> {
+        let mut acts: Option<(usize, Acts)> = None;
+        let mut out = Vec::with_capacity(N);
+        for layer in layers {
+            let Linear::Packed(p) = layer else {
+                out.push(layer.forward(x)?);
+                continue;
+            };
+            let k = p.0.k;
+            if acts.as_ref().is_none_or(|(ak, _)| *ak != k) {
+                acts = Some((k, Acts::from_tensor(x, k)?));
+            }
+            if let Some((_, a)) = &acts {
+                out.push(p.0.forward(x, a)?);
+            }
+        }
+        out.try_into()
+            .map_err(|_| EngineError::Model("forward_all: a layer gave no output".into()))
+    }
+
     /// `x`: `[.., k]` f32 → `[.., n]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, EngineError> {
         let p = match self {
             Linear::Packed(p) => &p.0,
             Linear::Candle(m) => return Ok(m.forward(x)?),
         };
-        let mut dims = x.dims().to_vec();
-        let k = dims.pop().unwrap_or(0);
-        if k != p.k {
-            return Err(EngineError::Model(format!(
-                "matmul: input has {k} features, the weight {}",
-                p.k
-            )));
-        }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let out = p.matmul(&Acts::quantize(&xs, k));
-        dims.push(p.n);
-        Ok(Tensor::from_vec(out, dims, x.device())?)
+        p.forward(x, &Acts::from_tensor(x, p.k)?)
     }
 }
 
 impl Packed {
+    /// `x` (`[.., k]`, already quantized as `acts`) → `[.., n]`.
+    fn forward(&self, x: &Tensor, acts: &Acts) -> Result<Tensor, EngineError> {
+        let mut dims = x.dims().to_vec();
+        dims.pop();
+        dims.push(self.n);
+        Ok(Tensor::from_vec(self.matmul(acts), dims, x.device())?)
+    }
+
     /// `[m, k]` activations → `[m, n]` row-major.
     fn matmul(&self, acts: &Acts) -> Vec<f32> {
         let m = acts.m.max(1);
