@@ -73,7 +73,7 @@ impl Acts {
     /// A tensor `[.., k]` quantized, or an error if its last dimension is not `k`.
     fn from_tensor(x: &Tensor, k: usize) -> Result<Self, EngineError> {
         let features = x.dims().last().copied().unwrap_or(0);
-        if features != k || k % QK != 0 {
+        if features != k || !k.is_multiple_of(QK) {
             return Err(EngineError::Model(format!(
                 "matmul: input has {features} features, the weight {k}"
             )));
