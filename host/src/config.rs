@@ -98,6 +98,37 @@ pub struct Config {
     #[arg(long, env = "LYNX_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// The largest request body accepted, in bytes; larger bodies get 413.
+    #[arg(long, env = "LYNX_MAX_BODY_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    pub max_body_bytes: u64,
+
+    /// The largest `max_tokens` a request may ask for; more gets 400 naming this cap.
+    /// A request without `max_tokens` gets at most this many.
+    #[arg(long, env = "LYNX_MAX_TOKENS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tokens: u32,
+
+    /// The longest a request may take, in seconds, from arrival to its last token; past
+    /// it the slot is freed and the answer ends with a timeout error (504, or an error
+    /// event in a stream).
+    #[arg(long, env = "LYNX_REQUEST_TIMEOUT", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout: u64,
+
+    /// How long a client may take to send a request's headers, and then its body, in
+    /// seconds; slower connections are closed (headers) or answered 408 (body).
+    #[arg(long, env = "LYNX_CLIENT_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub client_timeout: u64,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests may run on, in seconds, before
+    /// they are ended with an error event. New connections are refused at once.
+    #[arg(long, env = "LYNX_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub shutdown_grace: u64,
+
+    /// Testing only: prompts `lynx-fault:handler` and `lynx-fault:scheduler` make the
+    /// request's handler, or the scheduler while sampling it, panic, to prove a panic
+    /// costs only its own request.
+    #[arg(long, env = "LYNX_FAULT_INJECTION", hide = true)]
+    pub fault_injection: bool,
+
     /// Log filter, in `tracing` EnvFilter syntax (e.g. `info`, `lynx_host=debug`).
     #[arg(long, env = "LYNX_LOG", default_value = "info")]
     pub log: String,

@@ -19,6 +19,8 @@ pub enum EngineError {
     Overloaded(usize),
     #[error("the scheduler has stopped")]
     Stopped,
+    #[error("the server is shutting down")]
+    ShuttingDown,
     #[error("model: {0}")]
     Model(String),
     #[error(transparent)]

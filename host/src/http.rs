@@ -6,16 +6,20 @@ pub mod completions;
 pub mod error;
 pub mod generate;
 pub mod observe;
+pub mod serve;
 pub mod types;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, Method, Uri};
+use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use serde_json::json;
+use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::engine::{Batcher, Model};
 use crate::metrics;
@@ -23,8 +27,30 @@ use crate::plugins::Plugins;
 use error::ApiError;
 use observe::EndpointLabels;
 
-/// The largest request body accepted.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// What a request may ask and how long it may take (from the configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    /// The largest `max_tokens`, and the default when a request gives none.
+    pub max_tokens: usize,
+    pub request_timeout: Duration,
+    /// How long a client may take to send headers, then the body.
+    pub client_timeout: Duration,
+    /// Testing only: fault-injection prompts (see `--fault-injection`).
+    pub fault_injection: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_tokens: 4096,
+            request_timeout: Duration::from_secs(300),
+            client_timeout: Duration::from_secs(10),
+            fault_injection: false,
+        }
+    }
+}
 
 pub struct AppState {
     pub model: Arc<Model>,
@@ -36,6 +62,9 @@ pub struct AppState {
     pub endpoints: EndpointLabels,
     /// When the server started, as `created` of the model object.
     pub started: u64,
+    pub limits: Limits,
+    /// Set on SIGTERM/SIGINT: `/health` answers 503 and new generations are refused.
+    pub draining: AtomicBool,
 }
 
 impl AppState {
@@ -53,7 +82,18 @@ impl AppState {
             plugins,
             endpoints: EndpointLabels::default(),
             started,
+            limits: Limits::default(),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 }
 
@@ -67,7 +107,11 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(render_metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        // Inside the observer, so a panicking handler is answered (500) and counted.
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::Internal("a request handler panicked".into()).into_response()
+        }))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             observe::observe,
@@ -94,15 +138,23 @@ async fn get_model(
     }
 }
 
-async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+/// Ready: 200 `ok`; draining for shutdown: 503 `draining`, so a load balancer stops
+/// sending traffic.
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let stats = state.batcher.stats();
-    Json(json!({
-        "status": "ok",
+    let (status, word) = if state.draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else {
+        (StatusCode::OK, "ok")
+    };
+    let body = Json(json!({
+        "status": word,
         "model": &*state.model_name,
         "kv_cache_slots_used": stats.slots_used(),
         "kv_cache_slots": state.batcher.config().kv_slots,
         "queue_depth": stats.queue_depth(),
-    }))
+    }));
+    (status, body).into_response()
 }
 
 async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {

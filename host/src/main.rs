@@ -3,7 +3,7 @@
 
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Parser;
@@ -11,6 +11,8 @@ use lynx_host::config::{Cli, Command, Config, PluginCommand};
 use lynx_host::engine::model::DEFAULT_MAX_SEQ_LEN;
 use lynx_host::engine::{Batcher, BatcherConfig, Model};
 use lynx_host::http::admin::admin_app;
+use lynx_host::http::serve::{self, ServeOptions};
+use lynx_host::http::Limits;
 use lynx_host::plugins::{check::check, watch, PluginRuntime, Plugins};
 use lynx_host::{app, metrics, AppState};
 use tracing_subscriber::EnvFilter;
@@ -38,6 +40,9 @@ async fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // A panic is a bug, but it costs one request, not the server (see the handlers'
+    // and the scheduler's catch); it goes to the log as one line like any error.
+    std::panic::set_hook(Box::new(|panic| tracing::error!(%panic, "panic")));
     match cli.command {
         Some(Command::Plugin {
             command: PluginCommand::Check { file },
@@ -171,15 +176,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _watcher = watch::watch(plugins.clone())?;
     reload_on_sighup(plugins.clone())?;
     metrics::init(&config.model_name);
-    let state = Arc::new(AppState::new(
-        model,
-        config.model_name.clone(),
-        batcher,
-        plugins,
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-    ));
+    let client_timeout = Duration::from_secs(config.client_timeout);
+    let limits = Limits {
+        max_body_bytes: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),
+        max_tokens: config.max_tokens as usize,
+        request_timeout: Duration::from_secs(config.request_timeout),
+        client_timeout,
+        fault_injection: config.fault_injection,
+    };
+    if limits.fault_injection {
+        tracing::warn!("--fault-injection is on: for tests only, never in production");
+    }
+    let state = Arc::new(
+        AppState::new(
+            model,
+            config.model_name.clone(),
+            batcher,
+            plugins,
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        )
+        .with_limits(limits),
+    );
 
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
@@ -196,10 +215,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, model = %config.model_name, "serving");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    let options = ServeOptions {
+        client_timeout,
+        grace: Duration::from_secs(config.shutdown_grace),
+    };
+    serve::serve(
+        listener,
+        app(state.clone()),
+        state,
+        options,
+        serve::shutdown_signal(),
+    )
+    .await;
+    tracing::info!("stopped");
     Ok(())
 }

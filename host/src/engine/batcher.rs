@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::Tensor;
@@ -50,6 +50,9 @@ pub struct GenerateRequest {
     /// Dropping the receiver cancels the generation: its slot is freed before the next
     /// token is computed.
     pub events: mpsc::UnboundedSender<GenEvent>,
+    /// Testing only (`--fault-injection`): the scheduler panics while sampling this
+    /// request, to prove that a panic costs only its own request.
+    pub inject_panic: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +76,7 @@ impl FinishReason {
 pub enum GenEvent {
     Token(u32),
     Finished(FinishReason),
-    Failed(String),
+    Failed(EngineError),
 }
 
 /// Live scheduler figures, read at scrape time.
@@ -82,6 +85,9 @@ pub struct BatcherStats {
     slots_used: AtomicUsize,
     /// Requests accepted and not yet gone: waiting, in the channel, or running.
     in_system: AtomicUsize,
+    /// Set at shutdown: new requests are refused, and the scheduler ends every
+    /// request it holds with [`EngineError::ShuttingDown`].
+    closing: AtomicBool,
 }
 
 impl BatcherStats {
@@ -134,6 +140,9 @@ impl Batcher {
     /// that arrives while the scheduler is mid-step waits for a free slot for a moment,
     /// and must not be refused for it.
     pub fn submit(&self, req: GenerateRequest) -> Result<(), EngineError> {
+        if self.stats.closing.load(Ordering::Acquire) {
+            return Err(EngineError::ShuttingDown);
+        }
         let capacity = self.config.kv_slots + self.config.max_queue;
         self.stats
             .in_system
@@ -145,6 +154,25 @@ impl Batcher {
             self.stats.in_system.fetch_sub(1, Ordering::AcqRel);
             EngineError::Stopped
         })
+    }
+
+    /// Ends every request held (running or waiting) with an error, and refuses new ones:
+    /// the end of a shutdown's grace period.
+    pub fn cancel_all(&self) {
+        self.stats.closing.store(true, Ordering::Release);
+        // Wakes an idle scheduler; a closed channel only means it has already stopped.
+        let (events, _) = mpsc::unbounded_channel();
+        let _ = self.tx.send(GenerateRequest {
+            prompt: Vec::new(),
+            max_tokens: 0,
+            sampling: Sampling {
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0,
+            },
+            events,
+            inject_panic: false,
+        });
     }
 
     pub fn stats(&self) -> &BatcherStats {
@@ -171,6 +199,7 @@ struct Sequence {
     /// The sequence's last event (finished or failed), sent only once its slot is
     /// released: a client that has its answer never sees its slot still counted.
     last: Option<GenEvent>,
+    inject_panic: bool,
 }
 
 impl Sequence {
@@ -208,6 +237,10 @@ impl Scheduler {
             while let Ok(req) = self.rx.try_recv() {
                 self.waiting.push_back(req);
             }
+            if self.stats.closing.load(Ordering::Acquire) {
+                self.cancel_all();
+                continue;
+            }
             self.leave_abandoned();
             self.admit();
             if self.running.is_empty() {
@@ -216,7 +249,16 @@ impl Scheduler {
             // The step runs on a rayon worker, so its serial candle ops and the kernels'
             // parallel tiles share the pool's threads (one per core) instead of this
             // thread competing with the workers for the cores.
-            let finished = rayon::scope(|_| self.step());
+            let step = std::panic::catch_unwind(AssertUnwindSafe(|| rayon::scope(|_| self.step())));
+            let finished = step.unwrap_or_else(|_| {
+                // Not reachable by design; if it happens, the step's sequences fail and
+                // the scheduler serves on.
+                tracing::error!("a scheduler step panicked");
+                let all = vec![true; self.running.len()];
+                self.fail(&all, || {
+                    EngineError::Model("the scheduler step panicked".into())
+                })
+            });
             for seq in &finished {
                 self.free.push(seq.slot);
             }
@@ -276,6 +318,7 @@ impl Scheduler {
                 sampler: sampler(req.sampling),
                 events: req.events,
                 last: None,
+                inject_panic: req.inject_panic,
             });
         }
         self.publish_slots();
@@ -352,17 +395,20 @@ impl Scheduler {
             .zip(rows)
             .map(|(seq, row)| {
                 let Some(row) = row else { return false };
-                let result = logits
-                    .as_ref()
-                    .ok_or_else(|| EngineError::Model("no logits".into()))
-                    .and_then(|l| Ok(l.get(row)?))
-                    .and_then(|l| self::advance(model, config, seq, &l));
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    logits
+                        .as_ref()
+                        .ok_or_else(|| EngineError::Model("no logits".into()))
+                        .and_then(|l| Ok(l.get(row)?))
+                        .and_then(|l| self::advance(model, config, seq, &l))
+                }))
+                .unwrap_or_else(|_| Err(EngineError::Model("sampling panicked".into())));
                 match result {
                     Ok(Step::Continue) => false,
                     Ok(Step::Done) => true,
                     Err(e) => {
                         tracing::error!(error = %e, "sampling failed");
-                        seq.last = Some(GenEvent::Failed(e.to_string()));
+                        seq.last = Some(GenEvent::Failed(e));
                         true
                     }
                 }
@@ -399,9 +445,36 @@ impl Scheduler {
         let mut done = vec![false; self.running.len()];
         for &(i, _, _) in plan {
             done[i] = true;
-            self.running[i].last = Some(GenEvent::Failed("internal error".into()));
         }
-        self.take_done(&done)
+        self.fail(&done, || {
+            EngineError::Model("the forward pass failed".into())
+        })
+    }
+
+    /// Ends the marked sequences with `error()` and removes them.
+    fn fail(&mut self, marked: &[bool], error: impl Fn() -> EngineError) -> Vec<Sequence> {
+        for (seq, _) in self.running.iter_mut().zip(marked).filter(|(_, m)| **m) {
+            seq.last = Some(GenEvent::Failed(error()));
+        }
+        self.take_done(marked)
+    }
+
+    /// Shutdown: every running and waiting request ends with an error event.
+    fn cancel_all(&mut self) {
+        for req in self.waiting.drain(..) {
+            if !req.prompt.is_empty() {
+                let _ = req.events.send(GenEvent::Failed(EngineError::ShuttingDown));
+                self.stats.in_system.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let all = vec![true; self.running.len()];
+        let ended = self.fail(&all, || EngineError::ShuttingDown);
+        for seq in &ended {
+            self.free.push(seq.slot);
+        }
+        self.gone(ended.len());
+        self.publish_slots();
+        ended.into_iter().for_each(Sequence::close);
     }
 }
 
@@ -417,6 +490,9 @@ fn advance(
     seq: &mut Sequence,
     logits: &Tensor,
 ) -> Result<Step, EngineError> {
+    if seq.inject_panic {
+        panic!("fault injected by --fault-injection");
+    }
     let token = seq.sampler.sample(logits)?;
     let finish = if model.tokenizer.is_end(token) {
         Some(FinishReason::Stop)

@@ -329,6 +329,13 @@ impl Tokenizer {
         out.extend_from_slice(&syms);
     }
 
+    /// Whether the vocabulary holds byte `b` (SmolLM2's lacks 21 of the 256, all lead
+    /// bytes of code points past U+3FFFF or never valid in UTF-8; text using them cannot
+    /// round-trip and loses those bytes, as with Hugging Face's tokenizer).
+    pub fn encodes_byte(&self, b: u8) -> bool {
+        self.byte_ids[usize::from(b)].is_some()
+    }
+
     /// The bytes one token stands for.
     pub fn piece(&self, id: u32) -> Result<&[u8]> {
         self.pieces

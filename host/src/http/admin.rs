@@ -15,8 +15,13 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::AppState;
 
-/// The admin router; `token`, when set, is required of every request.
+/// The admin router; `token`, when set, is required of every request but `/health`
+/// (the public one's, still answering while the public listener is closed for a
+/// shutdown, so health checks see `draining`).
 pub fn admin_app(state: Arc<AppState>, token: Option<String>) -> Router {
+    let health = Router::new()
+        .route("/health", get(super::health))
+        .with_state(state.clone());
     let router = Router::new()
         .route("/admin/plugins", get(list))
         .route("/admin/plugins/reload", post(reload))
@@ -24,13 +29,14 @@ pub fn admin_app(state: Arc<AppState>, token: Option<String>) -> Router {
             ApiError::NotFound(uri.path().chars().take(200).collect())
         })
         .with_state(state);
-    match token {
+    let router = match token {
         Some(token) => router.layer(middleware::from_fn_with_state(
             Arc::<str>::from(token),
             bearer,
         )),
         None => router,
-    }
+    };
+    health.merge(router)
 }
 
 async fn bearer(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {

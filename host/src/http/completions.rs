@@ -38,10 +38,10 @@ pub async fn completions(
     Extension(slot): Extension<PluginSlot>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let parsed = body_bytes(body).and_then(|b| {
+    let parsed = body_bytes(&state, body).and_then(|b| {
         let body = parse_body(&b)?;
         let req: CompletionRequest = fields(&body)?;
-        let params = fields::<CommonParams>(&body)?.validate(&state.model_name)?;
+        let params = fields::<CommonParams>(&body)?.validate(&state.model_name, &state.limits)?;
         let prompt = completion_prompt(&state, req.prompt)?;
         Ok((prompt, params))
     });
@@ -54,19 +54,21 @@ pub async fn chat_completions(
     Extension(slot): Extension<PluginSlot>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let parsed = body_bytes(body).and_then(|b| {
+    let parsed = body_bytes(&state, body).and_then(|b| {
         let body = parse_body(&b)?;
         let req: ChatRequest = fields(&body)?;
-        let params = fields::<CommonParams>(&body)?.validate(&state.model_name)?;
+        let params = fields::<CommonParams>(&body)?.validate(&state.model_name, &state.limits)?;
         Ok((world::Prompt::Chat(req.chat_messages()?), params))
     });
     respond(state, info, slot, Api::Chat, parsed).await
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(super::MAX_BODY_BYTES)
+            ApiError::PayloadTooLarge(state.limits.max_body_bytes)
+        } else if is_timeout(&rejection) {
+            ApiError::BodyTimeout(state.limits.client_timeout.as_secs())
         } else {
             ApiError::invalid(
                 format!("The request body could not be read: {rejection}"),
@@ -74,6 +76,18 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
             )
         }
     })
+}
+
+/// Whether the body could not be read because the client sent it too slowly.
+fn is_timeout(rejection: &BytesRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(e) = source {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// The client's prompt as the policy plugin receives it. Token ids are checked here:
@@ -167,19 +181,39 @@ async fn respond(
     parsed: Result<(world::Prompt, Validated), ApiError>,
 ) -> Response {
     let started = parsed.and_then(|(prompt, params)| {
+        if state.draining() {
+            return Err(crate::engine::EngineError::ShuttingDown.into());
+        }
+        let inject_panic = fault(&state, &prompt);
         // The session that routed this request serves it: one plugin version throughout.
         let mut session = match slot.take() {
             Some(session) => session,
             None => state.plugins.session()?,
         };
         let ids = apply_policy(&state, &mut session, prompt, &params)?;
-        let generation = Generation::start(state.clone(), info, session, ids, &params)?;
+        let generation =
+            Generation::start(state.clone(), info, session, ids, &params, inject_panic)?;
         Ok((generation, params))
     });
     match started {
         Err(e) => e.into_response(),
         Ok((generation, params)) if params.stream => stream(state, api, generation, params),
         Ok((generation, _)) => whole(state, api, generation).await,
+    }
+}
+
+/// Testing only (`--fault-injection`): the prompt `lynx-fault:handler` panics here, in
+/// the handler; `lynx-fault:scheduler` asks the scheduler to panic while sampling it.
+fn fault(state: &AppState, prompt: &world::Prompt) -> bool {
+    if !state.limits.fault_injection {
+        return false;
+    }
+    match prompt {
+        world::Prompt::Text(t) if t == "lynx-fault:handler" => {
+            panic!("fault injected by --fault-injection")
+        }
+        world::Prompt::Text(t) => t == "lynx-fault:scheduler",
+        _ => false,
     }
 }
 

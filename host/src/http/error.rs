@@ -28,6 +28,10 @@ pub enum ApiError {
     Unauthorized,
     #[error("The request body is larger than the {0}-byte limit.")]
     PayloadTooLarge(usize),
+    #[error("The request body was not received within {0} seconds.")]
+    BodyTimeout(u64),
+    #[error("The request did not complete within the server's {0}-second limit.")]
+    Timeout(u64),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -45,6 +49,11 @@ impl ApiError {
         }
     }
 
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.status_and_type().0
+    }
+
     fn status_and_type(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::InvalidRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error"),
@@ -58,6 +67,11 @@ impl ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error")
             }
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "authentication_error"),
+            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "invalid_request_error"),
+            ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout_error"),
+            ApiError::Engine(EngineError::ShuttingDown) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server_error")
+            }
             ApiError::Engine(EngineError::Overloaded(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
             }
@@ -80,6 +94,11 @@ impl ApiError {
             ApiError::Engine(EngineError::Overloaded(_)) => {
                 (self.to_string(), Some("overloaded".to_string()))
             }
+            ApiError::Engine(EngineError::ShuttingDown) => (
+                "The server is shutting down; retry on another instance.".to_string(),
+                Some("shutting_down".to_string()),
+            ),
+            ApiError::Timeout(_) => (self.to_string(), Some("request_timeout".to_string())),
             _ if status.is_server_error() => {
                 tracing::error!(error = %self, "request failed");
                 (
@@ -90,6 +109,7 @@ impl ApiError {
             ApiError::InvalidRequest { code, .. } => (self.to_string(), code.clone()),
             ApiError::ModelNotFound(_) => (self.to_string(), Some("model_not_found".into())),
             ApiError::PayloadTooLarge(_) => (self.to_string(), Some("payload_too_large".into())),
+            ApiError::BodyTimeout(_) => (self.to_string(), Some("request_timeout".into())),
             ApiError::Unauthorized => (self.to_string(), Some("invalid_admin_token".into())),
             _ => (self.to_string(), None),
         };

@@ -37,6 +37,9 @@ pub struct Generation {
     done: bool,
     /// The plugin ended generation: waiting for the scheduler to release the slot.
     stopping: bool,
+    /// `--request-timeout` after the request arrived.
+    deadline: tokio::time::Instant,
+    timeout_secs: u64,
 }
 
 impl Generation {
@@ -47,6 +50,7 @@ impl Generation {
         mut session: PluginSession,
         prompt: Vec<u32>,
         params: &Validated,
+        inject_panic: bool,
     ) -> Result<Self, ApiError> {
         let context = state.batcher.config().max_seq_len;
         let n = prompt.len();
@@ -62,6 +66,7 @@ impl Generation {
                 code: Some("context_length_exceeded".into()),
             });
         }
+        let cap = state.limits.max_tokens;
         let max_tokens = match params.max_tokens {
             Some(m) if n.saturating_add(m) > context => {
                 return Err(ApiError::InvalidRequest {
@@ -74,7 +79,7 @@ impl Generation {
                 })
             }
             Some(m) => m,
-            None => context - n,
+            None => (context - n).min(cap),
         };
         session.start(&PostConfig {
             stops: params.stops.clone(),
@@ -94,6 +99,7 @@ impl Generation {
             max_tokens,
             sampling,
             events: tx,
+            inject_panic,
         })?;
         let reported = session.state().ledger.prompt_tokens;
         if reported != u32::try_from(n).ok() {
@@ -106,6 +112,7 @@ impl Generation {
         }
         metrics::record_prompt_tokens(&state.model_name, n);
         info.set_prompt_tokens(n);
+        let deadline = tokio::time::Instant::from_std(info.start) + state.limits.request_timeout;
         Ok(Self {
             info,
             rx,
@@ -115,6 +122,8 @@ impl Generation {
             ready: VecDeque::new(),
             done: false,
             stopping: false,
+            deadline,
+            timeout_secs: state.limits.request_timeout.as_secs(),
         })
     }
 
@@ -135,8 +144,11 @@ impl Generation {
             if self.done {
                 return None;
             }
-            let event = self.rx.recv().await;
-            self.on_event(event);
+            match tokio::time::timeout_at(self.deadline, self.rx.recv()).await {
+                Ok(event) => self.on_event(event),
+                // Closing the channel (in `fail`) frees the slot within one step.
+                Err(_) => self.fail(ApiError::Timeout(self.timeout_secs)),
+            }
         }
     }
 
@@ -176,9 +188,8 @@ impl Generation {
                 }
                 Err(e) => self.fail(e.into()),
             },
-            Some(GenEvent::Failed(message)) => {
-                self.ready
-                    .push_back(Piece::Failed(EngineError::Model(message).into()));
+            Some(GenEvent::Failed(e)) => {
+                self.ready.push_back(Piece::Failed(e.into()));
                 self.done = true;
             }
             None => {

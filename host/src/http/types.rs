@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
+use super::Limits;
 use crate::plugins::world::ChatMessage;
 
 #[derive(Debug, Deserialize)]
@@ -117,9 +118,11 @@ pub struct Validated {
 
 /// The most stop sequences a request may give (as OpenAI).
 pub const MAX_STOPS: usize = 4;
+/// The longest stop sequence, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
 
 impl CommonParams {
-    pub fn validate(&self, served_model: &str) -> Result<Validated, ApiError> {
+    pub fn validate(&self, served_model: &str, limits: &Limits) -> Result<Validated, ApiError> {
         if let Some(model) = &self.model {
             if model != served_model {
                 return Err(ApiError::ModelNotFound(model.clone()));
@@ -143,6 +146,16 @@ impl CommonParams {
                     format!("`{param}` must be at least 1 (got {m})."),
                     Some(param),
                 ))
+            }
+            Some(m) if m > limits.max_tokens as i64 => {
+                return Err(ApiError::InvalidRequest {
+                    message: format!(
+                        "`{param}` may be at most {} on this server (got {m}).",
+                        limits.max_tokens
+                    ),
+                    param: Some(param.into()),
+                    code: Some("max_tokens_exceeded".into()),
+                })
             }
             Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
             None => None,
@@ -171,6 +184,19 @@ impl CommonParams {
                 format!(
                     "`stop` may hold at most {MAX_STOPS} sequences (got {}).",
                     stops.len()
+                ),
+                Some("stop"),
+            ));
+        }
+        if let Some((i, s)) = stops
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+        {
+            return Err(ApiError::invalid(
+                format!(
+                    "`stop[{i}]` may be at most {MAX_STOP_BYTES} bytes long (got {}).",
+                    s.len()
                 ),
                 Some("stop"),
             ));
@@ -252,7 +278,7 @@ mod tests {
     }
 
     fn common(json: &str) -> Result<Validated, ApiError> {
-        parse::<CommonParams>(json.as_bytes())?.validate("m")
+        parse::<CommonParams>(json.as_bytes())?.validate("m", &crate::http::Limits::default())
     }
 
     #[test]
