@@ -83,8 +83,10 @@ pub async fn serve(
             }
         });
     }
-    state.draining.store(true, Ordering::Release);
+    // Closed before `draining` shows, so whoever sees `draining` knows no connection
+    // can be accepted any more.
     drop(listener);
+    state.draining.store(true, Ordering::Release);
     tracing::info!(
         connections = graceful.count(),
         grace_s = options.grace.as_secs_f64(),
