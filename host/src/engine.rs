@@ -7,6 +7,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod model;
 pub mod qmatmul;
+mod sequence;
 pub mod tokenizer;
 
 pub use batcher::{Batcher, BatcherConfig, FinishReason, GenEvent, GenerateRequest, Sampling};

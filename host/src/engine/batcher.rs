@@ -13,13 +13,12 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use candle_core::Tensor;
-use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
 use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::kv_cache::KvCache;
 use super::llama::Entry;
+use super::sequence::{advance, sampler, Sequence, Step};
 use super::{EngineError, Model};
 
 /// The prompt tokens of one prefill chunk.
@@ -181,36 +180,6 @@ impl Batcher {
 
     pub fn config(&self) -> BatcherConfig {
         self.config
-    }
-}
-
-struct Sequence {
-    slot: usize,
-    prompt: Vec<u32>,
-    /// Prompt tokens already in the cache; prefill is done when it reaches the prompt.
-    prefilled: usize,
-    /// Tokens in the slot's cache.
-    pos: usize,
-    next_input: u32,
-    generated: usize,
-    max_tokens: usize,
-    sampler: LogitsProcessor,
-    events: mpsc::UnboundedSender<GenEvent>,
-    /// The sequence's last event (finished or failed), sent only once its slot is
-    /// released: a client that has its answer never sees its slot still counted.
-    last: Option<GenEvent>,
-    inject_panic: bool,
-}
-
-impl Sequence {
-    fn decoding(&self) -> bool {
-        self.prefilled == self.prompt.len()
-    }
-
-    fn close(self) {
-        if let Some(event) = self.last {
-            let _ = self.events.send(event);
-        }
     }
 }
 
@@ -400,7 +369,7 @@ impl Scheduler {
                         .as_ref()
                         .ok_or_else(|| EngineError::Model("no logits".into()))
                         .and_then(|l| Ok(l.get(row)?))
-                        .and_then(|l| self::advance(model, config, seq, &l))
+                        .and_then(|l| advance(model, config, seq, &l))
                 }))
                 .unwrap_or_else(|_| Err(EngineError::Model("sampling panicked".into())));
                 match result {
@@ -476,56 +445,4 @@ impl Scheduler {
         self.publish_slots();
         ended.into_iter().for_each(Sequence::close);
     }
-}
-
-enum Step {
-    Continue,
-    Done,
-}
-
-/// Samples the next token of `seq` from its logits and reports it.
-fn advance(
-    model: &Model,
-    config: &BatcherConfig,
-    seq: &mut Sequence,
-    logits: &Tensor,
-) -> Result<Step, EngineError> {
-    if seq.inject_panic {
-        panic!("fault injected by --fault-injection");
-    }
-    let token = seq.sampler.sample(logits)?;
-    let finish = if model.tokenizer.is_end(token) {
-        Some(FinishReason::Stop)
-    } else {
-        if seq.events.send(GenEvent::Token(token)).is_err() {
-            return Ok(Step::Done);
-        }
-        seq.generated += 1;
-        seq.next_input = token;
-        (seq.generated >= seq.max_tokens || seq.pos >= config.max_seq_len)
-            .then_some(FinishReason::Length)
-    };
-    match finish {
-        Some(reason) => {
-            seq.last = Some(GenEvent::Finished(reason));
-            Ok(Step::Done)
-        }
-        None => Ok(Step::Continue),
-    }
-}
-
-fn sampler(s: Sampling) -> LogitsProcessor {
-    let sampling = if s.temperature <= 0.0 {
-        CandleSampling::ArgMax
-    } else if s.top_p < 1.0 {
-        CandleSampling::TopP {
-            p: s.top_p,
-            temperature: s.temperature,
-        }
-    } else {
-        CandleSampling::All {
-            temperature: s.temperature,
-        }
-    };
-    LogitsProcessor::from_sampling(s.seed, sampling)
 }
