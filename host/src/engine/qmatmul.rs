@@ -57,14 +57,15 @@ fn quantize_row(xs: &[f32], out: &mut Vec<ActBlock>) {
     }
 }
 
-/// A step's activations, quantized: `m` rows of `nb` blocks, plus each block's scales
-/// transposed (`[block][row]`, rows padded to a whole tile) so a tile's scales load as
-/// one vector.
+/// A step's activations, quantized: `m` rows of `nb` blocks, plus each block's quants
+/// and scales transposed (`[block][row]`, rows padded with zeros to a whole tile), so a
+/// tile's eight rows of one block sit side by side and its scales load as one vector.
 pub struct Acts {
     blocks: Vec<ActBlock>,
     nb: usize,
     m: usize,
     stride: usize,
+    qs_t: Vec<[i8; QK]>,
     d_t: Vec<f32>,
     s_t: Vec<f32>,
 }
@@ -91,16 +92,19 @@ impl Acts {
         }
         let stride = m.div_ceil(TILE_ROWS).max(1) * TILE_ROWS;
         let (mut d_t, mut s_t) = (vec![0f32; nb * stride], vec![0f32; nb * stride]);
+        let mut qs_t = vec![[0i8; QK]; nb * stride];
         for (i, a) in blocks.iter().enumerate() {
             let (r, b) = (i / nb, i % nb);
             d_t[b * stride + r] = a.d;
             s_t[b * stride + r] = a.s;
+            qs_t[b * stride + r] = a.qs;
         }
         Self {
             blocks,
             nb,
             m,
             stride,
+            qs_t,
             d_t,
             s_t,
         }
@@ -266,7 +270,20 @@ impl Packed {
             // SAFETY: this build's target has AVX2 and FMA (the cfg above).
             unsafe {
                 match self.format {
-                    Format::Q4_1 => avx2::q4_1(&self.quants[j * nb * 16..], scales, acts, r0, out),
+                    Format::Q4_1 => {
+                        let q = &self.quants[j * nb * 16..];
+                        // One kernel per tile height, each with its row loop unrolled.
+                        match out.len() {
+                            1 => avx2::q4_1::<1>(q, scales, acts, r0, out),
+                            2 => avx2::q4_1::<2>(q, scales, acts, r0, out),
+                            3 => avx2::q4_1::<3>(q, scales, acts, r0, out),
+                            4 => avx2::q4_1::<4>(q, scales, acts, r0, out),
+                            5 => avx2::q4_1::<5>(q, scales, acts, r0, out),
+                            6 => avx2::q4_1::<6>(q, scales, acts, r0, out),
+                            7 => avx2::q4_1::<7>(q, scales, acts, r0, out),
+                            _ => avx2::q4_1::<8>(q, scales, acts, r0, out),
+                        }
+                    }
                     Format::Q8_0 => avx2::q8_0(&self.quants[j * nb * 32..], scales, acts, r0, out),
                 }
             }
@@ -366,9 +383,16 @@ mod avx2 {
     /// scalar). Exactness matters: 8-bit requantization of every layer's input turns
     /// last-bit differences into visibly different logits.
     #[target_feature(enable = "avx2,fma")]
-    pub fn q4_1(quants: &[u8], scales: &[(f32, f32)], acts: &Acts, r0: usize, out: &mut [f32]) {
-        let (nb, n, stride) = (acts.nb, out.len(), acts.stride);
-        assert!(n <= TILE_ROWS && r0 + TILE_ROWS <= stride && acts.blocks.len() >= (r0 + n) * nb);
+    pub fn q4_1<const N: usize>(
+        quants: &[u8],
+        scales: &[(f32, f32)],
+        acts: &Acts,
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        let (nb, stride) = (acts.nb, acts.stride);
+        assert!(N <= TILE_ROWS && out.len() == N && r0 + TILE_ROWS <= stride);
+        assert!(acts.qs_t.len() >= nb * stride);
         assert!(quants.len() >= nb * 16 && scales.len() == nb);
         let mut sum = _mm256_setzero_ps();
         let low = _mm256_set1_epi8(0x0F);
@@ -378,10 +402,10 @@ mod avx2 {
             // SAFETY: `q` is 16 readable bytes; the load is unaligned.
             let tmp = unsafe { _mm_loadu_si128(q.as_ptr().cast()) };
             let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp), low);
+            let rows = &acts.qs_t[b * stride + r0..b * stride + r0 + TILE_ROWS];
             let mut p = [_mm256_setzero_si256(); TILE_ROWS];
-            for (r, p) in p.iter_mut().enumerate().take(n) {
-                let a = &acts.blocks[(r0 + r) * nb + b];
-                *p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, load32(&a.qs)), ones);
+            for r in 0..N {
+                p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(w, load32(&rows[r])), ones);
             }
             // Lane r of `sumi` is row r0 + r's integer dot.
             let h0 =
@@ -406,7 +430,7 @@ mod avx2 {
         let mut lanes = [0f32; 8];
         // SAFETY: `lanes` is 32 writable bytes; the store is unaligned.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
-        out.copy_from_slice(&lanes[..n]);
+        out.copy_from_slice(&lanes[..N]);
     }
 
     /// Q8_0 × Q8_0 as candle's AVX kernel computes it (FMA per block, one final sum).
