@@ -248,6 +248,9 @@ impl Packed {
                     }
                 }
             });
+        if m == 1 {
+            return out_t;
+        }
         let mut out = vec![0f32; self.n * acts.m];
         for (j, col) in out_t.chunks_exact(m).enumerate() {
             for (r, v) in col.iter().enumerate() {
@@ -284,7 +287,19 @@ impl Packed {
                             _ => avx2::q4_1::<8>(q, scales, acts, r0, out),
                         }
                     }
-                    Format::Q8_0 => avx2::q8_0(&self.quants[j * nb * 32..], scales, acts, r0, out),
+                    Format::Q8_0 => {
+                        let q = &self.quants[j * nb * 32..];
+                        match out.len() {
+                            1 => avx2::q8_0::<1>(q, scales, acts, r0, out),
+                            2 => avx2::q8_0::<2>(q, scales, acts, r0, out),
+                            3 => avx2::q8_0::<3>(q, scales, acts, r0, out),
+                            4 => avx2::q8_0::<4>(q, scales, acts, r0, out),
+                            5 => avx2::q8_0::<5>(q, scales, acts, r0, out),
+                            6 => avx2::q8_0::<6>(q, scales, acts, r0, out),
+                            7 => avx2::q8_0::<7>(q, scales, acts, r0, out),
+                            _ => avx2::q8_0::<8>(q, scales, acts, r0, out),
+                        }
+                    }
                 }
             }
         }
@@ -396,7 +411,6 @@ mod avx2 {
         assert!(quants.len() >= nb * 16 && scales.len() == nb);
         let mut sum = _mm256_setzero_ps();
         let low = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         for (b, &(d, m)) in scales.iter().enumerate() {
             let q = &quants[b * 16..b * 16 + 16];
             // SAFETY: `q` is 16 readable bytes; the load is unaligned.
@@ -405,16 +419,19 @@ mod avx2 {
             let rows = &acts.qs_t[b * stride + r0..b * stride + r0 + TILE_ROWS];
             let mut p = [_mm256_setzero_si256(); TILE_ROWS];
             for r in 0..N {
-                p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(w, load32(&rows[r])), ones);
+                p[r] = _mm256_maddubs_epi16(w, load32(&rows[r]));
             }
-            // Lane r of `sumi` is row r0 + r's integer dot.
-            let h0 =
-                _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-            let h1 =
-                _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+            // Each 16-bit lane is at most 2 * 15 * 127 = 3810 in size, so three rounds of
+            // pairwise sums (8 lanes: at most 30480) stay exact in 16 bits, and leave in
+            // each half of `h` one partial sum per row, in row order. Widened and added,
+            // lane r of `sumi` is row r0 + r's integer dot.
+            let h = _mm256_hadd_epi16(
+                _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])),
+                _mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7])),
+            );
             let sumi = _mm256_add_epi32(
-                _mm256_permute2x128_si256(h0, h1, 0x20),
-                _mm256_permute2x128_si256(h0, h1, 0x31),
+                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
+                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)),
             );
             let xd = &acts.d_t[b * stride + r0..b * stride + r0 + 8];
             let xs = &acts.s_t[b * stride + r0..b * stride + r0 + 8];
@@ -435,21 +452,29 @@ mod avx2 {
 
     /// Q8_0 × Q8_0 as candle's AVX kernel computes it (FMA per block, one final sum).
     #[target_feature(enable = "avx2,fma")]
-    pub fn q8_0(quants: &[u8], scales: &[(f32, f32)], acts: &Acts, r0: usize, out: &mut [f32]) {
-        let (nb, n) = (acts.nb, out.len());
-        assert!(n <= TILE_ROWS && acts.blocks.len() >= (r0 + n) * nb);
+    pub fn q8_0<const N: usize>(
+        quants: &[u8],
+        scales: &[(f32, f32)],
+        acts: &Acts,
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        let (nb, stride) = (acts.nb, acts.stride);
+        assert!(N <= TILE_ROWS && out.len() == N && r0 + TILE_ROWS <= stride);
+        assert!(acts.qs_t.len() >= nb * stride && acts.d_t.len() >= nb * stride);
         assert!(quants.len() >= nb * 32 && scales.len() == nb);
-        let mut acc = [_mm256_setzero_ps(); TILE_ROWS];
+        let mut acc = [_mm256_setzero_ps(); N];
         for (b, &(d, _)) in scales.iter().enumerate() {
             let q = &quants[b * 32..b * 32 + 32];
             // SAFETY: `q` is 32 readable bytes; the load is unaligned.
             let w = unsafe { _mm256_loadu_si256(q.as_ptr().cast()) };
             // maddubs wants its first operand unsigned: |w| and y carrying w's sign.
             let aw = _mm256_sign_epi8(w, w);
-            for (r, acc) in acc.iter_mut().enumerate().take(n) {
-                let a = &acts.blocks[(r0 + r) * nb + b];
-                let p = dot_u8_i8(aw, _mm256_sign_epi8(load32(&a.qs), w));
-                *acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), p, *acc);
+            let rows = &acts.qs_t[b * stride + r0..b * stride + r0 + TILE_ROWS];
+            let xd = &acts.d_t[b * stride + r0..b * stride + r0 + TILE_ROWS];
+            for r in 0..N {
+                let p = dot_u8_i8(aw, _mm256_sign_epi8(load32(&rows[r]), w));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[r]), p, acc[r]);
             }
         }
         for (o, acc) in out.iter_mut().zip(acc) {
