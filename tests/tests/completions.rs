@@ -215,9 +215,16 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         ),
         (
             "/v1/completions",
-            json!({"prompt": "x", "max_tokens": 100000}),
+            // Within the --max-tokens cap (4096), past the context with the prompt.
+            json!({"prompt": "x y z", "max_tokens": 4096}),
             400,
             "context length",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 100000}),
+            400,
+            "at most 4096",
         ),
         (
             "/v1/completions",
