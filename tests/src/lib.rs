@@ -206,7 +206,8 @@ impl Server {
         (status, json)
     }
 
-    pub async fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
+    /// A POST of `body` as it is, labelled JSON: for bodies that are not valid JSON.
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
         let r = self
             .client
             .post(self.url(path))
@@ -235,6 +236,12 @@ impl Server {
             buf.extend_from_slice(&chunk.expect("stream chunk"));
         }
         sse_data(&String::from_utf8_lossy(&buf))
+    }
+
+    /// The status `/health` answers.
+    pub async fn health_status(&self) -> u16 {
+        let r = self.client.get(self.url("/health")).send().await;
+        r.expect("health").status().as_u16()
     }
 
     pub async fn metrics(&self) -> Metrics {

@@ -26,23 +26,11 @@ fn assert_error(status: u16, body: &Value, want_status: u16, code: Option<&str>)
     }
 }
 
-async fn post_bytes(server: &Server, path: &str, body: Vec<u8>) -> (u16, Value) {
-    let r = server
-        .client
-        .post(server.url(path))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("request");
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test]
 async fn limits_give_clear_client_errors() {
     let server = Server::start_with(&["--max-body-bytes", "4096", "--max-tokens", "64"]).await;
     let big = format!(r#"{{"prompt": "{}", "max_tokens": 4}}"#, "a".repeat(8000));
-    let (status, body) = post_bytes(&server, "/v1/completions", big.into_bytes()).await;
+    let (status, body) = server.post_raw("/v1/completions", big.into_bytes()).await;
     assert_error(status, &body, 413, Some("payload_too_large"));
     assert!(body["error"]["message"]
         .as_str()
@@ -93,7 +81,7 @@ async fn limits_give_clear_client_errors() {
     let mut invalid = br#"{"prompt": "caf"#.to_vec();
     invalid.extend_from_slice(&[0xC3, 0x28, 0xFF]);
     invalid.extend_from_slice(br#"", "max_tokens": 4}"#);
-    let (status, body) = post_bytes(&server, "/v1/completions", invalid).await;
+    let (status, body) = server.post_raw("/v1/completions", invalid).await;
     assert_error(status, &body, 400, None);
 
     // Unknown fields are ignored, as OpenAI does; a request without max_tokens gets at
@@ -259,11 +247,5 @@ async fn a_panic_costs_only_its_own_request() {
         2.0,
         "the two whole answers that failed; the failed stream had started 200"
     );
-    let health = server
-        .client
-        .get(server.url("/health"))
-        .send()
-        .await
-        .expect("health");
-    assert_eq!(health.status().as_u16(), 200);
+    assert_eq!(server.health_status().await, 200);
 }

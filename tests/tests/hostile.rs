@@ -44,8 +44,8 @@ fn valid_body(i: usize) -> Value {
     })
 }
 
-/// A valid stream read to its end: it must be 200 and complete.
-async fn valid_stream(server: &Server, tally: &Tally, i: usize, slow: bool) {
+/// Sends valid streamed request `i`, tallied by its status.
+async fn open_stream(server: &Server, tally: &Tally, i: usize) -> reqwest::Response {
     let r = server
         .client
         .post(server.url("/v1/completions"))
@@ -53,9 +53,14 @@ async fn valid_stream(server: &Server, tally: &Tally, i: usize, slow: bool) {
         .send()
         .await
         .expect("valid request");
-    let status = r.status().as_u16();
-    tally.add("/v1/completions", status);
-    assert_eq!(status, 200, "a valid request was refused");
+    tally.add("/v1/completions", r.status().as_u16());
+    r
+}
+
+/// A valid stream read to its end: it must be 200 and complete.
+async fn valid_stream(server: &Server, tally: &Tally, i: usize, slow: bool) {
+    let r = open_stream(server, tally, i).await;
+    assert_eq!(r.status().as_u16(), 200, "a valid request was refused");
     let mut chunks = r.bytes_stream();
     let mut buf = Vec::new();
     while let Some(chunk) = chunks.next().await {
@@ -79,14 +84,7 @@ async fn valid_stream(server: &Server, tally: &Tally, i: usize, slow: bool) {
 
 /// A stream abandoned after its first chunk.
 async fn disconnecting_stream(server: &Server, tally: &Tally, i: usize) {
-    let r = server
-        .client
-        .post(server.url("/v1/completions"))
-        .json(&valid_body(i))
-        .send()
-        .await
-        .expect("request");
-    tally.add("/v1/completions", r.status().as_u16());
+    let r = open_stream(server, tally, i).await;
     let mut chunks = r.bytes_stream();
     let _ = chunks.next().await;
     drop(chunks);
@@ -272,11 +270,5 @@ async fn hostile_traffic_leaves_the_server_whole_and_the_metrics_exact() {
         rss_after / 1024
     );
     assert!(grown_mib < 50.0, "RSS grew {grown_mib:.1} MiB");
-    let health = server
-        .client
-        .get(server.url("/health"))
-        .send()
-        .await
-        .expect("health");
-    assert_eq!(health.status().as_u16(), 200);
+    assert_eq!(server.health_status().await, 200);
 }

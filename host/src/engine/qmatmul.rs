@@ -21,6 +21,28 @@ use rayon::prelude::*;
 use super::EngineError;
 
 const QK: usize = 32;
+
+/// Calls the kernel instance for the tile's height (1 to 8 rows), each with its row loop
+/// unrolled at compile time.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+macro_rules! by_height {
+    ($($kernel:ident)::+, $q:expr, $scales:expr, $acts:expr, $r0:expr, $out:expr) => {
+        match $out.len() {
+            1 => $($kernel)::+::<1>($q, $scales, $acts, $r0, $out),
+            2 => $($kernel)::+::<2>($q, $scales, $acts, $r0, $out),
+            3 => $($kernel)::+::<3>($q, $scales, $acts, $r0, $out),
+            4 => $($kernel)::+::<4>($q, $scales, $acts, $r0, $out),
+            5 => $($kernel)::+::<5>($q, $scales, $acts, $r0, $out),
+            6 => $($kernel)::+::<6>($q, $scales, $acts, $r0, $out),
+            7 => $($kernel)::+::<7>($q, $scales, $acts, $r0, $out),
+            _ => $($kernel)::+::<8>($q, $scales, $acts, $r0, $out),
+        }
+    };
+}
 /// Output columns per parallel task.
 const TILE_COLS: usize = 64;
 /// Activation rows dotted against one unpacked weight block.
@@ -273,33 +295,22 @@ impl Packed {
             // SAFETY: this build's target has AVX2 and FMA (the cfg above).
             unsafe {
                 match self.format {
-                    Format::Q4_1 => {
-                        let q = &self.quants[j * nb * 16..];
-                        // One kernel per tile height, each with its row loop unrolled.
-                        match out.len() {
-                            1 => avx2::q4_1::<1>(q, scales, acts, r0, out),
-                            2 => avx2::q4_1::<2>(q, scales, acts, r0, out),
-                            3 => avx2::q4_1::<3>(q, scales, acts, r0, out),
-                            4 => avx2::q4_1::<4>(q, scales, acts, r0, out),
-                            5 => avx2::q4_1::<5>(q, scales, acts, r0, out),
-                            6 => avx2::q4_1::<6>(q, scales, acts, r0, out),
-                            7 => avx2::q4_1::<7>(q, scales, acts, r0, out),
-                            _ => avx2::q4_1::<8>(q, scales, acts, r0, out),
-                        }
-                    }
-                    Format::Q8_0 => {
-                        let q = &self.quants[j * nb * 32..];
-                        match out.len() {
-                            1 => avx2::q8_0::<1>(q, scales, acts, r0, out),
-                            2 => avx2::q8_0::<2>(q, scales, acts, r0, out),
-                            3 => avx2::q8_0::<3>(q, scales, acts, r0, out),
-                            4 => avx2::q8_0::<4>(q, scales, acts, r0, out),
-                            5 => avx2::q8_0::<5>(q, scales, acts, r0, out),
-                            6 => avx2::q8_0::<6>(q, scales, acts, r0, out),
-                            7 => avx2::q8_0::<7>(q, scales, acts, r0, out),
-                            _ => avx2::q8_0::<8>(q, scales, acts, r0, out),
-                        }
-                    }
+                    Format::Q4_1 => by_height!(
+                        avx2::q4_1,
+                        &self.quants[j * nb * 16..],
+                        scales,
+                        acts,
+                        r0,
+                        out
+                    ),
+                    Format::Q8_0 => by_height!(
+                        avx2::q8_0,
+                        &self.quants[j * nb * 32..],
+                        scales,
+                        acts,
+                        r0,
+                        out
+                    ),
                 }
             }
         }
