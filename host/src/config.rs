@@ -162,6 +162,17 @@ impl Config {
 }
 
 impl Config {
+    /// What a request may ask and how long it may take.
+    pub fn limits(&self) -> crate::http::Limits {
+        crate::http::Limits {
+            max_body_bytes: usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
+            max_tokens: self.max_tokens as usize,
+            request_timeout: std::time::Duration::from_secs(self.request_timeout),
+            client_timeout: std::time::Duration::from_secs(self.client_timeout),
+            fault_injection: self.fault_injection,
+        }
+    }
+
     pub fn plugin_limits(&self) -> crate::plugins::PluginLimits {
         crate::plugins::PluginLimits {
             call_timeout: std::time::Duration::from_millis(self.plugin_timeout_ms),

@@ -27,7 +27,7 @@ use crate::plugins::Plugins;
 use error::ApiError;
 use observe::EndpointLabels;
 
-/// What a request may ask and how long it may take (from the configuration).
+/// What a request may ask and how long it may take (`Config::limits`).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_body_bytes: usize,
@@ -38,18 +38,6 @@ pub struct Limits {
     pub client_timeout: Duration,
     /// Testing only: fault-injection prompts (see `--fault-injection`).
     pub fault_injection: bool,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_body_bytes: 1 << 20,
-            max_tokens: 4096,
-            request_timeout: Duration::from_secs(300),
-            client_timeout: Duration::from_secs(10),
-            fault_injection: false,
-        }
-    }
 }
 
 pub struct AppState {
@@ -74,6 +62,7 @@ impl AppState {
         batcher: Batcher,
         plugins: Arc<Plugins>,
         started: u64,
+        limits: Limits,
     ) -> Self {
         Self {
             model,
@@ -82,14 +71,9 @@ impl AppState {
             plugins,
             endpoints: EndpointLabels::default(),
             started,
-            limits: Limits::default(),
+            limits,
             draining: AtomicBool::new(false),
         }
-    }
-
-    pub fn with_limits(mut self, limits: Limits) -> Self {
-        self.limits = limits;
-        self
     }
 
     pub fn draining(&self) -> bool {

@@ -11,8 +11,7 @@ use lynx_host::config::{Cli, Command, Config, PluginCommand};
 use lynx_host::engine::model::DEFAULT_MAX_SEQ_LEN;
 use lynx_host::engine::{Batcher, BatcherConfig, Model};
 use lynx_host::http::admin::admin_app;
-use lynx_host::http::serve::{self, ServeOptions};
-use lynx_host::http::Limits;
+use lynx_host::http::serve;
 use lynx_host::plugins::{check::check, watch, PluginRuntime, Plugins};
 use lynx_host::{app, metrics, AppState};
 use tracing_subscriber::EnvFilter;
@@ -176,29 +175,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _watcher = watch::watch(plugins.clone())?;
     reload_on_sighup(plugins.clone())?;
     metrics::init(&config.model_name);
-    let client_timeout = Duration::from_secs(config.client_timeout);
-    let limits = Limits {
-        max_body_bytes: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),
-        max_tokens: config.max_tokens as usize,
-        request_timeout: Duration::from_secs(config.request_timeout),
-        client_timeout,
-        fault_injection: config.fault_injection,
-    };
+    let limits = config.limits();
     if limits.fault_injection {
         tracing::warn!("--fault-injection is on: for tests only, never in production");
     }
-    let state = Arc::new(
-        AppState::new(
-            model,
-            config.model_name.clone(),
-            batcher,
-            plugins,
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        )
-        .with_limits(limits),
-    );
+    let state = Arc::new(AppState::new(
+        model,
+        config.model_name.clone(),
+        batcher,
+        plugins,
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        limits,
+    ));
 
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
@@ -215,15 +205,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, model = %config.model_name, "serving");
-    let options = ServeOptions {
-        client_timeout,
-        grace: Duration::from_secs(config.shutdown_grace),
-    };
+    let grace = Duration::from_secs(config.shutdown_grace);
     serve::serve(
         listener,
         app(state.clone()),
         state,
-        options,
+        grace,
         serve::shutdown_signal(),
     )
     .await;

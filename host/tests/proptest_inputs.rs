@@ -7,17 +7,16 @@
 use std::sync::OnceLock;
 
 use candle_core::quantized::gguf_file;
+use clap::Parser;
 use lynx_host::config::Cli;
 use lynx_host::engine::tokenizer::Tokenizer;
 use lynx_host::http::types::{fields, parse_body, ChatRequest, CommonParams, CompletionRequest};
-use lynx_host::http::Limits;
 use proptest::prelude::*;
 use serde_json::{Map, Value};
 
 fn tokenizer() -> &'static Tokenizer {
     static T: OnceLock<Tokenizer> = OnceLock::new();
     T.get_or_init(|| {
-        use clap::Parser;
         let path = Cli::parse_from(["lynx-host"]).config.model_path();
         let mut file = std::fs::File::open(&path).unwrap_or_else(|e| {
             panic!(
@@ -33,7 +32,7 @@ fn tokenizer() -> &'static Tokenizer {
 /// Everything the two endpoints do with a body before the plugin sees it. Returns the
 /// status of the error, if any: it must be a client error.
 fn parse_request(body: &[u8]) -> Option<u16> {
-    let limits = Limits::default();
+    let limits = Cli::parse_from(["lynx-host"]).config.limits();
     let run = || -> Result<(), lynx_host::http::error::ApiError> {
         let value = parse_body(body)?;
         let completion = fields::<CompletionRequest>(&value);

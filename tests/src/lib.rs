@@ -265,6 +265,25 @@ impl Drop for Server {
     }
 }
 
+/// Asserts that a stream's `data:` payloads make a complete answer: a final chunk with
+/// a finish reason, then `[DONE]`.
+pub fn assert_complete(events: &[String]) {
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let finish: Value = events
+        .len()
+        .checked_sub(2)
+        .and_then(|i| serde_json::from_str(&events[i]).ok())
+        .unwrap_or_else(|| panic!("no final chunk: {events:?}"));
+    assert!(
+        finish["choices"][0]["finish_reason"].is_string(),
+        "incomplete answer: {events:?}"
+    );
+}
+
 pub fn sse_data(text: &str) -> Vec<String> {
     text.split("\n\n")
         .filter_map(|event| {

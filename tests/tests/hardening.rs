@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use lynx_tests::Server;
+use lynx_tests::{assert_complete, Server};
 use serde_json::{json, Value};
 
 fn assert_error(status: u16, body: &Value, want_status: u16, code: Option<&str>) {
@@ -228,11 +228,7 @@ async fn a_panic_costs_only_its_own_request() {
     let last: Value = serde_json::from_str(events.last().expect("event")).expect("json");
     assert_eq!(last["error"]["type"], "server_error", "{events:?}");
     for events in &bystanders {
-        assert_eq!(
-            events.last().map(String::as_str),
-            Some("[DONE]"),
-            "{events:?}"
-        );
+        assert_complete(events);
     }
     // The scheduler is still serving, and nothing is held.
     let (status, body) = server.post("/v1/completions", &normal).await;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lynx_tests::{sse_data, Server};
+use lynx_tests::{assert_complete, sse_data, Server};
 use serde_json::{json, Value};
 
 /// What the clients sent and got: (endpoint label, status) → count.
@@ -69,17 +69,7 @@ async fn valid_stream(server: &Server, tally: &Tally, i: usize, slow: bool) {
             tokio::time::sleep(Duration::from_millis(40)).await;
         }
     }
-    let events = sse_data(&String::from_utf8_lossy(&buf));
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("[DONE]"),
-        "{events:?}"
-    );
-    let finish: Value = serde_json::from_str(&events[events.len() - 2]).expect("final chunk");
-    assert!(
-        finish["choices"][0]["finish_reason"].is_string(),
-        "incomplete answer: {events:?}"
-    );
+    assert_complete(&sse_data(&String::from_utf8_lossy(&buf)));
 }
 
 /// A stream abandoned after its first chunk.
@@ -92,24 +82,27 @@ async fn disconnecting_stream(server: &Server, tally: &Tally, i: usize) {
 
 /// One bad request of kind `i % 5`; it must get its 4xx in the OpenAI error shape.
 async fn bad_request(server: &Server, tally: &Tally, i: usize) {
+    // A body sent as it is, labelled JSON.
+    let raw = |path: &str, body: Vec<u8>| {
+        server
+            .client
+            .post(server.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+    };
     let (endpoint, want, request) = match i % 5 {
         0 => (
             "/v1/completions",
             400,
-            server
-                .client
-                .post(server.url("/v1/completions"))
-                .header("content-type", "application/json")
-                .body(format!("{{\"prompt\": \"unterminated {i}")),
+            raw(
+                "/v1/completions",
+                format!("{{\"prompt\": \"unterminated {i}").into_bytes(),
+            ),
         ),
         1 => (
             "/v1/chat/completions",
             413,
-            server
-                .client
-                .post(server.url("/v1/chat/completions"))
-                .header("content-type", "application/json")
-                .body(vec![b' '; 65536 + 1 + i % 1000]),
+            raw("/v1/chat/completions", vec![b' '; 65536 + 1 + i % 1000]),
         ),
         2 => (
             "unmatched",
@@ -129,11 +122,10 @@ async fn bad_request(server: &Server, tally: &Tally, i: usize) {
         _ => (
             "/v1/completions",
             400,
-            server
-                .client
-                .post(server.url("/v1/completions"))
-                .header("content-type", "application/json")
-                .body(vec![b'{', b'"', 0xFF, 0xFE, b'"', b':', b'1', b'}']),
+            raw(
+                "/v1/completions",
+                vec![b'{', b'"', 0xFF, 0xFE, b'"', b':', b'1', b'}'],
+            ),
         ),
     };
     let r = request.send().await.expect("bad request sent");

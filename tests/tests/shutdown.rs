@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lynx_tests::{sse_data, Server};
+use lynx_tests::{assert_complete, sse_data, Server};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -87,17 +87,7 @@ async fn sigterm_lets_in_flight_streams_finish_and_exits_0() {
     );
     assert!(tokio::net::TcpStream::connect(server.addr()).await.is_err());
     for task in tasks {
-        let events = task.await.expect("stream task");
-        assert_eq!(
-            events.last().map(String::as_str),
-            Some("[DONE]"),
-            "{events:?}"
-        );
-        let finish: Value = serde_json::from_str(&events[events.len() - 2]).expect("json");
-        assert!(
-            finish["choices"][0]["finish_reason"].is_string(),
-            "{events:?}"
-        );
+        assert_complete(&task.await.expect("stream task"));
     }
     let status = server.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0), "log:\n{}", server.log());

@@ -158,20 +158,10 @@ impl Batcher {
     /// Ends every request held (running or waiting) with an error, and refuses new ones:
     /// the end of a shutdown's grace period.
     pub fn cancel_all(&self) {
+        // The scheduler checks this every step. An idle one holds nothing to cancel, and
+        // a request that slips into the channel past `submit`'s check wakes it, to be
+        // cancelled at once.
         self.stats.closing.store(true, Ordering::Release);
-        // Wakes an idle scheduler; a closed channel only means it has already stopped.
-        let (events, _) = mpsc::unbounded_channel();
-        let _ = self.tx.send(GenerateRequest {
-            prompt: Vec::new(),
-            max_tokens: 0,
-            sampling: Sampling {
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: 0,
-            },
-            events,
-            inject_panic: false,
-        });
     }
 
     pub fn stats(&self) -> &BatcherStats {
@@ -228,13 +218,19 @@ impl Scheduler {
                     EngineError::Model("the scheduler step panicked".into())
                 })
             });
-            for seq in &finished {
-                self.free.push(seq.slot);
-            }
-            self.gone(finished.len());
-            self.publish_slots();
-            finished.into_iter().for_each(Sequence::close);
+            self.release(finished);
         }
+    }
+
+    /// Frees the slots of sequences that left, then sends each its last event: a client
+    /// that has its answer never sees its slot still counted.
+    fn release(&mut self, ended: Vec<Sequence>) {
+        for seq in &ended {
+            self.free.push(seq.slot);
+        }
+        self.gone(ended.len());
+        self.publish_slots();
+        ended.into_iter().for_each(Sequence::close);
     }
 
     /// `n` accepted requests left the system (finished, failed or abandoned).
@@ -430,19 +426,13 @@ impl Scheduler {
 
     /// Shutdown: every running and waiting request ends with an error event.
     fn cancel_all(&mut self) {
-        for req in self.waiting.drain(..) {
-            if !req.prompt.is_empty() {
-                let _ = req.events.send(GenEvent::Failed(EngineError::ShuttingDown));
-                self.stats.in_system.fetch_sub(1, Ordering::AcqRel);
-            }
+        let waiting = std::mem::take(&mut self.waiting);
+        self.gone(waiting.len());
+        for req in waiting {
+            let _ = req.events.send(GenEvent::Failed(EngineError::ShuttingDown));
         }
         let all = vec![true; self.running.len()];
         let ended = self.fail(&all, || EngineError::ShuttingDown);
-        for seq in &ended {
-            self.free.push(seq.slot);
-        }
-        self.gone(ended.len());
-        self.publish_slots();
-        ended.into_iter().for_each(Sequence::close);
+        self.release(ended);
     }
 }

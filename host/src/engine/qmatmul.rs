@@ -48,42 +48,27 @@ const TILE_COLS: usize = 64;
 /// Activation rows dotted against one unpacked weight block.
 const TILE_ROWS: usize = 8;
 
-/// One block of 32 activations, quantized to 8 bits: `x ≈ d * q`; `s = d * Σq`.
-#[derive(Clone, Copy)]
-#[repr(C, align(32))]
-pub struct ActBlock {
-    qs: [i8; QK],
-    d: f32,
-    s: f32,
-}
-
-/// Quantizes a row of activations as candle's `BlockQ8_1::from_float` does, values and
-/// f16 rounding of the scales included.
-fn quantize_row(xs: &[f32], out: &mut Vec<ActBlock>) {
-    for block in xs.chunks_exact(QK) {
-        let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut qs = [0i8; QK];
-        let mut sum = 0i32;
-        for (q, x) in qs.iter_mut().zip(block) {
-            *q = (x * id).round() as i8;
-            sum += i32::from(*q);
-        }
-        let d16 = f16::from_f32(d);
-        out.push(ActBlock {
-            qs,
-            d: d16.to_f32(),
-            s: (f16::from_f32(sum as f32) * d16).to_f32(),
-        });
+/// Quantizes one block of 32 activations as candle's `BlockQ8_1::from_float` does,
+/// values and f16 rounding of the scales included: `(q, d, s)` with `x ≈ d * q` and
+/// `s = d * Σq`.
+fn quantize_block(block: &[f32]) -> ([i8; QK], f32, f32) {
+    let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; QK];
+    let mut sum = 0i32;
+    for (q, x) in qs.iter_mut().zip(block) {
+        *q = (x * id).round() as i8;
+        sum += i32::from(*q);
     }
+    let d16 = f16::from_f32(d);
+    (qs, d16.to_f32(), (f16::from_f32(sum as f32) * d16).to_f32())
 }
 
-/// A step's activations, quantized: `m` rows of `nb` blocks, plus each block's quants
-/// and scales transposed (`[block][row]`, rows padded with zeros to a whole tile), so a
-/// tile's eight rows of one block sit side by side and its scales load as one vector.
+/// A step's activations, quantized: `m` rows of `nb` blocks, each block's quants and
+/// scales stored `[block][row]` (rows padded with zeros to a whole tile), so a tile's
+/// eight rows of one block sit side by side and its scales load as one vector.
 pub struct Acts {
-    blocks: Vec<ActBlock>,
     nb: usize,
     m: usize,
     stride: usize,
@@ -108,21 +93,16 @@ impl Acts {
     pub fn quantize(xs: &[f32], k: usize) -> Self {
         let m = xs.len() / k;
         let nb = k / QK;
-        let mut blocks = Vec::with_capacity(m * nb);
-        for row in xs.chunks_exact(k) {
-            quantize_row(row, &mut blocks);
-        }
         let stride = m.div_ceil(TILE_ROWS).max(1) * TILE_ROWS;
         let (mut d_t, mut s_t) = (vec![0f32; nb * stride], vec![0f32; nb * stride]);
         let mut qs_t = vec![[0i8; QK]; nb * stride];
-        for (i, a) in blocks.iter().enumerate() {
-            let (r, b) = (i / nb, i % nb);
-            d_t[b * stride + r] = a.d;
-            s_t[b * stride + r] = a.s;
-            qs_t[b * stride + r] = a.qs;
+        for (r, row) in xs.chunks_exact(k).enumerate() {
+            for (b, block) in row.chunks_exact(QK).enumerate() {
+                let i = b * stride + r;
+                (qs_t[i], d_t[i], s_t[i]) = quantize_block(block);
+            }
         }
         Self {
-            blocks,
             nb,
             m,
             stride,
@@ -338,26 +318,27 @@ impl Packed {
         for (r, o) in out.iter_mut().enumerate() {
             let mut sum = 0f32;
             for b in 0..nb {
-                let a = &acts.blocks[(r0 + r) * nb + b];
+                let at = b * acts.stride + r0 + r;
+                let (qs, xd, xs) = (&acts.qs_t[at], acts.d_t[at], acts.s_t[at]);
                 let (d, m) = self.scales[j * nb + b];
                 let sumi: i32 = match self.format {
                     Format::Q4_1 => {
                         let q = &self.quants[(j * nb + b) * 16..][..16];
                         (0..16)
                             .map(|i| {
-                                i32::from(q[i] & 0x0F) * i32::from(a.qs[i])
-                                    + i32::from(q[i] >> 4) * i32::from(a.qs[i + 16])
+                                i32::from(q[i] & 0x0F) * i32::from(qs[i])
+                                    + i32::from(q[i] >> 4) * i32::from(qs[i + 16])
                             })
                             .sum()
                     }
                     Format::Q8_0 => {
                         let q = &self.quants[(j * nb + b) * 32..][..32];
                         (0..32)
-                            .map(|i| i32::from(q[i] as i8) * i32::from(a.qs[i]))
+                            .map(|i| i32::from(q[i] as i8) * i32::from(qs[i]))
                             .sum()
                     }
                 };
-                sum += sumi as f32 * d * a.d + m * a.s;
+                sum += sumi as f32 * d * xd + m * xs;
             }
             *o = sum;
         }

@@ -31,32 +31,26 @@ use super::AppState;
 /// written out before the process exits anyway.
 const FLUSH_AFTER_CANCEL: Duration = Duration::from_secs(5);
 
-pub struct ServeOptions {
-    /// How long a client may take to send headers, and then the body.
-    pub client_timeout: Duration,
-    /// How long in-flight requests may run on after the shutdown signal.
-    pub grace: Duration,
-}
-
-/// Serves `router` on `listener` until `shutdown` resolves, then drains (see the module
-/// documentation).
+/// Serves `router` on `listener` until `shutdown` resolves, then drains for up to
+/// `grace` (see the module documentation). Client deadlines are `state.limits`'.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     state: Arc<AppState>,
-    options: ServeOptions,
+    grace: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
-    let router = router.layer(RequestBodyTimeoutLayer::new(options.client_timeout));
+    let client_timeout = state.limits.client_timeout;
+    let router = router.layer(RequestBodyTimeoutLayer::new(client_timeout));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(options.client_timeout);
+        .header_read_timeout(client_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(options.client_timeout);
+        .keep_alive_interval(client_timeout);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -89,14 +83,14 @@ pub async fn serve(
     state.draining.store(true, Ordering::Release);
     tracing::info!(
         connections = graceful.count(),
-        grace_s = options.grace.as_secs_f64(),
+        grace_s = grace.as_secs_f64(),
         "shutting down: listener closed, draining in-flight requests"
     );
     let drained = graceful.shutdown();
     tokio::pin!(drained);
     tokio::select! {
         () = &mut drained => tracing::info!("drained: every connection closed"),
-        () = tokio::time::sleep(options.grace) => {
+        () = tokio::time::sleep(grace) => {
             tracing::warn!("grace period over: ending the requests still running");
             state.batcher.cancel_all();
             if tokio::time::timeout(FLUSH_AFTER_CANCEL, drained).await.is_err() {

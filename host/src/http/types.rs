@@ -277,8 +277,16 @@ mod tests {
         fields(&parse_body(json)?)
     }
 
+    /// The limits of a server started without flags.
+    fn default_limits() -> Limits {
+        use clap::Parser;
+        crate::config::Cli::parse_from(["lynx-host"])
+            .config
+            .limits()
+    }
+
     fn common(json: &str) -> Result<Validated, ApiError> {
-        parse::<CommonParams>(json.as_bytes())?.validate("m", &crate::http::Limits::default())
+        parse::<CommonParams>(json.as_bytes())?.validate("m", &default_limits())
     }
 
     #[test]
