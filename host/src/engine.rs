@@ -13,6 +13,17 @@ pub mod tokenizer;
 pub use batcher::{Batcher, BatcherConfig, FinishReason, GenEvent, GenerateRequest, Sampling};
 pub use model::Model;
 
+/// Fixes the thread count candle sizes its ops by. candle reads `RAYON_NUM_THREADS` on
+/// every op and, without it, counts cores by reading `/proc/cpuinfo` each time: a third
+/// of a decode step. Call it first thing, before any other thread exists (it sets an
+/// environment variable).
+pub fn fix_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
+    }
+}
+
 /// Errors of the engine layer; the HTTP layer maps each to one status and OpenAI type.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

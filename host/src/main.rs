@@ -17,13 +17,7 @@ use lynx_host::{app, metrics, AppState};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    // candle sizes its thread use from RAYON_NUM_THREADS on every op and, without it,
-    // counts cores by reading /proc/cpuinfo each time (measurable in a decode step).
-    // Set once, before any thread exists.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
-    }
+    lynx_host::engine::fix_thread_count();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

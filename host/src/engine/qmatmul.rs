@@ -47,6 +47,9 @@ macro_rules! by_height {
 const TILE_COLS: usize = 64;
 /// Activation rows dotted against one unpacked weight block.
 const TILE_ROWS: usize = 8;
+/// Rows from which a step's Q4_1 matmuls use the interleaved tile kernel: it always
+/// computes eight rows, which costs more than the plain kernel's one or two.
+const X8_MIN_ROWS: usize = 3;
 
 /// Quantizes one block of 32 activations as candle's `BlockQ8_1::from_float` does,
 /// values and f16 rounding of the scales included: `(q, d, s)` with `x ≈ d * q` and
@@ -75,6 +78,13 @@ pub struct Acts {
     qs_t: Vec<[i8; QK]>,
     d_t: Vec<f32>,
     s_t: Vec<f32>,
+    /// The same quants interleaved for the Q4_1 tile kernel (empty below
+    /// `X8_MIN_ROWS` rows): per
+    /// block and tile of eight rows, eight vectors `g`; in vector `g`, 128-bit half `h`
+    /// holds each row's pair of values `16h + 2g`, `16h + 2g + 1`, row after row. One
+    /// broadcast weight pair then multiplies eight rows at once, and a block's sums
+    /// build up in vertical adds instead of horizontal ones.
+    qs_x: Vec<[i8; QK]>,
 }
 
 impl Acts {
@@ -102,6 +112,21 @@ impl Acts {
                 (qs_t[i], d_t[i], s_t[i]) = quantize_block(block);
             }
         }
+        let mut qs_x = Vec::new();
+        if m >= X8_MIN_ROWS {
+            qs_x = vec![[0i8; QK]; nb * stride];
+            // A tile of one block: `qs_t[c * 8..][..8]` becomes `qs_x[c * 8..][..8]`.
+            for (c, tile) in qs_t.chunks_exact(TILE_ROWS).enumerate() {
+                for (r, qs) in tile.iter().enumerate() {
+                    for (g, v) in qs_x[c * TILE_ROWS..][..TILE_ROWS].iter_mut().enumerate() {
+                        for h in 0..2 {
+                            let (dst, src) = (16 * h + 2 * r, 16 * h + 2 * g);
+                            v[dst..dst + 2].copy_from_slice(&qs[src..src + 2]);
+                        }
+                    }
+                }
+            }
+        }
         Self {
             nb,
             m,
@@ -109,6 +134,7 @@ impl Acts {
             qs_t,
             d_t,
             s_t,
+            qs_x,
         }
     }
 }
@@ -275,6 +301,14 @@ impl Packed {
             // SAFETY: this build's target has AVX2 and FMA (the cfg above).
             unsafe {
                 match self.format {
+                    Format::Q4_1 if acts.m >= X8_MIN_ROWS => by_height!(
+                        avx2::q4_1_x8,
+                        &self.quants[j * nb * 16..],
+                        scales,
+                        acts,
+                        r0,
+                        out
+                    ),
                     Format::Q4_1 => by_height!(
                         avx2::q4_1,
                         &self.quants[j * nb * 16..],
@@ -420,6 +454,64 @@ mod avx2 {
             let h = _mm256_hadd_epi16(
                 _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])),
                 _mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7])),
+            );
+            let sumi = _mm256_add_epi32(
+                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
+                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)),
+            );
+            let xd = &acts.d_t[b * stride + r0..b * stride + r0 + 8];
+            let xs = &acts.s_t[b * stride + r0..b * stride + r0 + 8];
+            // SAFETY: `xd` and `xs` are 8 readable f32 each; the loads are unaligned.
+            let (xd, xs) = unsafe { (_mm256_loadu_ps(xd.as_ptr()), _mm256_loadu_ps(xs.as_ptr())) };
+            let t = _mm256_mul_ps(
+                _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d)),
+                xd,
+            );
+            let u = _mm256_mul_ps(_mm256_set1_ps(m), xs);
+            sum = _mm256_add_ps(sum, _mm256_add_ps(t, u));
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` is 32 writable bytes; the store is unaligned.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+        out.copy_from_slice(&lanes[..N]);
+    }
+
+    /// [`q4_1`] for a whole tile of eight rows, on the interleaved quants: each weight
+    /// pair is broadcast with one shuffle and multiplies eight rows in one `maddubs`, so
+    /// a block takes eight shuffles, eight multiplies and vertical adds where `q4_1`
+    /// needs a tree of seven horizontal adds (four micro-ops each). The integer dots and
+    /// the float steps are the same, so are the bits.
+    #[target_feature(enable = "avx2,fma")]
+    pub fn q4_1_x8<const N: usize>(
+        quants: &[u8],
+        scales: &[(f32, f32)],
+        acts: &Acts,
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        let (nb, stride) = (acts.nb, acts.stride);
+        assert!(N <= TILE_ROWS && out.len() == N && r0 + TILE_ROWS <= stride);
+        assert!(r0.is_multiple_of(TILE_ROWS) && acts.qs_x.len() >= nb * stride);
+        assert!(quants.len() >= nb * 16 && scales.len() == nb);
+        let mut sum = _mm256_setzero_ps();
+        let low = _mm256_set1_epi8(0x0F);
+        for (b, &(d, m)) in scales.iter().enumerate() {
+            let q = &quants[b * 16..b * 16 + 16];
+            // SAFETY: `q` is 16 readable bytes; the load is unaligned.
+            let tmp = unsafe { _mm_loadu_si128(q.as_ptr().cast()) };
+            let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp), low);
+            let v = &acts.qs_x[b * stride + r0..b * stride + r0 + TILE_ROWS];
+            let mut p = [_mm256_setzero_si256(); TILE_ROWS];
+            for (g, (p, v)) in p.iter_mut().zip(v).enumerate() {
+                // Bytes 2g and 2g + 1 of each half, repeated over the half.
+                let pair = _mm256_set1_epi16(0x0100 + 0x0202 * g as i16);
+                *p = _mm256_maddubs_epi16(_mm256_shuffle_epi8(w, pair), load32(v));
+            }
+            // Each lane is at most 2 * 15 * 127 = 3810 in size, eight of them 30480:
+            // exact in 16 bits. Lane r of each half is row r0 + r's sum over that half.
+            let h = _mm256_add_epi16(
+                _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])),
+                _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7])),
             );
             let sumi = _mm256_add_epi32(
                 _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
