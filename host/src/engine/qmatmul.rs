@@ -417,6 +417,49 @@ mod avx2 {
         unsafe { _mm256_loadu_si256(p.as_ptr().cast()) }
     }
 
+    /// A Q4_1 block's 16 bytes as 32 values: low nibbles (values 0..16) in the low half,
+    /// high nibbles (16..32) in the high half.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn unpack_q4(q: &[u8]) -> __m256i {
+        assert!(q.len() >= 16);
+        // SAFETY: `q` is at least 16 readable bytes; the load is unaligned.
+        let tmp = unsafe { _mm_loadu_si128(q.as_ptr().cast()) };
+        let low = _mm256_set1_epi8(0x0F);
+        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp), low)
+    }
+
+    /// One Q4_1 block's float step for eight rows, in candle's order:
+    /// `sum + (sumi * d * d_x + m * s_x)`. `h` holds each row's integer dot as two 16-bit
+    /// halves, lane r of each 128-bit half; `at` is the block's first row in `acts`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn add_block(sum: __m256, h: __m256i, (d, m): (f32, f32), acts: &Acts, at: usize) -> __m256 {
+        let sumi = _mm256_add_epi32(
+            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
+            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)),
+        );
+        let (xd, xs) = (&acts.d_t[at..at + 8], &acts.s_t[at..at + 8]);
+        // SAFETY: `xd` and `xs` are 8 readable f32 each; the loads are unaligned.
+        let (xd, xs) = unsafe { (_mm256_loadu_ps(xd.as_ptr()), _mm256_loadu_ps(xs.as_ptr())) };
+        let t = _mm256_mul_ps(
+            _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d)),
+            xd,
+        );
+        let u = _mm256_mul_ps(_mm256_set1_ps(m), xs);
+        _mm256_add_ps(sum, _mm256_add_ps(t, u))
+    }
+
+    /// The first `out.len()` lanes of `sum` into `out`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn store_rows(sum: __m256, out: &mut [f32]) {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` is 32 writable bytes; the store is unaligned.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+        out.copy_from_slice(&lanes[..out.len()]);
+    }
+
     /// Q4_1 × Q8_1, bit for bit what candle's (scalar) kernel computes: the integer dot
     /// of a block is exact whatever the order, and the float steps per block,
     /// `sum += sumi * d_w * d_x + m_w * s_x`, run in candle's order, eight rows at a
@@ -436,12 +479,8 @@ mod avx2 {
         assert!(acts.qs_t.len() >= nb * stride);
         assert!(quants.len() >= nb * 16 && scales.len() == nb);
         let mut sum = _mm256_setzero_ps();
-        let low = _mm256_set1_epi8(0x0F);
         for (b, &(d, m)) in scales.iter().enumerate() {
-            let q = &quants[b * 16..b * 16 + 16];
-            // SAFETY: `q` is 16 readable bytes; the load is unaligned.
-            let tmp = unsafe { _mm_loadu_si128(q.as_ptr().cast()) };
-            let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp), low);
+            let w = unpack_q4(&quants[b * 16..b * 16 + 16]);
             let rows = &acts.qs_t[b * stride + r0..b * stride + r0 + TILE_ROWS];
             let mut p = [_mm256_setzero_si256(); TILE_ROWS];
             for r in 0..N {
@@ -455,25 +494,9 @@ mod avx2 {
                 _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])),
                 _mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7])),
             );
-            let sumi = _mm256_add_epi32(
-                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
-                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)),
-            );
-            let xd = &acts.d_t[b * stride + r0..b * stride + r0 + 8];
-            let xs = &acts.s_t[b * stride + r0..b * stride + r0 + 8];
-            // SAFETY: `xd` and `xs` are 8 readable f32 each; the loads are unaligned.
-            let (xd, xs) = unsafe { (_mm256_loadu_ps(xd.as_ptr()), _mm256_loadu_ps(xs.as_ptr())) };
-            let t = _mm256_mul_ps(
-                _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d)),
-                xd,
-            );
-            let u = _mm256_mul_ps(_mm256_set1_ps(m), xs);
-            sum = _mm256_add_ps(sum, _mm256_add_ps(t, u));
+            sum = add_block(sum, h, (d, m), acts, b * stride + r0);
         }
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` is 32 writable bytes; the store is unaligned.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
-        out.copy_from_slice(&lanes[..N]);
+        store_rows(sum, out);
     }
 
     /// [`q4_1`] for a whole tile of eight rows, on the interleaved quants: each weight
@@ -494,12 +517,8 @@ mod avx2 {
         assert!(r0.is_multiple_of(TILE_ROWS) && acts.qs_x.len() >= nb * stride);
         assert!(quants.len() >= nb * 16 && scales.len() == nb);
         let mut sum = _mm256_setzero_ps();
-        let low = _mm256_set1_epi8(0x0F);
         for (b, &(d, m)) in scales.iter().enumerate() {
-            let q = &quants[b * 16..b * 16 + 16];
-            // SAFETY: `q` is 16 readable bytes; the load is unaligned.
-            let tmp = unsafe { _mm_loadu_si128(q.as_ptr().cast()) };
-            let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp), low);
+            let w = unpack_q4(&quants[b * 16..b * 16 + 16]);
             let v = &acts.qs_x[b * stride + r0..b * stride + r0 + TILE_ROWS];
             let mut p = [_mm256_setzero_si256(); TILE_ROWS];
             for (g, (p, v)) in p.iter_mut().zip(v).enumerate() {
@@ -513,25 +532,9 @@ mod avx2 {
                 _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])),
                 _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7])),
             );
-            let sumi = _mm256_add_epi32(
-                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
-                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)),
-            );
-            let xd = &acts.d_t[b * stride + r0..b * stride + r0 + 8];
-            let xs = &acts.s_t[b * stride + r0..b * stride + r0 + 8];
-            // SAFETY: `xd` and `xs` are 8 readable f32 each; the loads are unaligned.
-            let (xd, xs) = unsafe { (_mm256_loadu_ps(xd.as_ptr()), _mm256_loadu_ps(xs.as_ptr())) };
-            let t = _mm256_mul_ps(
-                _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d)),
-                xd,
-            );
-            let u = _mm256_mul_ps(_mm256_set1_ps(m), xs);
-            sum = _mm256_add_ps(sum, _mm256_add_ps(t, u));
+            sum = add_block(sum, h, (d, m), acts, b * stride + r0);
         }
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` is 32 writable bytes; the store is unaligned.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
-        out.copy_from_slice(&lanes[..N]);
+        store_rows(sum, out);
     }
 
     /// Q8_0 × Q8_0 as candle's AVX kernel computes it (FMA per block, one final sum).
