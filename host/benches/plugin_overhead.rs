@@ -73,7 +73,9 @@ fn bench(c: &mut Criterion) {
         CONTEXT,
         PluginLimits {
             call_timeout: Duration::from_millis(250),
+            request_budget: Duration::from_secs(2),
             memory_bytes: 64 << 20,
+            instances: 16,
         },
         None,
     )
@@ -95,9 +97,11 @@ fn bench(c: &mut Criterion) {
     group.bench_function("native", |b| {
         b.iter(|| {
             let label = routes::normalize(black_box("/v1/chat/completions"));
-            let ids = encode_chat(&native_chat, prompt_budget(CONTEXT, Some(64)), |t| {
-                tokenizer.encode(t, true).unwrap_or_default()
-            });
+            let ids = encode_chat(
+                &native_chat,
+                prompt_budget(CONTEXT, Some(64)),
+                |t, special| tokenizer.encode(t, special).unwrap_or_default(),
+            );
             let mut stream = TextStream::new(stops());
             let tail = stream.finish();
             black_box((label, ids, tail))

@@ -80,6 +80,23 @@ pub struct Config {
     #[arg(long, env = "LYNX_PLUGIN_TIMEOUT_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
     pub plugin_timeout_ms: u64,
 
+    /// The longest all of one request's plugin calls may run together, in milliseconds,
+    /// time in host imports (such as encoding the prompt) included; past it the request
+    /// fails with a plugin error.
+    #[arg(long, env = "LYNX_PLUGIN_BUDGET_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub plugin_budget_ms: u64,
+
+    /// Plugin instances alive at once: one per request between its body and its last
+    /// token. Past it, requests get 503 with Retry-After. Each reserves two linear
+    /// memories of address space (logged at start).
+    #[arg(long, env = "LYNX_PLUGIN_INSTANCES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub plugin_instances: u32,
+
+    /// Threads that run plugin calls (default: one per core). Calls past them wait;
+    /// the async workers never run plugin code.
+    #[arg(long, env = "LYNX_PLUGIN_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub plugin_threads: Option<u16>,
+
     /// The most memory one plugin instance may use, in MiB.
     #[arg(long, env = "LYNX_PLUGIN_MEMORY_MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub plugin_memory_mib: u64,
@@ -113,10 +130,25 @@ pub struct Config {
     #[arg(long, env = "LYNX_REQUEST_TIMEOUT", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout: u64,
 
-    /// How long a client may take to send a request's headers, and then its body, in
+    /// How long a client may take to send a request's headers (on a new connection:
+    /// its first request, HTTP/2 preface included), and then its whole body, in
     /// seconds; slower connections are closed (headers) or answered 408 (body).
     #[arg(long, env = "LYNX_CLIENT_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub client_timeout: u64,
+
+    /// Open connections to the public listener at most; past it, new connections wait
+    /// in the listen backlog until one closes.
+    #[arg(long, env = "LYNX_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// How long a connection may stay open with no request in flight, in seconds
+    /// (HTTP/1 keep-alive, HTTP/2 with no open stream); then it is closed.
+    #[arg(long, env = "LYNX_KEEP_ALIVE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_alive_timeout: u64,
+
+    /// Streams one HTTP/2 connection may have open at once.
+    #[arg(long, env = "LYNX_HTTP2_MAX_STREAMS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub http2_max_streams: u32,
 
     /// On SIGTERM/SIGINT, how long in-flight requests may run on, in seconds, before
     /// they are ended with an error event. New connections are refused at once.
@@ -169,6 +201,9 @@ impl Config {
             max_tokens: self.max_tokens as usize,
             request_timeout: std::time::Duration::from_secs(self.request_timeout),
             client_timeout: std::time::Duration::from_secs(self.client_timeout),
+            keep_alive_timeout: std::time::Duration::from_secs(self.keep_alive_timeout),
+            max_connections: self.max_connections as usize,
+            http2_max_streams: self.http2_max_streams,
             fault_injection: self.fault_injection,
         }
     }
@@ -176,7 +211,17 @@ impl Config {
     pub fn plugin_limits(&self) -> crate::plugins::PluginLimits {
         crate::plugins::PluginLimits {
             call_timeout: std::time::Duration::from_millis(self.plugin_timeout_ms),
+            request_budget: std::time::Duration::from_millis(self.plugin_budget_ms),
             memory_bytes: (self.plugin_memory_mib as usize) << 20,
+            instances: self.plugin_instances,
         }
+    }
+
+    /// Threads for plugin calls: `--plugin-threads`, else one per core.
+    pub fn plugin_threads(&self) -> usize {
+        self.plugin_threads.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+            usize::from,
+        )
     }
 }

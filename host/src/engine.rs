@@ -10,7 +10,9 @@ pub mod qmatmul;
 mod sequence;
 pub mod tokenizer;
 
-pub use batcher::{Batcher, BatcherConfig, FinishReason, GenEvent, GenerateRequest, Sampling};
+pub use batcher::{
+    Batcher, BatcherConfig, Fault, FinishReason, GenEvent, GenerateRequest, Sampling,
+};
 pub use model::Model;
 
 /// Fixes the thread count candle sizes its ops by. candle reads `RAYON_NUM_THREADS` on

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod completions;
+pub mod conn;
 pub mod error;
 pub mod generate;
 pub mod observe;
@@ -36,6 +37,10 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// How long a client may take to send headers, then the body.
     pub client_timeout: Duration,
+    /// How long a connection may be open with no request in flight.
+    pub keep_alive_timeout: Duration,
+    pub max_connections: usize,
+    pub http2_max_streams: u32,
     /// Testing only: fault-injection prompts (see `--fault-injection`).
     pub fault_injection: bool,
 }
@@ -122,12 +127,18 @@ async fn get_model(
     }
 }
 
-/// Ready: 200 `ok`; draining for shutdown: 503 `draining`, so a load balancer stops
-/// sending traffic.
+/// Ready: 200 `ok`. Not ready, 503, so a load balancer stops sending traffic:
+/// `draining` for shutdown, `scheduler_stopped` when the scheduler thread is gone,
+/// `plugin_pool_exhausted` while every plugin instance is in use.
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let stats = state.batcher.stats();
+    let (instances, max_instances) = state.plugins.runtime.instances();
     let (status, word) = if state.draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if !state.batcher.is_running() {
+        (StatusCode::SERVICE_UNAVAILABLE, "scheduler_stopped")
+    } else if instances >= max_instances {
+        (StatusCode::SERVICE_UNAVAILABLE, "plugin_pool_exhausted")
     } else {
         (StatusCode::OK, "ok")
     };
@@ -137,6 +148,8 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
         "kv_cache_slots_used": stats.slots_used(),
         "kv_cache_slots": state.batcher.config().kv_slots,
         "queue_depth": stats.queue_depth(),
+        "plugin_instances": instances,
+        "plugin_instances_max": max_instances,
     }));
     (status, body).into_response()
 }

@@ -7,5 +7,6 @@ pub mod engine;
 pub mod http;
 pub mod metrics;
 pub mod plugins;
+pub mod telemetry;
 
 pub use http::{app, AppState};

@@ -12,7 +12,7 @@ use lynx_host::engine::model::DEFAULT_MAX_SEQ_LEN;
 use lynx_host::engine::{Batcher, BatcherConfig, Model};
 use lynx_host::http::admin::admin_app;
 use lynx_host::http::serve;
-use lynx_host::plugins::{check::check, watch, PluginRuntime, Plugins};
+use lynx_host::plugins::{check::check, watch, PluginExec, PluginRuntime, Plugins};
 use lynx_host::{app, metrics, AppState};
 use tracing_subscriber::EnvFilter;
 
@@ -156,8 +156,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.plugin_limits(),
         Some(config.plugin_cache_dir()),
     )?;
+    let exec = PluginExec::new(config.plugin_threads());
+    tracing::info!(threads = exec.threads(), "plugin call pool");
     let plugins =
-        Plugins::start(runtime, &config.plugins_dir, &config.plugin).with_context(|| {
+        Plugins::start(runtime, exec, &config.plugins_dir, &config.plugin).with_context(|| {
             format!(
                 "loading plugin `{}` from {} (scripts/build-plugins.sh builds the default plugins)",
                 config.plugin,

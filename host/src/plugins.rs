@@ -3,12 +3,14 @@
 //!
 //! [`world`] owns the generated bindings; [`runtime`] compiles, checks and
 //! pre-instantiates plugins ([`cache`] keeps them compiled by sha256); [`session`] is
-//! one request's sandbox; [`state`] is what a plugin can reach (the tokenizer, the log,
-//! and the event ledger); [`registry`] is the plugin folder and the active plugin, which
-//! [`watch`] keeps in line with the files.
+//! one request's sandbox, and [`exec`] the bounded pool its calls run on, off the async
+//! workers; [`state`] is what a plugin can reach (the tokenizer, the log, and the event
+//! ledger); [`registry`] is the plugin folder and the active plugin, which [`watch`]
+//! keeps in line with the files.
 
 pub mod cache;
 pub mod check;
+pub mod exec;
 pub mod registry;
 pub mod runtime;
 pub mod session;
@@ -16,6 +18,7 @@ pub mod state;
 pub mod watch;
 pub mod world;
 
+pub use exec::{PluginExec, Session};
 pub use registry::Plugins;
 pub use runtime::{LoadedPlugin, PluginLimits, PluginRuntime};
 pub use session::PluginSession;
@@ -28,6 +31,12 @@ pub enum PluginError {
     Trap { plugin: String, detail: String },
     #[error("plugin `{plugin}` ran past its {millis} ms deadline")]
     Timeout { plugin: String, millis: u64 },
+    #[error("plugin `{plugin}` ran past its {millis} ms budget for one request")]
+    BudgetExceeded { plugin: String, millis: u64 },
+    #[error("every one of the {instances} plugin instances is in use")]
+    PoolExhausted { instances: usize },
+    #[error("the prompt is at least {at_least} tokens long; the context holds {limit}")]
+    PromptTooLong { at_least: usize, limit: usize },
     #[error("plugin `{plugin}` exceeded its {mib} MiB memory limit")]
     OutOfMemory { plugin: String, mib: u64 },
     #[error("plugin `{plugin}` broke the interface contract: {detail}")]
@@ -64,6 +73,10 @@ impl PluginError {
                 format!("The plugin `{plugin}` ran past its {millis} ms deadline."),
                 "plugin_timeout",
             ),
+            PluginError::BudgetExceeded { millis, .. } => (
+                format!("The plugin `{plugin}` ran past its {millis} ms budget for one request."),
+                "plugin_budget_exceeded",
+            ),
             PluginError::OutOfMemory { mib, .. } => (
                 format!("The plugin `{plugin}` exceeded its {mib} MiB memory limit."),
                 "plugin_out_of_memory",
@@ -84,6 +97,7 @@ impl PluginError {
         match self {
             PluginError::Trap { plugin, .. }
             | PluginError::Timeout { plugin, .. }
+            | PluginError::BudgetExceeded { plugin, .. }
             | PluginError::OutOfMemory { plugin, .. }
             | PluginError::Misbehaved { plugin, .. }
             | PluginError::Instantiate { plugin, .. } => Some(plugin),

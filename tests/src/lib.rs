@@ -34,6 +34,25 @@ pub fn host_binary() -> PathBuf {
     path
 }
 
+/// Reads until the peer closes the connection; what it sent, or `None` if it was still
+/// open after `within`.
+pub fn read_until_closed(stream: &mut std::net::TcpStream, within: Duration) -> Option<String> {
+    use std::io::Read;
+    stream.set_read_timeout(Some(within)).expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(String::from_utf8_lossy(&got).into_owned())
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -2,11 +2,11 @@
 //! 4xx in the OpenAI error shape, slow clients and over-long requests are cut off and
 //! free what they held, and a panic costs only its own request.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use lynx_tests::{assert_complete, Server};
+use lynx_tests::{assert_complete, read_until_closed, Server};
 use serde_json::{json, Value};
 
 fn assert_error(status: u16, body: &Value, want_status: u16, code: Option<&str>) {
@@ -137,24 +137,6 @@ async fn the_request_deadline_frees_the_slot_and_ends_the_answer() {
         &[("endpoint", "/v1/completions"), ("status", "504")],
     );
     assert_eq!(timeouts, 1.0, "the non-streamed timeout is counted as 504");
-}
-
-/// Reads until the peer closes the connection; what it sent, or `None` if it was still
-/// open after `within`.
-fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Option<String> {
-    stream.set_read_timeout(Some(within)).expect("timeout");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return Some(String::from_utf8_lossy(&got).into_owned()),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                return Some(String::from_utf8_lossy(&got).into_owned())
-            }
-            Err(_) => return None,
-        }
-    }
 }
 
 #[tokio::test]

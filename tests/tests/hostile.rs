@@ -1,7 +1,8 @@
 //! A bounded hostile-traffic run against the real binary (about 60 s, loopback only;
 //! `LYNX_HOSTILE_SECS` changes the length): 16 valid streams without pause, mixed with
-//! malformed JSON, oversized bodies, random paths, invalid parameters, clients that
-//! disconnect mid-stream, and slow readers. Afterwards every valid request had its 200
+//! malformed JSON, oversized bodies, random paths, invalid parameters, prompts of one
+//! long word, clients that disconnect mid-stream, slow readers, bodies that never
+//! finish, and HTTP/2 prefaces cut in half. Afterwards every valid request had its 200
 //! and a complete answer, every bad one its 4xx, nothing is held, memory did not grow,
 //! and `request_total` agrees with what the clients sent, status by status.
 
@@ -10,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lynx_tests::{assert_complete, sse_data, Server};
+use lynx_tests::{assert_complete, read_until_closed, sse_data, Server};
 use serde_json::{json, Value};
 
 /// What the clients sent and got: (endpoint label, status) → count.
@@ -80,7 +81,31 @@ async fn disconnecting_stream(server: &Server, tally: &Tally, i: usize) {
     drop(chunks);
 }
 
-/// One bad request of kind `i % 5`; it must get its 4xx in the OpenAI error shape.
+/// The client timeout of the run's server: unfinished bodies are cut after it.
+const CLIENT_TIMEOUT_S: u64 = 3;
+
+/// `n` connections that send headers and one byte of a 100-byte body, then wait: each
+/// must be answered 408 and closed at the client deadline.
+fn unfinished_bodies(addr: &str, n: usize) -> Vec<Option<String>> {
+    let mut conns: Vec<std::net::TcpStream> = (0..n)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            std::io::Write::write_all(
+                &mut s,
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+            )
+            .expect("write");
+            s
+        })
+        .collect();
+    let within = Duration::from_secs(CLIENT_TIMEOUT_S + 10);
+    conns
+        .iter_mut()
+        .map(|s| read_until_closed(s, within))
+        .collect()
+}
+
+/// One bad request of kind `i % 6`; it must get its 4xx in the OpenAI error shape.
 async fn bad_request(server: &Server, tally: &Tally, i: usize) {
     // A body sent as it is, labelled JSON.
     let raw = |path: &str, body: Vec<u8>| {
@@ -90,7 +115,7 @@ async fn bad_request(server: &Server, tally: &Tally, i: usize) {
             .header("content-type", "application/json")
             .body(body)
     };
-    let (endpoint, want, request) = match i % 5 {
+    let (endpoint, want, request) = match i % 6 {
         0 => (
             "/v1/completions",
             400,
@@ -119,7 +144,7 @@ async fn bad_request(server: &Server, tally: &Tally, i: usize) {
                 .post(server.url("/v1/completions"))
                 .json(&json!({"prompt": "Hi", "temperature": 7, "max_tokens": 4})),
         ),
-        _ => (
+        4 => (
             "/v1/completions",
             400,
             raw(
@@ -127,13 +152,25 @@ async fn bad_request(server: &Server, tally: &Tally, i: usize) {
                 vec![b'{', b'"', 0xFF, 0xFE, b'"', b':', b'1', b'}'],
             ),
         ),
+        // One word far past the context.
+        _ => (
+            "/v1/completions",
+            400,
+            server
+                .client
+                .post(server.url("/v1/completions"))
+                .json(&json!({"prompt": "z".repeat(60_000), "max_tokens": 4})),
+        ),
     };
     let r = request.send().await.expect("bad request sent");
     let status = r.status().as_u16();
     tally.add(endpoint, status);
-    assert_eq!(status, want, "bad request kind {}", i % 5);
+    assert_eq!(status, want, "bad request kind {}", i % 6);
     let body: Value = r.json().await.expect("an OpenAI error body");
     assert!(body["error"]["message"].is_string() && body["error"]["type"].is_string());
+    if i % 6 == 5 {
+        assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -144,7 +181,16 @@ async fn hostile_traffic_leaves_the_server_whole_and_the_metrics_exact() {
         .unwrap_or(60);
     // A 64 KiB body limit: oversized bodies still fit the loopback socket buffers, so
     // the client reads its 413 instead of failing mid-upload.
-    let server = Arc::new(Server::start_with(&["--max-body-bytes", "65536"]).await);
+    let client_timeout = CLIENT_TIMEOUT_S.to_string();
+    let server = Arc::new(
+        Server::start_with(&[
+            "--max-body-bytes",
+            "65536",
+            "--client-timeout",
+            &client_timeout,
+        ])
+        .await,
+    );
     let warm_up = Tally::default();
     // Warm-up: every slot used once, so the KV cache pages a run touches are resident
     // before the baseline is read.
@@ -185,6 +231,43 @@ async fn hostile_traffic_leaves_the_server_whole_and_the_metrics_exact() {
                 disconnecting_stream(&server, &tally, i).await;
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }));
+    }
+    {
+        // Bodies that never finish, eight at a time: each answered 408 and closed.
+        let (addr, tally) = (server.addr(), tally.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let addr = addr.clone();
+                let answers = tokio::task::spawn_blocking(move || unfinished_bodies(&addr, 8))
+                    .await
+                    .expect("join");
+                for answer in answers {
+                    let answer = answer.expect("an unfinished body kept its connection");
+                    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+                    tally.add("/v1/completions", 408);
+                }
+            }
+        }));
+    }
+    {
+        // HTTP/2 prefaces cut in half: closed at the client deadline, never a request.
+        let addr = server.addr();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let addr = addr.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+                    std::io::Write::write_all(&mut s, b"PRI * HTTP/2.0\r\n").expect("write");
+                    let within = Duration::from_secs(CLIENT_TIMEOUT_S + 10);
+                    assert!(
+                        read_until_closed(&mut s, within).is_some(),
+                        "a half preface kept its connection"
+                    );
+                })
+                .await
+                .expect("join");
             }
         }));
     }
@@ -247,7 +330,7 @@ async fn hostile_traffic_leaves_the_server_whole_and_the_metrics_exact() {
         .copied()
         .unwrap_or(0);
     assert!(valid >= 32, "too few valid requests in {secs} s: {sent:?}");
-    for status in [400, 404, 413] {
+    for status in [400, 404, 408, 413] {
         assert!(
             sent.keys().any(|(_, s)| *s == status),
             "no {status} was exercised: {sent:?}"

@@ -324,3 +324,98 @@ fn plugin_check_validates_and_reports_exports() {
     assert!(!ok, "{out}");
     assert!(out.contains("not a valid WebAssembly component"), "{out}");
 }
+
+/// The hostile plugin with room to misbehave: memory for a 64 MiB answer, a per-call
+/// deadline a crawling `push` stays under, and a per-request budget it does not.
+async fn roomy_hostile_server() -> Server {
+    let dir = plugins_dist().join("test");
+    Server::start_with(&[
+        "--plugins-dir",
+        dir.to_str().expect("utf-8 path"),
+        "--plugin",
+        "hostile",
+        "--plugin-timeout-ms",
+        "1500",
+        "--plugin-budget-ms",
+        "1200",
+        "--plugin-memory-mib",
+        "160",
+    ])
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flooding_and_crawling_plugins_fail_alone_while_others_are_served() {
+    let server = roomy_hostile_server().await;
+    assert_serves(&server, "start-up").await;
+    let rss_before = server.rss_kib();
+    let hostile = |trigger: &'static str| {
+        let server = &server;
+        async move {
+            let body = json!({"prompt": trigger, "max_tokens": 40, "temperature": 0});
+            server.post("/v1/completions", &body).await
+        }
+    };
+    let bystanders = async {
+        for i in 0..6 {
+            assert_serves(&server, &format!("bystander {i}")).await;
+        }
+    };
+    let polls = async {
+        let mut worst = Duration::ZERO;
+        for _ in 0..60 {
+            let t0 = Instant::now();
+            assert_eq!(server.health_status().await, 200);
+            worst = worst.max(t0.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        worst
+    };
+    let (flood, crawl, (), worst) =
+        tokio::join!(hostile("FLOOD"), hostile("CRAWL"), bystanders, polls);
+    assert_plugin_error(flood.0, &flood.1, "FLOOD");
+    assert_eq!(
+        flood.1["error"]["code"], "plugin_invalid_result",
+        "{}",
+        flood.1
+    );
+    assert_plugin_error(crawl.0, &crawl.1, "CRAWL");
+    assert_eq!(
+        crawl.1["error"]["code"], "plugin_budget_exceeded",
+        "{}",
+        crawl.1
+    );
+    assert!(worst < Duration::from_millis(500), "/health took {worst:?}");
+    for _ in 0..3 {
+        let (status, body) = hostile("FLOOD").await;
+        assert_plugin_error(status, &body, "FLOOD again");
+    }
+    let grown_mib = server.rss_kib().saturating_sub(rss_before) / 1024;
+    assert!(grown_mib < 200, "RSS grew by {grown_mib} MiB");
+    assert_serves(&server, "the flood").await;
+}
+
+#[tokio::test]
+async fn plugin_log_lines_are_rate_limited_and_escaped() {
+    let server = hostile_server().await;
+    let (status, body) = server.post("/v1/completions", &completion("CHATTY")).await;
+    assert_eq!(status, 200, "{body}");
+    let log = server.log();
+    let lines = log.lines().filter(|l| l.contains("chatty ")).count();
+    assert!(
+        (1..=100).contains(&lines),
+        "{lines} of 10000 chatty lines logged"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("forged line")),
+        "a plugin forged a log line"
+    );
+    assert!(
+        log.contains("chatty 0\\nforged line"),
+        "not escaped:\n{log}"
+    );
+    // The drop count is reported with the next line that gets through.
+    let (status, _) = server.post("/v1/completions", &completion("CHATTY")).await;
+    assert_eq!(status, 200);
+    assert!(log.contains("dropped") || server.log().contains("dropped"));
+}

@@ -49,9 +49,17 @@ pub struct GenerateRequest {
     /// Dropping the receiver cancels the generation: its slot is freed before the next
     /// token is computed.
     pub events: mpsc::UnboundedSender<GenEvent>,
-    /// Testing only (`--fault-injection`): the scheduler panics while sampling this
-    /// request, to prove that a panic costs only its own request.
-    pub inject_panic: bool,
+    /// Testing only (`--fault-injection`).
+    pub fault: Option<Fault>,
+}
+
+/// Faults a test can inject into the scheduler (`--fault-injection`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Panic while sampling this request: a panic must cost only its own request.
+    PanicWhileSampling,
+    /// Stop the scheduler thread, as a bug past every catch would: `/health` must say.
+    StopScheduler,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +172,11 @@ impl Batcher {
         self.stats.closing.store(true, Ordering::Release);
     }
 
+    /// Whether the scheduler thread is alive (its end of the channel is open).
+    pub fn is_running(&self) -> bool {
+        !self.tx.is_closed()
+    }
+
     pub fn stats(&self) -> &BatcherStats {
         &self.stats
     }
@@ -195,6 +208,14 @@ impl Scheduler {
             }
             while let Ok(req) = self.rx.try_recv() {
                 self.waiting.push_back(req);
+            }
+            if self
+                .waiting
+                .iter()
+                .any(|r| r.fault == Some(Fault::StopScheduler))
+            {
+                tracing::error!("fault injected: the scheduler thread stops");
+                return;
             }
             if self.stats.closing.load(Ordering::Acquire) {
                 self.cancel_all();
@@ -283,7 +304,7 @@ impl Scheduler {
                 sampler: sampler(req.sampling),
                 events: req.events,
                 last: None,
-                inject_panic: req.inject_panic,
+                inject_panic: req.fault == Some(Fault::PanicWhileSampling),
             });
         }
         self.publish_slots();

@@ -1,24 +1,31 @@
-//! The tokenizer: GPT-2 style byte-level BPE built from a GGUF file's own metadata
-//! (`tokenizer.ggml.*`), so no tokenizer file or hub is ever needed.
+//! The tokenizer: byte-level BPE built from a GGUF file's own metadata
+//! (`tokenizer.ggml.*`) with Hugging Face's `tokenizers`, so no tokenizer file or hub is
+//! ever needed, and encoding runs in near-linear time whatever the input's shape.
 //!
-//! It owns encoding (special-token splitting, the `pre` pre-tokenizer, BPE merges) and
-//! decoding. Incremental decoding of a stream is post-processing, so it lives in the
-//! plugins (`lynx-plugin-core`'s `TextStream`), which read token bytes from the host.
+//! It owns encoding (special-token splitting, the `pre` pre-tokenizer, BPE merges, all in
+//! `tokenizers`), decoding, and the cheap lower bound on a text's token count that lets
+//! the host refuse a prompt that cannot fit the context without encoding it. Incremental
+//! decoding of a stream is post-processing, so it lives in the plugins
+//! (`lynx-plugin-core`'s `TextStream`), which read token bytes from the host.
 
 use std::collections::HashMap;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use fancy_regex::Regex;
-
-/// The GPT-2 split regex (`'s|'t|… |\s+(?!\S)|\s+`), shared by the `gpt2` and `smollm`
-/// pre-tokenizers; needs look-ahead, hence `fancy_regex`.
-const GPT2_SPLIT: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::AddedToken;
 
 /// GGUF `tokenizer.ggml.token_type` values that mark tokens matched as whole strings in
 /// text rather than built by merges.
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// Byte classes of the token-count lower bound: ASCII letters, ASCII digits, ASCII
+/// whitespace, other ASCII, and every byte of a multi-byte character.
+const CLASSES: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -30,26 +37,29 @@ pub enum TokenizerError {
     UnsupportedPre(String),
     #[error("token id {0} is outside the vocabulary")]
     UnknownId(u32),
-    #[error("byte sequence {0:?} has no token")]
-    NoToken(String),
+    #[error("encoding: {0}")]
+    Encode(String),
+    #[error("the text is at least {at_least} tokens long, over the limit of {limit}")]
+    TooLong { at_least: usize, limit: usize },
 }
 
 type Result<T> = std::result::Result<T, TokenizerError>;
 
 pub struct Tokenizer {
+    /// Special-token text in the input is plain text.
+    plain: tokenizers::Tokenizer,
+    /// Special-token text in the input becomes the special token.
+    special: tokenizers::Tokenizer,
     /// id → the bytes it stands for (special tokens: their text).
     pieces: Vec<Vec<u8>>,
     is_special: Vec<bool>,
-    /// byte → the id of its single-byte token. Some vocabularies lack a few (SmolLM2 has
-    /// no token for six C0 controls nor for bytes UTF-8 never uses): those bytes are
-    /// dropped on encoding, as Hugging Face's BPE does without an unknown token.
-    byte_ids: [Option<u32>; 256],
-    /// (left id, right id) → (merge rank, merged id).
-    merges: HashMap<(u32, u32), (u32, u32)>,
-    /// Special tokens as matched in text, longest first so that a prefix never wins.
-    specials: Vec<(String, u32)>,
-    split: Regex,
-    split_digits: bool,
+    /// byte → its class for the lower bound; `None` for a byte the vocabulary cannot
+    /// encode (SmolLM2 lacks 21): it is dropped on encoding, as Hugging Face's BPE does
+    /// without an unknown token, so it costs no token.
+    byte_class: [Option<u8>; 256],
+    /// class → the most bytes of that class one token can cover: ordinary tokens only,
+    /// and with special tokens (when their text in the input is parsed).
+    class_cap: [[usize; CLASSES]; 2],
     pub bos_id: Option<u32>,
     pub eos_id: u32,
     pub add_bos: bool,
@@ -92,6 +102,16 @@ fn byte_to_char() -> [char; 256] {
     table
 }
 
+fn class_of(b: u8) -> usize {
+    match b {
+        b'a'..=b'z' | b'A'..=b'Z' => 0,
+        b'0'..=b'9' => 1,
+        b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c => 2,
+        0..=0x7f => 3,
+        _ => 4,
+    }
+}
+
 impl Tokenizer {
     pub fn from_gguf(ct: &Content) -> Result<Self> {
         let model = md(ct, "tokenizer.ggml.model")?
@@ -122,7 +142,7 @@ impl Tokenizer {
                 .collect::<Result<_>>()?,
             None => vec![1; tokens.len()],
         };
-        let merges_raw = strings(ct, "tokenizer.ggml.merges")?;
+        let merges = strings(ct, "tokenizer.ggml.merges")?;
         let get_u32 = |key: &str| -> Result<Option<u32>> {
             ct.metadata
                 .get(key)
@@ -141,7 +161,7 @@ impl Tokenizer {
         Self::new(TokenizerParts {
             tokens,
             types,
-            merges: merges_raw,
+            merges,
             split_digits,
             bos_id,
             eos_id,
@@ -151,20 +171,18 @@ impl Tokenizer {
 
     fn new(p: TokenizerParts) -> Result<Self> {
         let b2c = byte_to_char();
-        let mut c2b = HashMap::with_capacity(256);
-        for (b, c) in b2c.iter().enumerate() {
-            c2b.insert(*c, b as u8);
-        }
-        let mut by_text = HashMap::with_capacity(p.tokens.len());
+        let c2b: HashMap<char, u8> = b2c.iter().enumerate().map(|(b, c)| (*c, b as u8)).collect();
+        let mut vocab = Vocab::with_capacity(p.tokens.len());
         let mut pieces = Vec::with_capacity(p.tokens.len());
         let mut is_special = Vec::with_capacity(p.tokens.len());
         let mut specials = Vec::new();
         for (id, text) in p.tokens.iter().enumerate() {
-            let id = id as u32;
+            let id = u32::try_from(id)
+                .map_err(|_| TokenizerError::Metadata("vocabulary too large".into()))?;
             let ty = p.types.get(id as usize).copied().unwrap_or(1);
             let special = ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED;
             if special {
-                specials.push((text.clone(), id));
+                specials.push(AddedToken::from(text.clone(), true));
                 pieces.push(text.as_bytes().to_vec());
             } else {
                 // A char outside the byte map only appears in malformed vocabularies;
@@ -177,32 +195,58 @@ impl Tokenizer {
                     }
                 }
                 pieces.push(bytes);
-                by_text.entry(text.clone()).or_insert(id);
             }
+            vocab.entry(text.clone()).or_insert(id);
             is_special.push(special);
         }
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
 
-        let mut byte_ids = [None; 256];
+        let mut byte_class = [None; 256];
         for (b, c) in b2c.iter().enumerate() {
-            byte_ids[b] = by_text.get(&c.to_string()).copied();
+            if vocab.contains_key(&c.to_string()) {
+                byte_class[b] = Some(class_of(b as u8) as u8);
+            }
         }
-        let mut merges = HashMap::with_capacity(p.merges.len());
-        for (rank, line) in p.merges.iter().enumerate() {
-            let Some((a, b)) = line.split_once(' ') else {
-                continue;
-            };
-            let (Some(&ia), Some(&ib), Some(&im)) = (
-                by_text.get(a),
-                by_text.get(b),
-                by_text.get(&format!("{a}{b}")),
-            ) else {
-                continue;
-            };
-            merges.entry((ia, ib)).or_insert((rank as u32, im));
+        let mut class_cap = [[1usize; CLASSES]; 2];
+        for (piece, &special) in pieces.iter().zip(&is_special) {
+            let mut counts = [0usize; CLASSES];
+            for &b in piece {
+                counts[class_of(b)] += 1;
+            }
+            for caps in &mut class_cap[usize::from(special)..] {
+                for (cap, n) in caps.iter_mut().zip(counts) {
+                    *cap = (*cap).max(n);
+                }
+            }
         }
-        let split =
-            Regex::new(GPT2_SPLIT).map_err(|e| TokenizerError::Metadata(format!("regex: {e}")))?;
+        if p.split_digits {
+            // Every digit is a pre-token of its own, hence a token of its own.
+            class_cap[0][1] = 1;
+        }
+
+        let merges: Vec<(String, String)> = p
+            .merges
+            .iter()
+            .filter_map(|line| line.split_once(' '))
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| TokenizerError::Metadata(format!("BPE: {e}")))?;
+        let byte_level = ByteLevel::new(false, false, true);
+        let pre: PreTokenizerWrapper = if p.split_digits {
+            Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+        } else {
+            byte_level.into()
+        };
+        let mut special = tokenizers::Tokenizer::new(bpe);
+        special.with_pre_tokenizer(Some(pre));
+        special
+            .add_special_tokens(specials)
+            .map_err(|e| TokenizerError::Metadata(format!("special tokens: {e}")))?;
+        let mut plain = special.clone();
+        plain.set_encode_special_tokens(true);
+
         let mut end_ids = vec![p.eos_id];
         for name in [
             "<|endoftext|>",
@@ -210,20 +254,23 @@ impl Tokenizer {
             "<|eot_id|>",
             "<|end_of_text|>",
         ] {
-            if let Some((_, id)) = specials.iter().find(|(t, _)| t == name) {
-                if !end_ids.contains(id) {
-                    end_ids.push(*id);
+            let found = pieces
+                .iter()
+                .zip(&is_special)
+                .position(|(piece, &s)| s && piece.as_slice() == name.as_bytes());
+            if let Some(id) = found.and_then(|i| u32::try_from(i).ok()) {
+                if !end_ids.contains(&id) {
+                    end_ids.push(id);
                 }
             }
         }
         Ok(Self {
+            plain,
+            special,
             pieces,
             is_special,
-            byte_ids,
-            merges,
-            specials,
-            split,
-            split_digits: p.split_digits,
+            byte_class,
+            class_cap,
             bos_id: p.bos_id,
             eos_id: p.eos_id,
             add_bos: p.add_bos,
@@ -247,93 +294,57 @@ impl Tokenizer {
     /// Encodes `text`. With `parse_special`, special-token strings in the text (such as
     /// `<|im_start|>`) become their ids; without, they are encoded as plain text.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
-        let mut ids = Vec::with_capacity(text.len() / 3 + 1);
-        let mut rest = text;
-        while !rest.is_empty() {
-            let next = if parse_special {
-                self.next_special(rest)
-            } else {
-                None
-            };
-            match next {
-                Some((at, len, id)) => {
-                    self.encode_plain(&rest[..at], &mut ids)?;
-                    ids.push(id);
-                    rest = &rest[at + len..];
-                }
-                None => {
-                    self.encode_plain(rest, &mut ids)?;
-                    break;
-                }
+        let tokenizer = if parse_special {
+            &self.special
+        } else {
+            &self.plain
+        };
+        let encoding = tokenizer
+            .encode_fast(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Encodes `text` unless it provably holds more than `limit` tokens, which is told
+    /// in one pass over its bytes ([`Self::min_tokens`]) without encoding it: a prompt
+    /// that cannot fit the context costs a scan, not a tokenization.
+    pub fn encode_bounded(
+        &self,
+        text: &str,
+        parse_special: bool,
+        limit: usize,
+    ) -> Result<Vec<u32>> {
+        let at_least = self.min_tokens(text, parse_special);
+        if at_least > limit {
+            return Err(TokenizerError::TooLong { at_least, limit });
+        }
+        self.encode(text, parse_special)
+    }
+
+    /// A lower bound on the tokens `text` encodes to: every token covers at most
+    /// `cap[c]` bytes of class `c`, so a text with `n` encodable bytes of class `c` needs
+    /// at least `n / cap[c]` tokens. Special-token text counts as ordinary text unless
+    /// `parse_special`, when it may become one (long) token.
+    pub fn min_tokens(&self, text: &str, parse_special: bool) -> usize {
+        let mut counts = [0usize; CLASSES];
+        for &b in text.as_bytes() {
+            if let Some(c) = self.byte_class[usize::from(b)] {
+                counts[usize::from(c)] += 1;
             }
         }
-        Ok(ids)
-    }
-
-    /// The earliest special token in `text`: (byte offset, byte length, id).
-    fn next_special(&self, text: &str) -> Option<(usize, usize, u32)> {
-        let mut best: Option<(usize, usize, u32)> = None;
-        for (s, id) in &self.specials {
-            if let Some(at) = text.find(s.as_str()) {
-                // `specials` is longest first, so on a tie in position the longer stays.
-                if best.is_none_or(|(b, _, _)| at < b) {
-                    best = Some((at, s.len(), *id));
-                }
-            }
-        }
-        best
-    }
-
-    fn encode_plain(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
-        if !self.split_digits {
-            return self.encode_words(text, out);
-        }
-        let mut start = 0;
-        for (i, c) in text.char_indices() {
-            if c.is_numeric() {
-                self.encode_words(&text[start..i], out)?;
-                self.bpe(&text.as_bytes()[i..i + c.len_utf8()], out);
-                start = i + c.len_utf8();
-            }
-        }
-        self.encode_words(&text[start..], out)
-    }
-
-    fn encode_words(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
-        for m in self.split.find_iter(text) {
-            let m = m.map_err(|e| TokenizerError::NoToken(format!("split: {e}")))?;
-            self.bpe(m.as_str().as_bytes(), out);
-        }
-        Ok(())
-    }
-
-    /// Byte-pair merges over one pre-token, lowest rank first.
-    fn bpe(&self, word: &[u8], out: &mut Vec<u32>) {
-        let mut syms: Vec<u32> = word
+        counts
             .iter()
-            .filter_map(|b| self.byte_ids[usize::from(*b)])
-            .collect();
-        while syms.len() > 1 {
-            let mut best: Option<(u32, usize, u32)> = None;
-            for i in 0..syms.len() - 1 {
-                if let Some(&(rank, merged)) = self.merges.get(&(syms[i], syms[i + 1])) {
-                    if best.is_none_or(|(r, _, _)| rank < r) {
-                        best = Some((rank, i, merged));
-                    }
-                }
-            }
-            let Some((_, i, merged)) = best else { break };
-            syms[i] = merged;
-            syms.remove(i + 1);
-        }
-        out.extend_from_slice(&syms);
+            .zip(self.class_cap[usize::from(parse_special)])
+            .map(|(&n, cap)| n.div_ceil(cap))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Whether the vocabulary holds byte `b` (SmolLM2's lacks 21 of the 256, all lead
     /// bytes of code points past U+3FFFF or never valid in UTF-8; text using them cannot
     /// round-trip and loses those bytes, as with Hugging Face's tokenizer).
     pub fn encodes_byte(&self, b: u8) -> bool {
-        self.byte_ids[usize::from(b)].is_some()
+        self.byte_class[usize::from(b)].is_some()
     }
 
     /// The bytes one token stands for.
@@ -376,8 +387,14 @@ mod tests {
         let b2c = byte_to_char();
         let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_end|>".into()];
         tokens.extend(b2c.iter().map(|c| c.to_string()));
-        let merges: Vec<String> = vec!["h e".into(), "l l".into(), "he ll".into(), "Ġ w".into()];
-        tokens.extend(["he", "ll", "hell", "Ġw"].map(String::from));
+        let merges: Vec<String> = vec![
+            "h e".into(),
+            "l l".into(),
+            "he ll".into(),
+            "Ġ w".into(),
+            "a a".into(),
+        ];
+        tokens.extend(["he", "ll", "hell", "Ġw", "aa"].map(String::from));
         let mut types = vec![TOKEN_TYPE_CONTROL; 2];
         types.resize(tokens.len(), 1);
         Tokenizer::new(TokenizerParts {
@@ -396,7 +413,7 @@ mod tests {
     fn merges_apply_by_rank_and_round_trip() {
         let t = tiny();
         let ids = t.encode("hello world", false).unwrap();
-        let hell = t.specials.len() as u32 + 256 + 2;
+        let hell = 2 + 256 + 2;
         assert_eq!(ids[0], hell);
         assert_eq!(t.decode(&ids, false).unwrap(), "hello world");
     }
@@ -409,5 +426,40 @@ mod tests {
         assert!(!plain.contains(&1));
         assert_eq!(t.decode(&plain, false).unwrap(), "a<|im_end|>");
         assert!(t.is_end(1) && t.is_end(0));
+    }
+
+    #[test]
+    fn the_lower_bound_never_exceeds_the_encoding() {
+        let t = tiny();
+        for text in [
+            "hello world",
+            "aaaaaaaaaaaaaaaaaaaaa",
+            "a<|im_end|>b 123 \n\n  x",
+            "ünïcödé and 𝄞",
+            "",
+        ] {
+            for special in [false, true] {
+                let n = t.encode(text, special).unwrap().len();
+                assert!(t.min_tokens(text, special) <= n, "{text:?}: bound over {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_text_provably_over_the_limit_is_refused_unencoded() {
+        let t = tiny();
+        // "hell" is the longest ordinary letter token: 1000 letters need at least 250
+        // tokens; parsed, "<|endoftext|>" covers 9 letters.
+        let word = "a".repeat(1000);
+        assert_eq!(t.min_tokens(&word, false), 250);
+        assert_eq!(t.min_tokens(&word, true), 112);
+        assert!(matches!(
+            t.encode_bounded(&word, false, 249),
+            Err(TokenizerError::TooLong {
+                at_least: 250,
+                limit: 249
+            })
+        ));
+        assert_eq!(t.encode_bounded(&word, false, 500).unwrap().len(), 500);
     }
 }

@@ -18,13 +18,14 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::generate::{Generation, Piece};
-use super::observe::{PluginSlot, RequestInfo};
+use super::observe::{RequestInfo, ServingPlugin};
 use super::types::{
     fields, parse_body, ChatRequest, CommonParams, CompletionRequest, Prompt, Usage, Validated,
 };
 use super::AppState;
+use crate::engine::{EngineError, Fault};
 use crate::plugins::world::{self, PolicyRequest};
-use crate::plugins::{PluginError, PluginSession};
+use crate::plugins::{PluginError, Session};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Api {
@@ -35,7 +36,7 @@ enum Api {
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     Extension(info): Extension<Arc<RequestInfo>>,
-    Extension(slot): Extension<PluginSlot>,
+    Extension(serving): Extension<ServingPlugin>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let parsed = body_bytes(&state, body).and_then(|b| {
@@ -45,13 +46,13 @@ pub async fn completions(
         let prompt = completion_prompt(&state, req.prompt)?;
         Ok((prompt, params))
     });
-    respond(state, info, slot, Api::Completion, parsed).await
+    respond(state, info, serving, Api::Completion, parsed).await
 }
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     Extension(info): Extension<Arc<RequestInfo>>,
-    Extension(slot): Extension<PluginSlot>,
+    Extension(serving): Extension<ServingPlugin>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let parsed = body_bytes(&state, body).and_then(|b| {
@@ -60,7 +61,7 @@ pub async fn chat_completions(
         let params = fields::<CommonParams>(&body)?.validate(&state.model_name, &state.limits)?;
         Ok((world::Prompt::Chat(req.chat_messages()?), params))
     });
-    respond(state, info, slot, Api::Chat, parsed).await
+    respond(state, info, serving, Api::Chat, parsed).await
 }
 
 fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -82,7 +83,7 @@ fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<B
 fn is_timeout(rejection: &BytesRejection) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
     while let Some(e) = source {
-        if e.is::<tower_http::timeout::TimeoutError>() {
+        if e.is::<super::conn::BodyDeadlineElapsed>() {
             return true;
         }
         source = e.source();
@@ -131,14 +132,15 @@ fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<world::Prompt, 
     Ok(world::Prompt::Text(text))
 }
 
-/// The policy plugin's verdict: the prompt's token ids, or its rejection as a 400.
-/// Ids outside the vocabulary are the plugin's fault, not the client's.
-fn apply_policy(
+/// The policy plugin's verdict: the prompt's token ids and the length the plugin
+/// reported, or its rejection as a 400. Ids outside the vocabulary are the plugin's
+/// fault, not the client's.
+async fn apply_policy(
     state: &AppState,
-    session: &mut PluginSession,
+    session: &mut Session,
     prompt: world::Prompt,
     params: &Validated,
-) -> Result<Vec<u32>, ApiError> {
+) -> Result<(Vec<u32>, Option<u32>), ApiError> {
     let request = PolicyRequest {
         prompt,
         context_length: u32::try_from(state.batcher.config().max_seq_len).unwrap_or(u32::MAX),
@@ -146,7 +148,13 @@ fn apply_policy(
             .max_tokens
             .map(|m| u32::try_from(m).unwrap_or(u32::MAX)),
     };
-    let ids = session.tokenize(&request)?.map_err(|rejection| {
+    let (verdict, reported) = session
+        .call(move |s| {
+            let verdict = s.tokenize(&request)?;
+            Ok((verdict, s.state().ledger.prompt_tokens))
+        })
+        .await?;
+    let ids = verdict.map_err(|rejection| {
         let code = if rejection.code.is_empty() {
             "rejected_by_policy".to_string()
         } else {
@@ -170,50 +178,62 @@ fn apply_policy(
         }
         .into());
     }
-    Ok(ids)
+    Ok((ids, reported))
 }
 
 async fn respond(
     state: Arc<AppState>,
     info: Arc<RequestInfo>,
-    slot: PluginSlot,
+    serving: ServingPlugin,
     api: Api,
     parsed: Result<(world::Prompt, Validated), ApiError>,
 ) -> Response {
-    let started = parsed.and_then(|(prompt, params)| {
-        if state.draining() {
-            return Err(crate::engine::EngineError::ShuttingDown.into());
-        }
-        let inject_panic = fault(&state, &prompt);
-        // The session that routed this request serves it: one plugin version throughout.
-        let mut session = match slot.take() {
-            Some(session) => session,
-            None => state.plugins.session()?,
-        };
-        let ids = apply_policy(&state, &mut session, prompt, &params)?;
-        let generation =
-            Generation::start(state.clone(), info, session, ids, &params, inject_panic)?;
-        Ok((generation, params))
-    });
-    match started {
+    match start(state.clone(), info, serving, parsed).await {
         Err(e) => e.into_response(),
         Ok((generation, params)) if params.stream => stream(state, api, generation, params),
         Ok((generation, _)) => whole(state, api, generation).await,
     }
 }
 
+/// From a parsed request to a queued generation: a sandbox on the version the request
+/// arrived on, the policy's prompt, the queue. The request's deadline covers all of it.
+async fn start(
+    state: Arc<AppState>,
+    info: Arc<RequestInfo>,
+    serving: ServingPlugin,
+    parsed: Result<(world::Prompt, Validated), ApiError>,
+) -> Result<(Generation, Validated), ApiError> {
+    let (prompt, params) = parsed?;
+    if state.draining() {
+        return Err(EngineError::ShuttingDown.into());
+    }
+    let fault = fault(&state, &prompt);
+    let deadline = tokio::time::Instant::from_std(info.start) + state.limits.request_timeout;
+    let work = async {
+        let mut session = Session::open(&state.plugins, serving.0).await?;
+        let (ids, reported) = apply_policy(&state, &mut session, prompt, &params).await?;
+        Generation::start(state.clone(), info, session, ids, reported, &params, fault).await
+    };
+    let generation = tokio::time::timeout_at(deadline, work)
+        .await
+        .map_err(|_| ApiError::Timeout(state.limits.request_timeout.as_secs()))??;
+    Ok((generation, params))
+}
+
 /// Testing only (`--fault-injection`): the prompt `lynx-fault:handler` panics here, in
-/// the handler; `lynx-fault:scheduler` asks the scheduler to panic while sampling it.
-fn fault(state: &AppState, prompt: &world::Prompt) -> bool {
+/// the handler; `lynx-fault:scheduler` asks the scheduler to panic while sampling it,
+/// `lynx-fault:scheduler-stop` to stop.
+fn fault(state: &AppState, prompt: &world::Prompt) -> Option<Fault> {
     if !state.limits.fault_injection {
-        return false;
+        return None;
     }
     match prompt {
         world::Prompt::Text(t) if t == "lynx-fault:handler" => {
             panic!("fault injected by --fault-injection")
         }
-        world::Prompt::Text(t) => t == "lynx-fault:scheduler",
-        _ => false,
+        world::Prompt::Text(t) if t == "lynx-fault:scheduler" => Some(Fault::PanicWhileSampling),
+        world::Prompt::Text(t) if t == "lynx-fault:scheduler-stop" => Some(Fault::StopScheduler),
+        _ => None,
     }
 }
 
@@ -238,7 +258,7 @@ async fn whole(state: Arc<AppState>, api: Api, mut generation: Generation) -> Re
             Some(Piece::Text(t)) => text.push_str(&t),
             Some(Piece::Finished { reason, usage }) => break (reason, usage),
             Some(Piece::Failed(e)) => return e.into_response(),
-            None => return ApiError::Engine(crate::engine::EngineError::Stopped).into_response(),
+            None => return ApiError::Engine(EngineError::Stopped).into_response(),
         }
     };
     let choice = match api {

@@ -78,6 +78,14 @@ impl ApiError {
             ApiError::Engine(_) | ApiError::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "server_error")
             }
+            // What the plugin refused on the client's behalf, or could not take on, is
+            // not the plugin's fault.
+            ApiError::Plugin(PluginError::PromptTooLong { .. }) => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error")
+            }
+            ApiError::Plugin(PluginError::PoolExhausted { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+            }
             ApiError::Plugin(_) => (StatusCode::INTERNAL_SERVER_ERROR, "plugin_error"),
         }
     }
@@ -86,6 +94,17 @@ impl ApiError {
     pub fn body(&self) -> ErrorBody {
         let (status, kind) = self.status_and_type();
         let (message, code) = match self {
+            ApiError::Plugin(PluginError::PromptTooLong { at_least, limit }) => (
+                format!(
+                    "This model's maximum context length is {limit} tokens; the prompt has at least {at_least} tokens."
+                ),
+                Some("context_length_exceeded".to_string()),
+            ),
+            ApiError::Plugin(PluginError::PoolExhausted { .. }) => (
+                "The server is at capacity (every plugin instance is in use); retry shortly."
+                    .to_string(),
+                Some("overloaded".to_string()),
+            ),
             ApiError::Plugin(e) => {
                 tracing::error!(plugin = e.plugin().unwrap_or("?"), error = %e, "plugin failed a request");
                 let (message, code) = e.public();
@@ -115,6 +134,7 @@ impl ApiError {
         };
         let param = match self {
             ApiError::InvalidRequest { param, .. } => param.clone(),
+            ApiError::Plugin(PluginError::PromptTooLong { .. }) => Some("prompt".to_string()),
             ApiError::ModelNotFound(_) => Some("model".to_string()),
             _ => None,
         };

@@ -11,14 +11,13 @@ use rand::Rng;
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
-use super::observe::RequestInfo;
 use super::types::{Usage, Validated};
 use super::AppState;
-use crate::engine::{EngineError, FinishReason, GenEvent, GenerateRequest, Sampling};
+use crate::engine::{EngineError, Fault, FinishReason, GenEvent, GenerateRequest, Sampling};
 use crate::metrics;
-use crate::plugins::state::EventSink;
 use crate::plugins::world::PostConfig;
-use crate::plugins::PluginSession;
+use crate::plugins::Session;
+use crate::telemetry::{RequestInfo, TokenEvents};
 
 #[derive(Debug)]
 pub enum Piece {
@@ -30,7 +29,7 @@ pub enum Piece {
 pub struct Generation {
     info: Arc<RequestInfo>,
     rx: mpsc::UnboundedReceiver<GenEvent>,
-    session: PluginSession,
+    session: Session,
     prompt_tokens: usize,
     completion_tokens: usize,
     ready: VecDeque<Piece>,
@@ -43,14 +42,16 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// Checks the prompt against the context, then queues it.
-    pub fn start(
+    /// Checks the prompt against the context, then queues it. `reported` is the prompt
+    /// length the plugin reported.
+    pub async fn start(
         state: Arc<AppState>,
         info: Arc<RequestInfo>,
-        mut session: PluginSession,
+        mut session: Session,
         prompt: Vec<u32>,
+        reported: Option<u32>,
         params: &Validated,
-        inject_panic: bool,
+        fault: Option<Fault>,
     ) -> Result<Self, ApiError> {
         let context = state.batcher.config().max_seq_len;
         let n = prompt.len();
@@ -81,13 +82,19 @@ impl Generation {
             Some(m) => m,
             None => (context - n).min(cap),
         };
-        session.start(&PostConfig {
+        let config = PostConfig {
             stops: params.stops.clone(),
-        })?;
-        session.set_sink(EventSink {
+        };
+        let sink = TokenEvents {
             model_name: state.model_name.clone(),
             info: info.clone(),
-        });
+        };
+        session
+            .call(move |s| {
+                s.set_sink(sink);
+                s.start(&config)
+            })
+            .await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let sampling = Sampling {
             temperature: params.temperature,
@@ -99,9 +106,8 @@ impl Generation {
             max_tokens,
             sampling,
             events: tx,
-            inject_panic,
+            fault,
         })?;
-        let reported = session.state().ledger.prompt_tokens;
         if reported != u32::try_from(n).ok() {
             tracing::warn!(
                 plugin = session.plugin_name(),
@@ -145,14 +151,14 @@ impl Generation {
                 return None;
             }
             match tokio::time::timeout_at(self.deadline, self.rx.recv()).await {
-                Ok(event) => self.on_event(event),
+                Ok(event) => self.on_event(event).await,
                 // Closing the channel (in `fail`) frees the slot within one step.
                 Err(_) => self.fail(ApiError::Timeout(self.timeout_secs)),
             }
         }
     }
 
-    fn on_event(&mut self, event: Option<GenEvent>) {
+    async fn on_event(&mut self, event: Option<GenEvent>) {
         if self.stopping {
             // Tokens computed before the scheduler saw the stop are not part of the
             // answer; the channel's end means the slot is free, and the answer complete.
@@ -165,9 +171,7 @@ impl Generation {
             Some(GenEvent::Token(id)) => {
                 self.completion_tokens += 1;
                 self.info.set_completion_tokens(self.completion_tokens);
-                let pushed = self.session.push(id);
-                self.reconcile_events();
-                match pushed {
+                match self.session.call(move |s| s.push(id)).await {
                     Ok(released) => {
                         self.release(released.text);
                         if released.stop {
@@ -181,7 +185,7 @@ impl Generation {
                     Err(e) => self.fail(e.into()),
                 }
             }
-            Some(GenEvent::Finished(reason)) => match self.session.finish() {
+            Some(GenEvent::Finished(reason)) => match self.session.call(|s| s.finish()).await {
                 Ok(tail) => {
                     self.release(tail);
                     self.finish(reason);
@@ -197,23 +201,6 @@ impl Generation {
                     .push_back(Piece::Failed(EngineError::Stopped.into()));
                 self.done = true;
             }
-        }
-    }
-
-    /// Records what the plugin should have reported for the tokens it was given.
-    fn reconcile_events(&mut self) {
-        let plugin = self.session.plugin_name().to_string();
-        let state = self.session.state_mut();
-        let missing = state.ledger.pushed - state.ledger.completion_tokens;
-        if missing > 0 {
-            tracing::debug!(plugin, missing, "plugin did not report completion tokens");
-            for _ in 0..missing {
-                state.count_completion();
-            }
-        }
-        if !state.ledger.first_token && state.ledger.pushed > 0 {
-            tracing::debug!(plugin, "plugin did not report the first token");
-            state.mark_first_token();
         }
     }
 

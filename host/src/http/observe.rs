@@ -1,14 +1,13 @@
-//! Per-request observation: the `endpoint` label (named by the router plugin), the RED
-//! metrics and the one info log line per request. The duration ends when the body's last
+//! Per-request observation: the `endpoint` label (named by the router plugin once the
+//! handler has read the body), the RED metrics and the one info log line per request. The duration ends when the body's last
 //! byte has been handed to the connection (or the client went away), so streamed
 //! responses are timed in full, not to their headers.
 
 use std::collections::HashSet;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -19,7 +18,8 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use super::AppState;
 use crate::metrics;
-use crate::plugins::PluginSession;
+use crate::plugins::LoadedPlugin;
+pub use crate::telemetry::RequestInfo;
 
 /// The most distinct `endpoint` values the host keeps: past it, new values from the
 /// router plugin fold into the unmatched value, so even a faulty plugin cannot grow the
@@ -54,60 +54,31 @@ impl EndpointLabels {
     }
 }
 
-/// The plugin sandbox the middleware opened for a request, for its handler to take.
-#[derive(Clone, Default)]
-pub struct PluginSlot(Arc<Mutex<Option<PluginSession>>>);
-
-impl PluginSlot {
-    pub fn take(&self) -> Option<PluginSession> {
-        self.0.lock().ok().and_then(|mut s| s.take())
-    }
-}
-
-/// What a handler learns about its request, for the log line.
-#[derive(Debug)]
-pub struct RequestInfo {
-    pub start: Instant,
-    prompt_tokens: AtomicUsize,
-    completion_tokens: AtomicUsize,
-    /// Microseconds; 0 until the first token.
-    ttft_us: AtomicU64,
-}
-
-impl RequestInfo {
-    pub fn new(start: Instant) -> Self {
-        Self {
-            start,
-            prompt_tokens: AtomicUsize::new(0),
-            completion_tokens: AtomicUsize::new(0),
-            ttft_us: AtomicU64::new(0),
-        }
-    }
-    pub fn set_prompt_tokens(&self, n: usize) {
-        self.prompt_tokens.store(n, Ordering::Relaxed);
-    }
-    pub fn set_completion_tokens(&self, n: usize) {
-        self.completion_tokens.store(n, Ordering::Relaxed);
-    }
-    pub fn set_ttft(&self, d: Duration) {
-        self.ttft_us.store(d.as_micros() as u64, Ordering::Relaxed);
-    }
-}
+/// The plugin version serving a request, fixed at its arrival: routing and the
+/// handler's session both run on it. It is a reference, not an instance: no sandbox is
+/// held while the request's body is still arriving.
+#[derive(Clone)]
+pub struct ServingPlugin(pub Arc<LoadedPlugin>);
 
 pub async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().to_string();
-    let (endpoint, session) = route(&state, &method, req.uri().path());
+    let path = req.uri().path().to_string();
+    let plugin = state.plugins.active();
+    tracing::debug!(plugin = %plugin.name, sha256 = %plugin.sha256, %path, "plugin version serving the request");
     let info = Arc::new(RequestInfo::new(start));
     req.extensions_mut().insert(info.clone());
-    req.extensions_mut()
-        .insert(PluginSlot(Arc::new(Mutex::new(session))));
+    req.extensions_mut().insert(ServingPlugin(plugin.clone()));
     let response = next.run(req).await;
-    let status = response.status();
+    // Named once the handler is done with the body, from the version it arrived on.
+    let label = state
+        .plugins
+        .label(&plugin, metrics::method_label(&method), &path)
+        .await;
     let done = Done {
-        endpoint,
+        endpoint: state.endpoints.admit(label),
         method,
-        status: status.as_str().to_string(),
+        status: response.status().as_str().to_string(),
         info,
     };
     response.map(|inner| {
@@ -116,31 +87,6 @@ pub async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next:
             done: Some(done),
         })
     })
-}
-
-/// The request's `endpoint` label from the router plugin, and the session for its
-/// handler. A router that fails yields the unmatched value, never a failed request.
-fn route(state: &AppState, method: &str, path: &str) -> (String, Option<PluginSession>) {
-    let mut session = match state.plugins.session() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "no plugin session for routing");
-            return (metrics::UNMATCHED_ENDPOINT.to_string(), None);
-        }
-    };
-    tracing::debug!(
-        plugin = session.plugin_name(),
-        sha256 = session.version(),
-        path,
-        "plugin version serving the request"
-    );
-    match session.normalize(metrics::method_label(method), path) {
-        Ok(label) => (state.endpoints.admit(label), Some(session)),
-        Err(e) => {
-            tracing::warn!(error = %e, "route normalization failed");
-            (metrics::UNMATCHED_ENDPOINT.to_string(), None)
-        }
-    }
 }
 
 /// Recorded once, when the body ends or is dropped.
@@ -160,14 +106,13 @@ impl Drop for Done {
             &self.status,
             elapsed.as_secs_f64(),
         );
-        let ttft_us = self.info.ttft_us.load(Ordering::Relaxed);
         tracing::info!(
             route = %self.endpoint,
             method = %self.method,
             status = %self.status,
-            prompt_tokens = self.info.prompt_tokens.load(Ordering::Relaxed),
-            completion_tokens = self.info.completion_tokens.load(Ordering::Relaxed),
-            ttft_ms = ttft_us as f64 / 1000.0,
+            prompt_tokens = self.info.prompt_tokens(),
+            completion_tokens = self.info.completion_tokens(),
+            ttft_ms = self.info.ttft().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );

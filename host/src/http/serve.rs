@@ -1,14 +1,10 @@
-//! The public listener's connection loop: HTTP/1 and HTTP/2 on one port, a deadline on
-//! slow clients, and the graceful shutdown.
+//! The public listener's connection loop: HTTP/1 and HTTP/2 on one port, at most
+//! `--max-connections` connections at once (past it, new ones wait in the listen
+//! backlog), each living by the deadlines of [`super::conn`], and the graceful shutdown.
 //!
-//! Slow clients: a connection must deliver a request's headers within the client
-//! timeout or it is closed (hyper's header read timeout, which also bounds an idle
-//! keep-alive connection), and then its body within the same time or it is answered
-//! 408. So a slow-loris client holds a connection for seconds, not forever.
-//!
-//! Shutdown, on SIGTERM or SIGINT: `/health` turns to 503 `draining` and the listener
-//! closes at once, so no new connection is accepted; every open connection finishes the
-//! request it is serving (streams run to their end) and closes. Requests still running
+//! Shutdown, on SIGTERM or SIGINT: the listener closes at once, so no new connection is
+//! accepted, then `/health` turns to 503 `draining`; every open connection finishes the
+//! requests it is serving (streams run to their end) and closes. Requests still running
 //! when the grace period ends are ended by the scheduler with an error event. Then
 //! `serve` returns and the process exits 0.
 
@@ -18,21 +14,37 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tower_http::timeout::RequestBodyTimeoutLayer;
+use tokio::sync::{watch, Semaphore};
 
+use super::conn::{serve_connection, ConnLimits};
 use super::AppState;
 
 /// Time left, after the grace period's cancellations, for the ended streams to be
 /// written out before the process exits anyway.
 const FLUSH_AFTER_CANCEL: Duration = Duration::from_secs(5);
 
+/// The HTTP/1 + HTTP/2 connection builder with the limits of `state`.
+fn builder(state: &AppState) -> auto::Builder<TokioExecutor> {
+    let limits = &state.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.client_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_streams)
+        .keep_alive_interval(limits.client_timeout)
+        .keep_alive_timeout(limits.client_timeout);
+    builder
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then drains for up to
-/// `grace` (see the module documentation). Client deadlines are `state.limits`'.
+/// `grace` (see the module documentation). Client limits are `state.limits`'.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -40,20 +52,23 @@ pub async fn serve(
     grace: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
-    let client_timeout = state.limits.client_timeout;
-    let router = router.layer(RequestBodyTimeoutLayer::new(client_timeout));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(client_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(client_timeout);
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder(&state));
+    let limits = ConnLimits {
+        client_timeout: state.limits.client_timeout,
+        keep_alive_timeout: state.limits.keep_alive_timeout,
+    };
+    let max = state.limits.max_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    let (closing, closing_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -66,12 +81,15 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let service = TowerToHyperService::new(router.clone());
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let connection = serve_connection(
+            builder.clone(),
+            stream,
+            router.clone(),
+            limits,
+            closing_rx.clone(),
+        );
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = connection.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -81,15 +99,18 @@ pub async fn serve(
     // can be accepted any more.
     drop(listener);
     state.draining.store(true, Ordering::Release);
+    let _ = closing.send(true);
     tracing::info!(
-        connections = graceful.count(),
+        connections = max - slots.available_permits(),
         grace_s = grace.as_secs_f64(),
         "shutting down: listener closed, draining in-flight requests"
     );
-    let drained = graceful.shutdown();
+    // Every connection holds a slot until it has closed.
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    let drained = slots.acquire_many(all);
     tokio::pin!(drained);
     tokio::select! {
-        () = &mut drained => tracing::info!("drained: every connection closed"),
+        _ = &mut drained => tracing::info!("drained: every connection closed"),
         () = tokio::time::sleep(grace) => {
             tracing::warn!("grace period over: ending the requests still running");
             state.batcher.cancel_all();

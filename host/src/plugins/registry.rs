@@ -16,7 +16,8 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use super::{LoadedPlugin, PluginError, PluginRuntime, PluginSession};
+use super::{LoadedPlugin, PluginError, PluginExec, PluginRuntime, PluginSession};
+use crate::metrics::UNMATCHED_ENDPOINT;
 
 /// What a plugin file is to the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -58,6 +59,8 @@ pub struct PluginStatus {
 
 pub struct Plugins {
     pub runtime: PluginRuntime,
+    /// Where every plugin call runs.
+    pub exec: PluginExec,
     pub dir: PathBuf,
     active_name: String,
     active: ArcSwap<LoadedPlugin>,
@@ -82,7 +85,12 @@ pub fn plugin_name(path: &Path) -> Option<String> {
 
 impl Plugins {
     /// Loads every plugin of `dir`; `DIR/NAME.wasm` must load, and serves.
-    pub fn start(runtime: PluginRuntime, dir: &Path, name: &str) -> Result<Self, PluginError> {
+    pub fn start(
+        runtime: PluginRuntime,
+        exec: PluginExec,
+        dir: &Path,
+        name: &str,
+    ) -> Result<Self, PluginError> {
         let path = dir.join(format!("{name}.wasm"));
         let plugin = runtime.load(&path)?;
         tracing::info!(plugin = %plugin.name, path = %path.display(), wit = %plugin.wit_version, sha256 = %plugin.sha256, source = plugin.source.as_str(), "plugin active");
@@ -96,6 +104,7 @@ impl Plugins {
         );
         let plugins = Self {
             runtime,
+            exec,
             dir: dir.to_path_buf(),
             active_name: name.to_string(),
             active: ArcSwap::new(plugin),
@@ -121,6 +130,40 @@ impl Plugins {
     /// A fresh sandbox on the active plugin, for one request.
     pub fn session(&self) -> Result<PluginSession, PluginError> {
         self.runtime.session(&self.active())
+    }
+
+    /// The `endpoint` label `plugin`'s router gives a request: from the version's
+    /// cache, else from a transient instance on the pool, taken and given back at once.
+    /// A router that fails (or a full pool) labels the request unmatched.
+    pub async fn label(
+        self: &Arc<Self>,
+        plugin: &Arc<LoadedPlugin>,
+        method: &str,
+        path: &str,
+    ) -> String {
+        if let Some(label) = plugin.labels.get(method, path) {
+            return label;
+        }
+        let (p, version) = (self.clone(), plugin.clone());
+        let (m, path_owned) = (method.to_string(), path.to_string());
+        let routed = self
+            .exec
+            .run(move || {
+                let mut session = PluginSession::new(&p.runtime, &version)?;
+                session.normalize(&m, &path_owned)
+            })
+            .await
+            .and_then(|r| r);
+        match routed {
+            Ok(label) => {
+                plugin.labels.put(method, path, &label);
+                label
+            }
+            Err(e) => {
+                tracing::warn!(plugin = %plugin.name, error = %e, "route normalization failed");
+                UNMATCHED_ENDPOINT.to_string()
+            }
+        }
     }
 
     /// The plugin names of the folder's files.

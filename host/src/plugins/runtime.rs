@@ -3,9 +3,10 @@
 //! compile → check the WIT version → link (any other import traps when called) →
 //! pre-instantiate → smoke call. Only a plugin that passes every step is served.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -13,7 +14,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::cache::{sha256_hex, ComponentCache, Source};
 use super::session::PluginSession;
-use super::state::HostState;
+use super::state::{HostState, LogLimiter};
 use super::world::{ChatMessage, Plugin, PluginPre, PolicyRequest, PostConfig, Prompt};
 use super::world::{WIT_PACKAGE, WIT_VERSION};
 use super::PluginError;
@@ -21,15 +22,22 @@ use crate::engine::tokenizer::Tokenizer;
 
 /// How often the epoch advances: the granularity of call deadlines.
 const TICK: Duration = Duration::from_millis(5);
-/// Plugin instances alive at once (one per in-flight request).
-const POOL_INSTANCES: u32 = 1024;
+/// Router labels kept per plugin version: past it, labels are computed, not cached.
+const MAX_CACHED_LABELS: usize = 1024;
+/// Guard pages after each linear memory.
+const GUARD_BYTES: usize = 64 << 10;
 
 #[derive(Debug, Clone, Copy)]
 pub struct PluginLimits {
     /// The longest one call into a plugin may run.
     pub call_timeout: Duration,
+    /// The longest all of one request's plugin calls may run together, host imports
+    /// included.
+    pub request_budget: Duration,
     /// The most linear memory one plugin instance may have.
     pub memory_bytes: usize,
+    /// Plugin instances alive at once (one per request being processed).
+    pub instances: u32,
 }
 
 impl PluginLimits {
@@ -43,9 +51,33 @@ pub struct PluginRuntime {
     linker: Linker<HostState>,
     tokenizer: Arc<Tokenizer>,
     pub limits: PluginLimits,
-    /// The model's context, told to the smoke call's policy request.
+    /// The model's context (positions per slot): told to policies, and the limit past
+    /// which `host.encode` refuses a text unencoded.
     context_length: u32,
     cache: ComponentCache,
+    /// Instances alive now, of `limits.instances`.
+    live: Arc<AtomicUsize>,
+}
+
+/// Router labels by (method, path): a router is a pure function of its arguments (an
+/// instance is fresh per request and reaches no clock or randomness), so one version's
+/// answers can be kept.
+#[derive(Default)]
+pub struct LabelCache(Mutex<HashMap<(String, String), String>>);
+
+impl LabelCache {
+    pub fn get(&self, method: &str, path: &str) -> Option<String> {
+        let labels = self.0.lock().ok()?;
+        labels.get(&(method.to_string(), path.to_string())).cloned()
+    }
+
+    pub fn put(&self, method: &str, path: &str, label: &str) {
+        if let Ok(mut labels) = self.0.lock() {
+            if labels.len() < MAX_CACHED_LABELS {
+                labels.insert((method.to_string(), path.to_string()), label.to_string());
+            }
+        }
+    }
 }
 
 /// A plugin that passed loading, ready to instantiate per request.
@@ -60,6 +92,8 @@ pub struct LoadedPlugin {
     pub loaded_at: SystemTime,
     pub requests: AtomicU64,
     pub traps: AtomicU64,
+    pub labels: LabelCache,
+    pub(crate) log: Arc<LogLimiter>,
     pub(crate) pre: PluginPre<HostState>,
     pub(crate) component: Component,
 }
@@ -76,20 +110,30 @@ impl PluginRuntime {
         limits: PluginLimits,
         cache_dir: Option<PathBuf>,
     ) -> Result<Self, PluginError> {
+        let instances = limits.instances.max(1);
+        let memories = instances.saturating_mul(2);
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(POOL_INSTANCES)
-            .total_core_instances(POOL_INSTANCES * 4)
-            .total_memories(POOL_INSTANCES * 2)
-            .total_tables(POOL_INSTANCES * 4)
+        pool.total_component_instances(instances)
+            .total_core_instances(instances.saturating_mul(4))
+            .total_memories(memories)
+            .total_tables(instances.saturating_mul(4))
             .max_memory_size(limits.memory_bytes);
         let mut config = Config::new();
         config
             .wasm_component_model(true)
             .epoch_interruption(true)
             .memory_reservation(limits.memory_bytes as u64)
-            .memory_guard_size(64 << 10)
+            .memory_guard_size(GUARD_BYTES as u64)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(engine_error)?;
+        let reserved = (memories as u64) * (limits.memory_bytes + GUARD_BYTES) as u64;
+        tracing::info!(
+            instances,
+            memories,
+            memory_mib = limits.memory_mib(),
+            reserved_address_space_mib = reserved >> 20,
+            "plugin instance pool reserved"
+        );
 
         let ticker = engine.weak();
         std::thread::Builder::new()
@@ -113,12 +157,34 @@ impl PluginRuntime {
             limits,
             context_length,
             cache: ComponentCache::new(cache_dir),
+            live: Arc::new(AtomicUsize::new(0)),
         })
     }
 
-    /// Epoch ticks in one call's deadline.
-    pub(crate) fn deadline_ticks(&self) -> u64 {
-        (self.limits.call_timeout.as_millis() / TICK.as_millis()).max(1) as u64
+    /// The epoch's period: the granularity of deadlines.
+    pub(crate) fn tick(&self) -> Duration {
+        TICK
+    }
+
+    /// Epoch ticks in `d` (at least one).
+    pub(crate) fn ticks(&self, d: Duration) -> u64 {
+        (d.as_nanos() / TICK.as_nanos()).max(1) as u64
+    }
+
+    pub(crate) fn live_instances(&self) -> &Arc<AtomicUsize> {
+        &self.live
+    }
+
+    /// Instances alive now, and the most the pool holds.
+    pub fn instances(&self) -> (usize, usize) {
+        (
+            self.live.load(std::sync::atomic::Ordering::Acquire),
+            self.limits.instances as usize,
+        )
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.context_length as usize
     }
 
     pub fn engine(&self) -> &Engine {
@@ -192,6 +258,8 @@ impl PluginRuntime {
             loaded_at: SystemTime::now(),
             requests: AtomicU64::new(0),
             traps: AtomicU64::new(0),
+            labels: LabelCache::default(),
+            log: Arc::new(LogLimiter::default()),
             pre,
             component,
         });

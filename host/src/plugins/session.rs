@@ -1,56 +1,98 @@
-//! One request's sandbox: a fresh store (memory cap, per-call epoch deadline) and an
-//! instance of the plugin. A call that traps poisons the session: a trapped instance is
-//! never called again.
+//! One request's sandbox: a fresh store (memory cap, per-call epoch deadline, a time
+//! budget for the whole request) and an instance of the plugin, counted against the
+//! instance pool while it lives. A call that traps poisons the session: a trapped
+//! instance is never called again. What a plugin returns is checked against caps before
+//! the host uses it.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use wasmtime::{Store, Trap};
+use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
 
 use super::runtime::{LoadedPlugin, PluginRuntime};
-use super::state::{EventSink, HostState};
+use super::state::{HostState, PromptTooLong};
 use super::world::{Plugin, PolicyRequest, PostConfig, Rejection, Released};
 use super::PluginError;
+use crate::telemetry::TokenEvents;
+
+/// The most text one `push` or `finish` may release.
+pub const MAX_RELEASED_BYTES: usize = 64 << 10;
+/// The longest rejection code and message a policy may return.
+pub const MAX_REJECTION_CODE: usize = 64;
+pub const MAX_REJECTION_MESSAGE: usize = 1024;
+
+/// A live instance of the pool, given back when the session ends.
+struct InstanceSlot(Arc<AtomicUsize>);
+
+impl InstanceSlot {
+    fn take(live: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Self(live.clone()))
+    }
+}
+
+impl Drop for InstanceSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 pub struct PluginSession {
     store: Store<HostState>,
     bindings: Plugin,
     name: Arc<str>,
-    deadline_ticks: u64,
-    timeout_ms: u64,
+    tick: Duration,
+    call_timeout: Duration,
+    budget: Duration,
+    spent: Duration,
     memory_mib: u64,
     poisoned: bool,
     plugin: Arc<LoadedPlugin>,
+    _slot: InstanceSlot,
 }
 
 impl PluginSession {
     pub fn new(runtime: &PluginRuntime, plugin: &Arc<LoadedPlugin>) -> Result<Self, PluginError> {
+        let max = runtime.limits.instances as usize;
+        let slot = InstanceSlot::take(runtime.live_instances(), max)
+            .ok_or(PluginError::PoolExhausted { instances: max })?;
         let state = HostState::new(
             plugin.name.clone(),
             runtime.tokenizer().clone(),
+            runtime.context_length(),
             runtime.limits.memory_bytes,
+            plugin.log.clone(),
         );
         let mut store = Store::new(runtime.engine(), state);
         store.limiter(|s| s);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(runtime.deadline_ticks());
-        let bindings =
-            plugin
-                .pre
-                .instantiate(&mut store)
-                .map_err(|e| PluginError::Instantiate {
+        store.set_epoch_deadline(runtime.ticks(runtime.limits.call_timeout));
+        let bindings = plugin.pre.instantiate(&mut store).map_err(|e| {
+            if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+                PluginError::PoolExhausted { instances: max }
+            } else {
+                PluginError::Instantiate {
                     plugin: plugin.name.to_string(),
                     detail: format!("{e:#}"),
-                })?;
+                }
+            }
+        })?;
         Ok(Self {
             store,
             bindings,
             name: plugin.name.clone(),
-            deadline_ticks: runtime.deadline_ticks(),
-            timeout_ms: runtime.limits.call_timeout.as_millis() as u64,
+            tick: runtime.tick(),
+            call_timeout: runtime.limits.call_timeout,
+            budget: runtime.limits.request_budget,
+            spent: Duration::ZERO,
             memory_mib: runtime.limits.memory_mib(),
             poisoned: false,
             plugin: plugin.clone(),
+            _slot: slot,
         })
     }
 
@@ -63,7 +105,7 @@ impl PluginSession {
         &self.plugin.sha256
     }
 
-    pub fn set_sink(&mut self, sink: EventSink) {
+    pub fn set_sink(&mut self, sink: TokenEvents) {
         self.store.data_mut().sink = Some(sink);
     }
 
@@ -75,38 +117,78 @@ impl PluginSession {
         self.store.data_mut()
     }
 
+    /// Time spent in this request's plugin calls so far, host imports included.
+    pub fn spent(&self) -> Duration {
+        self.spent
+    }
+
+    fn fail(&mut self, error: PluginError) -> PluginError {
+        self.poisoned = true;
+        if !matches!(error, PluginError::PromptTooLong { .. }) {
+            self.plugin.traps.fetch_add(1, Ordering::Relaxed);
+        }
+        error
+    }
+
     fn call<R>(
         &mut self,
         f: impl FnOnce(&Plugin, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
+        let plugin = self.name.to_string();
         if self.poisoned {
             return Err(PluginError::Trap {
-                plugin: self.name.to_string(),
+                plugin,
                 detail: "called again after a trap".into(),
             });
         }
-        self.store.set_epoch_deadline(self.deadline_ticks);
-        f(&self.bindings, &mut self.store).map_err(|e| {
-            self.poisoned = true;
-            self.plugin.traps.fetch_add(1, Ordering::Relaxed);
-            let plugin = self.name.to_string();
-            if self.store.data().memory_refused {
+        let left = self.budget.saturating_sub(self.spent);
+        if left.is_zero() {
+            let millis = self.budget.as_millis() as u64;
+            return Err(self.fail(PluginError::BudgetExceeded { plugin, millis }));
+        }
+        let by_budget = left < self.call_timeout;
+        let limit = left.min(self.call_timeout);
+        self.store
+            .set_epoch_deadline((limit.as_nanos() / self.tick.as_nanos().max(1)).max(1) as u64);
+        let t0 = Instant::now();
+        let result = f(&self.bindings, &mut self.store);
+        self.spent += t0.elapsed();
+        result.map_err(|e| {
+            let error = if let Some(long) = e.downcast_ref::<PromptTooLong>() {
+                PluginError::PromptTooLong {
+                    at_least: long.at_least,
+                    limit: long.limit,
+                }
+            } else if self.store.data().memory_refused {
                 PluginError::OutOfMemory {
                     plugin,
                     mib: self.memory_mib,
                 }
             } else if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-                PluginError::Timeout {
-                    plugin,
-                    millis: self.timeout_ms,
+                if by_budget {
+                    PluginError::BudgetExceeded {
+                        plugin,
+                        millis: self.budget.as_millis() as u64,
+                    }
+                } else {
+                    PluginError::Timeout {
+                        plugin,
+                        millis: self.call_timeout.as_millis() as u64,
+                    }
                 }
             } else {
                 PluginError::Trap {
                     plugin,
                     detail: format!("{e:#}"),
                 }
-            }
+            };
+            self.fail(error)
         })
+    }
+
+    fn misbehaved(&mut self, detail: String) -> PluginError {
+        let plugin = self.name.to_string();
+        self.fail(PluginError::Misbehaved { plugin, detail })
     }
 
     /// The `endpoint` label of a request.
@@ -114,23 +196,52 @@ impl PluginSession {
         self.call(|p, s| p.lynx_plugin_router().call_normalize(s, method, path))
     }
 
+    /// The policy's verdict on a prompt. A rejection's code and message are capped.
     pub fn tokenize(
         &mut self,
         request: &PolicyRequest,
     ) -> Result<Result<Vec<u32>, Rejection>, PluginError> {
-        self.call(|p, s| p.lynx_plugin_policy().call_tokenize(s, request))
+        let verdict = self.call(|p, s| p.lynx_plugin_policy().call_tokenize(s, request))?;
+        if let Err(r) = &verdict {
+            if r.code.len() > MAX_REJECTION_CODE || r.message.len() > MAX_REJECTION_MESSAGE {
+                return Err(self.misbehaved(format!(
+                    "a rejection of {} + {} bytes (caps {MAX_REJECTION_CODE} + {MAX_REJECTION_MESSAGE})",
+                    r.code.len(),
+                    r.message.len()
+                )));
+            }
+        }
+        Ok(verdict)
     }
 
     pub fn start(&mut self, config: &PostConfig) -> Result<(), PluginError> {
         self.call(|p, s| p.lynx_plugin_postprocess().call_start(s, config))
     }
 
+    /// One generated token through post-processing; the events the plugin failed to
+    /// report are recorded for it.
     pub fn push(&mut self, token: u32) -> Result<Released, PluginError> {
         self.store.data_mut().ledger.pushed += 1;
-        self.call(|p, s| p.lynx_plugin_postprocess().call_push(s, token))
+        let released = self.call(|p, s| p.lynx_plugin_postprocess().call_push(s, token));
+        self.store.data_mut().reconcile_events();
+        let released = released?;
+        self.check_released(&released.text)?;
+        Ok(released)
     }
 
     pub fn finish(&mut self) -> Result<String, PluginError> {
-        self.call(|p, s| p.lynx_plugin_postprocess().call_finish(s))
+        let text = self.call(|p, s| p.lynx_plugin_postprocess().call_finish(s))?;
+        self.check_released(&text)?;
+        Ok(text)
+    }
+
+    fn check_released(&mut self, text: &str) -> Result<(), PluginError> {
+        if text.len() > MAX_RELEASED_BYTES {
+            return Err(self.misbehaved(format!(
+                "released {} bytes at once (cap {MAX_RELEASED_BYTES})",
+                text.len()
+            )));
+        }
+        Ok(())
     }
 }

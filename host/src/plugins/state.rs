@@ -1,26 +1,86 @@
-//! What a plugin can reach: the model's tokenizer, the host log, and the event ledger
-//! that turns its reports into metrics. Reports that contradict what the host generated
-//! (a second first token, more completion tokens than generated, a second prompt count)
-//! are ignored and logged once per request.
+//! What a plugin can reach: the model's tokenizer, the host log (rate-limited and
+//! escaped), and the event ledger that turns its reports into metrics. Reports that
+//! contradict what the host generated (a second first token, more completion tokens than
+//! generated, a second prompt count) are ignored and logged once per request.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use wasmtime::ResourceLimiter;
 
 use super::world::lynx::plugin::{events, host, types};
 use super::world::LogLevel;
-use crate::engine::tokenizer::Tokenizer;
-use crate::http::observe::RequestInfo;
-use crate::metrics;
+use crate::engine::tokenizer::{Tokenizer, TokenizerError};
+use crate::telemetry::TokenEvents;
 
 /// The most text a plugin may ask the host to encode in one call: far above any prompt
 /// the body limit admits, far below what would stall the host.
 pub const MAX_ENCODE_BYTES: usize = 4 << 20;
+/// The longest plugin log line kept, in characters.
+const MAX_LOG_CHARS: usize = 2000;
+/// Log lines a plugin may write in a burst, and per second after it.
+const LOG_BURST: f64 = 50.0;
+const LOG_PER_SECOND: f64 = 10.0;
 
-/// Where a request's events go: its metrics labels and its log record.
-pub struct EventSink {
-    pub model_name: Arc<str>,
-    pub info: Arc<RequestInfo>,
+/// `host.encode` was asked for a text that provably cannot fit the context: the
+/// request is the client's mistake (400 `context_length_exceeded`), not the plugin's.
+#[derive(Debug, thiserror::Error)]
+#[error("the text is at least {at_least} tokens long; the context holds {limit}")]
+pub struct PromptTooLong {
+    pub at_least: usize,
+    pub limit: usize,
+}
+
+/// One plugin version's log allowance (a token bucket), shared by its instances.
+#[derive(Debug)]
+pub struct LogLimiter(Mutex<LogBucket>);
+
+#[derive(Debug)]
+struct LogBucket {
+    tokens: f64,
+    last: Instant,
+    dropped: u64,
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        Self(Mutex::new(LogBucket {
+            tokens: LOG_BURST,
+            last: Instant::now(),
+            dropped: 0,
+        }))
+    }
+}
+
+impl LogLimiter {
+    /// Whether a line may be written now, and how many were dropped before it.
+    fn admit(&self) -> Option<u64> {
+        let mut b = self.0.lock().ok()?;
+        let now = Instant::now();
+        let refill = now.duration_since(b.last).as_secs_f64() * LOG_PER_SECOND;
+        b.tokens = (b.tokens + refill).min(LOG_BURST);
+        b.last = now;
+        if b.tokens < 1.0 {
+            b.dropped += 1;
+            return None;
+        }
+        b.tokens -= 1.0;
+        Some(std::mem::take(&mut b.dropped))
+    }
+}
+
+/// A plugin's log line as the host writes it: cut to [`MAX_LOG_CHARS`], control
+/// characters escaped, so a plugin can neither forge log lines nor flood them.
+fn escape_log(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(MAX_LOG_CHARS));
+    for c in message.chars().take(MAX_LOG_CHARS) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The events of one request, as reported and as accepted.
@@ -39,22 +99,33 @@ pub struct Ledger {
 pub struct HostState {
     pub plugin: Arc<str>,
     pub tokenizer: Arc<Tokenizer>,
+    /// Positions per slot: a text provably longer is refused unencoded.
+    pub context_length: usize,
     pub ledger: Ledger,
-    pub sink: Option<EventSink>,
+    pub sink: Option<TokenEvents>,
     pub memory_cap: usize,
     /// Set when a memory growth was refused, to tell an out-of-memory trap from others.
     pub memory_refused: bool,
+    pub log: Arc<LogLimiter>,
 }
 
 impl HostState {
-    pub fn new(plugin: Arc<str>, tokenizer: Arc<Tokenizer>, memory_cap: usize) -> Self {
+    pub fn new(
+        plugin: Arc<str>,
+        tokenizer: Arc<Tokenizer>,
+        context_length: usize,
+        memory_cap: usize,
+        log: Arc<LogLimiter>,
+    ) -> Self {
         Self {
             plugin,
             tokenizer,
+            context_length,
             ledger: Ledger::default(),
             sink: None,
             memory_cap,
             memory_refused: false,
+            log,
         }
     }
 
@@ -69,7 +140,7 @@ impl HostState {
     pub fn count_completion(&mut self) {
         self.ledger.completion_tokens += 1;
         if let Some(sink) = &self.sink {
-            metrics::record_completion_token(&sink.model_name);
+            sink.completion_token();
         }
     }
 
@@ -77,9 +148,23 @@ impl HostState {
     pub fn mark_first_token(&mut self) {
         self.ledger.first_token = true;
         if let Some(sink) = &self.sink {
-            let ttft = sink.info.start.elapsed();
-            sink.info.set_ttft(ttft);
-            metrics::record_ttft(&sink.model_name, ttft.as_secs_f64());
+            sink.first_token();
+        }
+    }
+
+    /// Records what the plugin should have reported for the tokens it was given, so
+    /// the metrics stay exact whatever it reports.
+    pub fn reconcile_events(&mut self) {
+        let missing = self.ledger.pushed - self.ledger.completion_tokens;
+        if missing > 0 {
+            tracing::debug!(plugin = %self.plugin, missing, "plugin did not report completion tokens");
+            for _ in 0..missing {
+                self.count_completion();
+            }
+        }
+        if !self.ledger.first_token && self.ledger.pushed > 0 {
+            tracing::debug!(plugin = %self.plugin, "plugin did not report the first token");
+            self.mark_first_token();
         }
     }
 }
@@ -94,7 +179,16 @@ impl host::Host for HostState {
                 text.len()
             );
         }
-        Ok(self.tokenizer.encode(&text, parse_special)?)
+        match self
+            .tokenizer
+            .encode_bounded(&text, parse_special, self.context_length)
+        {
+            Ok(ids) => Ok(ids),
+            Err(TokenizerError::TooLong { at_least, limit }) => {
+                Err(wasmtime::Error::new(PromptTooLong { at_least, limit }))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn token_bytes(&mut self, token: u32) -> wasmtime::Result<Vec<u8>> {
@@ -111,8 +205,14 @@ impl host::Host for HostState {
     }
 
     fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
-        let message: String = message.chars().take(2000).collect();
+        let Some(dropped) = self.log.admit() else {
+            return Ok(());
+        };
         let plugin = &*self.plugin;
+        if dropped > 0 {
+            tracing::warn!(plugin, dropped, "plugin log lines dropped (rate limit)");
+        }
+        let message = escape_log(&message);
         match level {
             LogLevel::Trace => tracing::trace!(plugin, "{message}"),
             LogLevel::Debug => tracing::debug!(plugin, "{message}"),
@@ -172,5 +272,26 @@ impl ResourceLimiter for HostState {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_are_escaped_and_cut() {
+        assert_eq!(escape_log("a\nb\u{1b}[31m"), "a\\nb\\u{1b}[31m");
+        assert_eq!(escape_log(&"x".repeat(5000)).len(), MAX_LOG_CHARS);
+    }
+
+    #[test]
+    fn log_lines_past_the_burst_are_dropped_and_counted() {
+        let limiter = LogLimiter::default();
+        let admitted = (0..1000).filter(|_| limiter.admit().is_some()).count();
+        // The burst, plus what refilled while the loop ran (well under a second).
+        assert!((50..60).contains(&admitted), "{admitted}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(limiter.admit().is_some_and(|dropped| dropped > 900));
     }
 }

@@ -7,6 +7,10 @@
 //! - `LATE`: traps in post-processing, on the third generated token;
 //! - `LIAR`: reports nonsense events (a wrong prompt length, every token three times,
 //!   a first token on every token);
+//! - `FLOOD`: releases 64 MiB of text for every generated token;
+//! - `CRAWL`: spins about 0.3 s in every `push` (under a generous per-call deadline,
+//!   so only the per-request budget can stop it);
+//! - `CHATTY`: writes 10,000 log lines holding control characters;
 //! - `/TRAP` in the path: traps in route normalization.
 
 use std::cell::Cell;
@@ -18,6 +22,8 @@ use lynx_plugin_sdk::{
 thread_local! {
     static TRAP_AT_TOKEN: Cell<Option<u32>> = const { Cell::new(None) };
     static LIAR: Cell<bool> = const { Cell::new(false) };
+    static FLOOD: Cell<bool> = const { Cell::new(false) };
+    static CRAWL: Cell<bool> = const { Cell::new(false) };
     static TOKENS: Cell<u32> = const { Cell::new(0) };
 }
 
@@ -72,6 +78,16 @@ impl Plugin for HostilePlugin {
         if text.contains("LATE") {
             TRAP_AT_TOKEN.set(Some(3));
         }
+        if text.contains("CHATTY") {
+            for i in 0..10_000 {
+                host::log(
+                    LogLevel::Info,
+                    &format!("chatty {i}\nforged line\u{1b}[31m"),
+                );
+            }
+        }
+        FLOOD.set(text.contains("FLOOD"));
+        CRAWL.set(text.contains("CRAWL"));
         if text.contains("LIAR") {
             LIAR.set(true);
             events::prompt_tokens(12345);
@@ -84,6 +100,19 @@ impl Plugin for HostilePlugin {
         TOKENS.set(n);
         if TRAP_AT_TOKEN.get() == Some(n) {
             panic!("hostile plugin: trap mid-stream");
+        }
+        if FLOOD.get() {
+            return Released {
+                text: "x".repeat(64 << 20),
+                stop: false,
+            };
+        }
+        if CRAWL.get() {
+            let mut n: u64 = 0;
+            for i in 0..300_000_000u64 {
+                n = std::hint::black_box(n.wrapping_add(i));
+            }
+            std::hint::black_box(n);
         }
         if LIAR.get() {
             events::first_token();

@@ -14,8 +14,8 @@ pub fn normalize(_method: &str, path: &str) -> String {
 }
 
 /// Text prompts are encoded (after BOS, when the model wants one), token prompts pass
-/// through, conversations are rendered with ChatML and lose their oldest turns when over
-/// the budget. A prompt still too long is left for the host to refuse with its limits.
+/// through, conversations are rendered with ChatML (message content never parsed for
+/// special tokens) and lose their oldest turns when over the budget. A prompt still too long is left for the host to refuse with its limits.
 pub fn tokenize(request: PolicyRequest) -> Result<Vec<u32>, Rejection> {
     let ids = match request.prompt {
         Prompt::Text(text) => {
@@ -33,7 +33,7 @@ pub fn tokenize(request: PolicyRequest) -> Result<Vec<u32>, Rejection> {
                 })
                 .collect();
             let budget = prompt_budget(request.context_length, request.max_tokens);
-            encode_chat(&messages, budget, |text| host::encode(text, true))
+            encode_chat(&messages, budget, host::encode)
         }
     };
     events::prompt_tokens(u32::try_from(ids.len()).unwrap_or(u32::MAX));

@@ -1,0 +1,234 @@
+//! One client connection's life on the public listener, with its deadlines:
+//! - its first request (HTTP/2 preface, settings and headers included) must arrive
+//!   within the client timeout, or the connection is dropped;
+//! - a request's whole body must arrive within the client timeout of its headers, not
+//!   per frame, or it is answered 408 ([`BodyDeadline`]);
+//! - a connection with no request in flight for the keep-alive timeout is closed
+//!   gracefully (HTTP/1 keep-alive and HTTP/2 alike);
+//! - on shutdown it finishes the requests in flight and closes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::Router;
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+use tokio::time::{sleep_until, Instant};
+use tower::ServiceExt;
+
+/// The deadlines one connection lives by.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// For the first request's headers, and for each request's whole body.
+    pub client_timeout: Duration,
+    /// With no request in flight.
+    pub keep_alive_timeout: Duration,
+}
+
+/// What the connection task needs to know of its requests.
+struct Activity {
+    in_flight: AtomicUsize,
+    seen_request: AtomicBool,
+    idle_since: Mutex<Instant>,
+    changed: Notify,
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.seen_request.store(true, Ordering::Release);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_one();
+        InFlight(self.clone())
+    }
+
+    fn idle_since(&self) -> Instant {
+        self.idle_since
+            .lock()
+            .map_or_else(|_| Instant::now(), |t| *t)
+    }
+}
+
+/// A request in flight, until its response body has ended or was dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.0.idle_since.lock() {
+            *t = Instant::now();
+        }
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_one();
+    }
+}
+
+/// Serves one connection until it ends, a deadline cuts it, or `shutdown` turns true
+/// and its requests in flight are done.
+pub async fn serve_connection(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: TcpStream,
+    router: Router,
+    limits: ConnLimits,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let opened = Instant::now();
+    let activity = Arc::new(Activity {
+        in_flight: AtomicUsize::new(0),
+        seen_request: AtomicBool::new(false),
+        idle_since: Mutex::new(opened),
+        changed: Notify::new(),
+    });
+    let seen = activity.clone();
+    let client_timeout = limits.client_timeout;
+    let service = tower::service_fn(move |req: hyper::Request<Incoming>| {
+        let in_flight = seen.begin();
+        let body_deadline = Instant::now() + client_timeout;
+        let router = router.clone();
+        async move {
+            let req = req.map(|body| Body::new(BodyDeadline::new(body, body_deadline)));
+            let response = router.oneshot(req).await?;
+            Ok::<_, std::convert::Infallible>(response.map(|body| {
+                Body::new(Tracked {
+                    inner: body,
+                    _in_flight: in_flight,
+                })
+            }))
+        }
+    });
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+        .into_owned();
+    tokio::pin!(connection);
+    let mut closing = *shutdown.borrow();
+    if closing {
+        connection.as_mut().graceful_shutdown();
+    }
+    loop {
+        let wake = if closing {
+            None
+        } else if !activity.seen_request.load(Ordering::Acquire) {
+            Some(opened + limits.client_timeout)
+        } else if activity.in_flight.load(Ordering::Acquire) == 0 {
+            Some(activity.idle_since() + limits.keep_alive_timeout)
+        } else {
+            None
+        };
+        let timer = async {
+            match wake {
+                Some(at) => sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            done = connection.as_mut() => return done.map_err(|e| e.to_string()),
+            () = timer => {
+                if !activity.seen_request.load(Ordering::Acquire) {
+                    return Err(format!("no request within {client_timeout:?}; closed"));
+                }
+                if activity.in_flight.load(Ordering::Acquire) == 0
+                    && activity.idle_since().elapsed() >= limits.keep_alive_timeout
+                {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+            () = activity.changed.notified() => {}
+            changed = shutdown.changed(), if !closing => {
+                if changed.is_err() || *shutdown.borrow() {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted in flight until it ends.
+    struct Tracked {
+        #[pin]
+        inner: Body,
+        _in_flight: InFlight,
+    }
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The request body did not arrive whole in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within its deadline")]
+pub struct BodyDeadlineElapsed;
+
+pin_project_lite::pin_project! {
+    /// A request body that must end by one deadline, however its frames trickle in.
+    pub struct BodyDeadline {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        deadline: tokio::time::Sleep,
+    }
+}
+
+impl BodyDeadline {
+    fn new(inner: Incoming, at: Instant) -> Self {
+        Self {
+            inner,
+            deadline: sleep_until(at),
+        }
+    }
+}
+
+impl HttpBody for BodyDeadline {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match this.deadline.poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(BodyDeadlineElapsed.into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
