@@ -83,7 +83,7 @@ fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<B
 fn is_timeout(rejection: &BytesRejection) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
     while let Some(e) = source {
-        if e.is::<super::conn::BodyDeadlineElapsed>() {
+        if e.is::<super::body::BodyDeadlineElapsed>() {
             return true;
         }
         source = e.source();

@@ -7,17 +7,12 @@
 //!   gracefully (HTTP/1 keep-alive and HTTP/2 alike);
 //! - on shutdown it finishes the requests in flight and closes.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::Router;
-use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -26,6 +21,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tokio::time::{sleep_until, Instant};
 use tower::ServiceExt;
+
+use super::body::{BodyDeadline, Guarded};
 
 /// The deadlines one connection lives by.
 #[derive(Debug, Clone, Copy)]
@@ -97,12 +94,9 @@ pub async fn serve_connection(
         async move {
             let req = req.map(|body| Body::new(BodyDeadline::new(body, body_deadline)));
             let response = router.oneshot(req).await?;
-            Ok::<_, std::convert::Infallible>(response.map(|body| {
-                Body::new(Tracked {
-                    inner: body,
-                    _in_flight: in_flight,
-                })
-            }))
+            Ok::<_, std::convert::Infallible>(
+                response.map(|body| Body::new(Guarded::new(body, in_flight))),
+            )
         }
     });
     let connection = builder
@@ -150,85 +144,5 @@ pub async fn serve_connection(
                 }
             }
         }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that keeps its request counted in flight until it ends.
-    struct Tracked {
-        #[pin]
-        inner: Body,
-        _in_flight: InFlight,
-    }
-}
-
-impl HttpBody for Tracked {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The request body did not arrive whole in time.
-#[derive(Debug, thiserror::Error)]
-#[error("the request body did not arrive within its deadline")]
-pub struct BodyDeadlineElapsed;
-
-pin_project_lite::pin_project! {
-    /// A request body that must end by one deadline, however its frames trickle in.
-    pub struct BodyDeadline {
-        #[pin]
-        inner: Incoming,
-        #[pin]
-        deadline: tokio::time::Sleep,
-    }
-}
-
-impl BodyDeadline {
-    fn new(inner: Incoming, at: Instant) -> Self {
-        Self {
-            inner,
-            deadline: sleep_until(at),
-        }
-    }
-}
-
-impl HttpBody for BodyDeadline {
-    type Data = Bytes;
-    type Error = axum::BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
-        let this = self.project();
-        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-        }
-        match this.deadline.poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(BodyDeadlineElapsed.into()))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

@@ -1,21 +1,18 @@
 //! Per-request observation: the `endpoint` label (named by the router plugin once the
-//! handler has read the body), the RED metrics and the one info log line per request. The duration ends when the body's last
-//! byte has been handed to the connection (or the client went away), so streamed
-//! responses are timed in full, not to their headers.
+//! handler has read the body), the RED metrics and the one info log line per request.
+//! The duration ends when the body's last byte has been handed to the connection (or
+//! the client went away), so streamed responses are timed in full, not to their headers.
 
 use std::collections::HashSet;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame, SizeHint};
 
+use super::body::Guarded;
 use super::AppState;
 use crate::metrics;
 use crate::plugins::LoadedPlugin;
@@ -81,12 +78,7 @@ pub async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next:
         status: response.status().as_str().to_string(),
         info,
     };
-    response.map(|inner| {
-        Body::new(MeteredBody {
-            inner,
-            done: Some(done),
-        })
-    })
+    response.map(|inner| Body::new(Guarded::new(inner, done)))
 }
 
 /// Recorded once, when the body ends or is dropped.
@@ -116,38 +108,5 @@ impl Drop for Done {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
-    }
-}
-
-pin_project_lite::pin_project! {
-    struct MeteredBody {
-        #[pin]
-        inner: Body,
-        done: Option<Done>,
-    }
-}
-
-impl HttpBody for MeteredBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.done.take();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
