@@ -4,7 +4,8 @@
 //!
 //! `cargo bench -p lynx-host --bench tokenize`. The same file builds against older
 //! heads (it uses only `Model::read_tokenizer` and `Tokenizer::encode`), for side-by-side
-//! runs; their hand-written BPE needs a small `LYNX_BENCH_BYTES`.
+//! runs (`LYNX_BENCH_ROOT` points both at the same texts); their hand-written BPE needs
+//! a small `LYNX_BENCH_BYTES`.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark: failures abort it
 
@@ -69,7 +70,10 @@ fn bench(c: &mut Criterion) {
     let config = Cli::parse_from(["lynx-host"]).config;
     let (tokenizer, _) = Model::read_tokenizer(&config.model_path())
         .expect("scripts/fetch-model.sh fetches the model");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // `LYNX_BENCH_ROOT` (a `host/` folder) gives another tree's texts, so that runs of
+    // two heads side by side encode the very same bytes.
+    let root = std::env::var_os("LYNX_BENCH_ROOT")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
     let prose = std::fs::read_to_string(root.join("../README.md")).expect("README.md");
     let mut code = String::new();
     sources(&root.join("src"), &mut code);

@@ -324,3 +324,41 @@ async fn idle_connections_close_and_the_connection_cap_holds() {
     .await
     .expect("join");
 }
+
+#[tokio::test]
+async fn one_http2_connection_gets_at_most_its_stream_cap() {
+    let server = Server::start_with(&["--http2-max-streams", "2", "--kv-slots", "8"]).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("HTTP/2 client");
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0.8,
+                      "seed": 3, "stream": true});
+    let streams = (0..6).map(|_| {
+        let request = h2.post(server.url("/v1/completions")).json(&body);
+        async move {
+            let r = request.send().await.expect("h2 request");
+            assert_eq!(r.version(), reqwest::Version::HTTP_2);
+            assert_eq!(r.status().as_u16(), 200);
+            r.bytes().await.expect("h2 body").len()
+        }
+    });
+    let watch = async {
+        // Six requests on one connection, two streams at a time: never more than two
+        // of them generate at once, though eight slots are free.
+        let mut most = 0;
+        for _ in 0..100 {
+            let (_, h) = health(&server).await;
+            most = most.max(h["kv_cache_slots_used"].as_u64().unwrap_or(0));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        most
+    };
+    let (sizes, most) = tokio::join!(futures_util::future::join_all(streams), watch);
+    assert!(sizes.iter().all(|&n| n > 0));
+    assert!(most >= 1, "no stream was seen generating");
+    assert!(
+        most <= 2,
+        "{most} streams of one HTTP/2 connection ran at once"
+    );
+}
