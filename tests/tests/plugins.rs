@@ -396,6 +396,18 @@ async fn flooding_and_crawling_plugins_fail_alone_while_others_are_served() {
 }
 
 #[tokio::test]
+async fn time_in_host_imports_counts_toward_the_request_budget() {
+    let server = roomy_hostile_server().await;
+    let t0 = Instant::now();
+    let (status, body) = server.post("/v1/completions", &completion("HEAVY")).await;
+    let took = t0.elapsed();
+    assert_plugin_error(status, &body, "HEAVY");
+    assert_eq!(body["error"]["code"], "plugin_budget_exceeded", "{body}");
+    assert!(took < Duration::from_secs(5), "HEAVY took {took:?}");
+    assert_serves(&server, "HEAVY").await;
+}
+
+#[tokio::test]
 async fn plugin_log_lines_are_rate_limited_and_escaped() {
     let server = hostile_server().await;
     let (status, body) = server.post("/v1/completions", &completion("CHATTY")).await;

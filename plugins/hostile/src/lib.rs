@@ -11,6 +11,8 @@
 //! - `CRAWL`: spins about 0.3 s in every `push` (under a generous per-call deadline,
 //!   so only the per-request budget can stop it);
 //! - `CHATTY`: writes 10,000 log lines holding control characters;
+//! - `HEAVY`: asks the host to encode 300 KB of whitespace again and again, so the
+//!   time goes to host code, not its own;
 //! - `/TRAP` in the path: traps in route normalization.
 
 use std::cell::Cell;
@@ -84,6 +86,13 @@ impl Plugin for HostilePlugin {
                     LogLevel::Info,
                     &format!("chatty {i}\nforged line\u{1b}[31m"),
                 );
+            }
+        }
+        if text.contains("HEAVY") {
+            let spaces = " ".repeat(300_000);
+            let mut total = 0usize;
+            loop {
+                total = std::hint::black_box(total + host::encode(&spaces, false).len());
             }
         }
         FLOOD.set(text.contains("FLOOD"));
