@@ -259,8 +259,19 @@ impl Server {
 
     /// The status `/health` answers.
     pub async fn health_status(&self) -> u16 {
-        let r = self.client.get(self.url("/health")).send().await;
-        r.expect("health").status().as_u16()
+        self.health().await.0
+    }
+
+    /// The status and body `/health` answers.
+    pub async fn health(&self) -> (u16, Value) {
+        let r = self
+            .client
+            .get(self.url("/health"))
+            .send()
+            .await
+            .expect("health");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("health body"))
     }
 
     pub async fn metrics(&self) -> Metrics {

@@ -17,18 +17,6 @@ const LONG: Duration = Duration::from_secs(300);
 /// this lock to write, the other tests (each a server on the model) take it to read.
 static CPU: RwLock<()> = RwLock::const_new(());
 
-async fn health(server: &Server) -> Value {
-    server
-        .client
-        .get(server.url("/health"))
-        .send()
-        .await
-        .expect("health")
-        .json()
-        .await
-        .expect("health json")
-}
-
 #[tokio::test]
 async fn greedy_output_is_the_same_alone_and_in_a_changing_batch() {
     let _shared = CPU.read().await;
@@ -223,11 +211,11 @@ async fn disconnected_streams_free_their_slots_within_a_second() {
             .expect("first chunk");
         assert!(chunk.is_some());
     }
-    assert_eq!(health(&server).await["kv_cache_slots_used"], 10);
+    assert_eq!(server.health().await.1["kv_cache_slots_used"], 10);
     drop(streams);
     let gone = Instant::now();
     loop {
-        let h = health(&server).await;
+        let h = server.health().await.1;
         if h["kv_cache_slots_used"] == 0 && h["queue_depth"] == 0 {
             break;
         }

@@ -18,18 +18,6 @@ fn assert_context_exceeded(status: u16, body: &Value) {
     assert_eq!(body["error"]["param"], "prompt", "{body}");
 }
 
-/// The `/health` body.
-async fn health(server: &Server) -> (u16, Value) {
-    let r = server
-        .client
-        .get(server.url("/health"))
-        .send()
-        .await
-        .expect("health");
-    let status = r.status().as_u16();
-    (status, r.json().await.expect("health body"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_long_word_is_refused_at_once_while_health_stays_fast() {
     let server = Server::start().await;
@@ -125,7 +113,7 @@ async fn bodies_still_arriving_hold_no_plugin_instance() {
             .await;
         assert_eq!(status, 200, "{body}");
     }
-    let (status, body) = health(&server).await;
+    let (status, body) = server.health().await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["plugin_instances"], 0, "{body}");
     assert_eq!(body["plugin_instances_max"], 8, "{body}");
@@ -163,13 +151,13 @@ async fn a_full_instance_pool_is_503_and_health_says_so() {
     assert!(r.headers().get("retry-after").is_some(), "no Retry-After");
     let refused: Value = r.json().await.expect("error body");
     assert_eq!(refused["error"]["code"], "overloaded", "{refused}");
-    let (status, body) = health(&server).await;
+    let (status, body) = server.health().await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["status"], "plugin_pool_exhausted", "{body}");
 
     drop(streams);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while health(&server).await.0 != 200 {
+    while server.health().await.0 != 200 {
         assert!(Instant::now() < deadline, "the pool was not given back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -189,7 +177,7 @@ async fn a_stopped_scheduler_makes_health_503() {
         )
         .await;
     assert_eq!(status, 500);
-    let (status, body) = health(&server).await;
+    let (status, body) = server.health().await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["status"], "scheduler_stopped", "{body}");
 }
@@ -348,7 +336,7 @@ async fn one_http2_connection_gets_at_most_its_stream_cap() {
         // of them generate at once, though eight slots are free.
         let mut most = 0;
         for _ in 0..100 {
-            let (_, h) = health(&server).await;
+            let (_, h) = server.health().await;
             most = most.max(h["kv_cache_slots_used"].as_u64().unwrap_or(0));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
