@@ -127,11 +127,6 @@ impl Plugins {
         &self.active_name
     }
 
-    /// A fresh sandbox on the active plugin, for one request.
-    pub fn session(&self) -> Result<PluginSession, PluginError> {
-        self.runtime.session(&self.active())
-    }
-
     /// The `endpoint` label `plugin`'s router gives a request: from the version's
     /// cache, else from a transient instance on the pool, taken and given back at once.
     /// A router that fails (or a full pool) labels the request unmatched.
