@@ -22,6 +22,11 @@ use crate::engine::tokenizer::Tokenizer;
 
 /// How often the epoch advances: the granularity of call deadlines.
 const TICK: Duration = Duration::from_millis(5);
+/// Epoch ticks in `d` (at least one): a deadline as the engine counts it.
+pub(crate) fn epoch_ticks(d: Duration) -> u64 {
+    (d.as_nanos() / TICK.as_nanos()).max(1) as u64
+}
+
 /// Router labels kept per plugin version: past it, labels are computed, not cached.
 const MAX_CACHED_LABELS: usize = 1024;
 /// Guard pages after each linear memory.
@@ -159,16 +164,6 @@ impl PluginRuntime {
             cache: ComponentCache::new(cache_dir),
             live: Arc::new(AtomicUsize::new(0)),
         })
-    }
-
-    /// The epoch's period: the granularity of deadlines.
-    pub(crate) fn tick(&self) -> Duration {
-        TICK
-    }
-
-    /// Epoch ticks in `d` (at least one).
-    pub(crate) fn ticks(&self, d: Duration) -> u64 {
-        (d.as_nanos() / TICK.as_nanos()).max(1) as u64
     }
 
     pub(crate) fn live_instances(&self) -> &Arc<AtomicUsize> {

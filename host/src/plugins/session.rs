@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
 
-use super::runtime::{LoadedPlugin, PluginRuntime};
+use super::runtime::{epoch_ticks, LoadedPlugin, PluginRuntime};
 use super::state::{HostState, PromptTooLong};
 use super::world::{Plugin, PolicyRequest, PostConfig, Rejection, Released};
 use super::PluginError;
@@ -45,7 +45,6 @@ pub struct PluginSession {
     store: Store<HostState>,
     bindings: Plugin,
     name: Arc<str>,
-    tick: Duration,
     call_timeout: Duration,
     budget: Duration,
     spent: Duration,
@@ -70,7 +69,7 @@ impl PluginSession {
         let mut store = Store::new(runtime.engine(), state);
         store.limiter(|s| s);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(runtime.ticks(runtime.limits.call_timeout));
+        store.set_epoch_deadline(epoch_ticks(runtime.limits.call_timeout));
         let bindings = plugin.pre.instantiate(&mut store).map_err(|e| {
             if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
                 PluginError::PoolExhausted { instances: max }
@@ -85,7 +84,6 @@ impl PluginSession {
             store,
             bindings,
             name: plugin.name.clone(),
-            tick: runtime.tick(),
             call_timeout: runtime.limits.call_timeout,
             budget: runtime.limits.request_budget,
             spent: Duration::ZERO,
@@ -100,26 +98,12 @@ impl PluginSession {
         &self.name
     }
 
-    /// The sha256 of the plugin version this request runs on.
-    pub fn version(&self) -> &str {
-        &self.plugin.sha256
-    }
-
     pub fn set_sink(&mut self, sink: TokenEvents) {
         self.store.data_mut().sink = Some(sink);
     }
 
     pub fn state(&self) -> &HostState {
         self.store.data()
-    }
-
-    pub fn state_mut(&mut self) -> &mut HostState {
-        self.store.data_mut()
-    }
-
-    /// Time spent in this request's plugin calls so far, host imports included.
-    pub fn spent(&self) -> Duration {
-        self.spent
     }
 
     fn fail(&mut self, error: PluginError) -> PluginError {
@@ -148,8 +132,7 @@ impl PluginSession {
         }
         let by_budget = left < self.call_timeout;
         let limit = left.min(self.call_timeout);
-        self.store
-            .set_epoch_deadline((limit.as_nanos() / self.tick.as_nanos().max(1)).max(1) as u64);
+        self.store.set_epoch_deadline(epoch_ticks(limit));
         let t0 = Instant::now();
         let result = f(&self.bindings, &mut self.store);
         self.spent += t0.elapsed();
