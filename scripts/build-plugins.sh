@@ -2,7 +2,8 @@
 # Builds the guest components (wasm32-wasip2) and puts them where the host looks:
 #   plugins/dist/default.wasm, plugins/dist/strict.wasm   (the plugin folder)
 #   plugins/dist/test/{hostile,future}.wasm                (used by the tests only)
-#   plugins/dist/test/swap-{v1,v2,smoke-trap}.wasm         (the hot-swap tests' versions)
+#   plugins/dist/test/swap-{v1,v2,smoke-trap,flaky}.wasm   (the hot-swap tests' versions)
+#   plugins/dist/test/stdlib.wasm                          (ordinary Rust std, for WASI)
 set -euo pipefail
 cd "$(dirname "$0")/../plugins"
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -15,9 +16,10 @@ put default dist/default.wasm
 put strict dist/strict.wasm
 put hostile dist/test/hostile.wasm
 put future dist/test/future.wasm
+put stdlib dist/test/stdlib.wasm
 # The swap plugin's versions are one crate built with different features.
 put swap dist/test/swap-v1.wasm
-for version in v2 smoke-trap; do
+for version in v2 smoke-trap flaky; do
   cargo build --quiet --target wasm32-wasip2 --release -p lynx-plugin-swap --features "$version"
   put swap "dist/test/swap-$version.wasm"
 done

@@ -23,6 +23,7 @@ use clap::Parser;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use lynx_host::config::Cli;
 use lynx_host::engine::tokenizer::Tokenizer;
+use lynx_host::plugins::cache::ComponentCache;
 use lynx_host::plugins::world::{ChatMessage, PolicyRequest, PostConfig, Prompt};
 use lynx_host::plugins::{PluginLimits, PluginRuntime};
 use lynx_plugin_core::chat::{encode_chat, prompt_budget, Message};
@@ -76,8 +77,11 @@ fn bench(c: &mut Criterion) {
             request_budget: Duration::from_secs(2),
             memory_bytes: 64 << 20,
             instances: 16,
+            max_file_bytes: 32 << 20,
+            rollback_window: 0,
+            rollback_share: 0.2,
         },
-        None,
+        ComponentCache::in_memory(),
     )
     .expect("runtime");
     let plugin = runtime

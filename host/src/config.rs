@@ -87,10 +87,29 @@ pub struct Config {
     pub plugin_budget_ms: u64,
 
     /// Plugin instances alive at once: one per request between its body and its last
-    /// token. Past it, requests get 503 with Retry-After. Each reserves two linear
-    /// memories of address space (logged at start).
-    #[arg(long, env = "LYNX_PLUGIN_INSTANCES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pub plugin_instances: u32,
+    /// token. Past it, requests get 503 with Retry-After. Default: twice the requests
+    /// the scheduler holds (KV slots + queue), at least 16. Each reserves address space
+    /// for two linear memories; the total is logged at start, and refused when this
+    /// process cannot reserve it.
+    #[arg(long, env = "LYNX_PLUGIN_INSTANCES", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub plugin_instances: Option<u32>,
+
+    /// The largest plugin file loaded, in bytes; larger files in the plugin folder are
+    /// refused (the reason shows in `/admin/plugins`).
+    #[arg(long, env = "LYNX_PLUGIN_MAX_BYTES", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    pub plugin_max_bytes: u64,
+
+    /// Requests a newly swapped-in plugin version is judged on. If more than
+    /// `--plugin-rollback-share` of them fail (trap, deadline, invalid result), the host
+    /// returns to the last good version and quarantines the new one until its file
+    /// changes. 0 turns rollback off.
+    #[arg(long, env = "LYNX_PLUGIN_ROLLBACK_WINDOW", default_value_t = 20)]
+    pub plugin_rollback_window: u32,
+
+    /// The share of a new version's first requests that may fail before it is rolled
+    /// back (0 to 1).
+    #[arg(long, env = "LYNX_PLUGIN_ROLLBACK_SHARE", default_value_t = 0.2, value_parser = share)]
+    pub plugin_rollback_share: f64,
 
     /// Threads that run plugin calls (default: one per core). Calls past them wait;
     /// the async workers never run plugin code.
@@ -102,18 +121,34 @@ pub struct Config {
     pub plugin_memory_mib: u64,
 
     /// Where compiled plugins are cached by sha256 (default: `plugins` in the lynx cache
-    /// folder). Writable only by the host's user: artifacts are native code.
+    /// folder). It must be owned by the host's user, writable by no one else, and
+    /// outside the plugin folder, or the host refuses to start: artifacts are native
+    /// code (each is authenticated with a key kept in the folder).
     #[arg(long, env = "LYNX_PLUGIN_CACHE_DIR")]
     pub plugin_cache_dir: Option<PathBuf>,
 
     /// Address of the admin listener (`/admin/plugins`). Beyond loopback it requires
-    /// `--admin-token`.
+    /// a token (`--admin-token-file`).
     #[arg(long, env = "LYNX_ADMIN_LISTEN", default_value = "127.0.0.1:9000")]
     pub admin_listen: SocketAddr,
 
-    /// Bearer token the admin API requires (always, when set).
-    #[arg(long, env = "LYNX_ADMIN_TOKEN", hide_env_values = true)]
+    /// Bearer token the admin API requires (always, when set). Prefer
+    /// `--admin-token-file`: a flag shows in `ps`.
+    #[arg(
+        long,
+        env = "LYNX_ADMIN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "admin_token_file"
+    )]
     pub admin_token: Option<String>,
+
+    /// File holding the admin API's bearer token (surrounding whitespace ignored).
+    #[arg(long, env = "LYNX_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Open connections to the admin listener at most.
+    #[arg(long, env = "LYNX_ADMIN_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub admin_max_connections: u32,
 
     /// The largest request body accepted, in bytes; larger bodies get 413.
     #[arg(long, env = "LYNX_MAX_BODY_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
@@ -166,6 +201,15 @@ pub struct Config {
     pub log: String,
 }
 
+fn share(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err("a share between 0 and 1".into())
+    }
+}
+
 /// The lynx cache folder: `LYNX_CACHE_DIR`, else `$XDG_CACHE_HOME/lynx`, else
 /// `~/.cache/lynx` (where scripts/fetch-model.sh puts the model).
 fn cache_dir() -> PathBuf {
@@ -213,8 +257,44 @@ impl Config {
             call_timeout: std::time::Duration::from_millis(self.plugin_timeout_ms),
             request_budget: std::time::Duration::from_millis(self.plugin_budget_ms),
             memory_bytes: (self.plugin_memory_mib as usize) << 20,
-            instances: self.plugin_instances,
+            instances: self.plugin_instances(),
+            max_file_bytes: self.plugin_max_bytes,
+            rollback_window: self.plugin_rollback_window,
+            rollback_share: self.plugin_rollback_share,
         }
+    }
+
+    /// `--plugin-instances`, else twice the requests the scheduler holds.
+    pub fn plugin_instances(&self) -> u32 {
+        self.plugin_instances.unwrap_or_else(|| {
+            let held = u32::from(self.kv_slots).saturating_add(self.max_queue as u32);
+            held.saturating_mul(2).clamp(16, 65536)
+        })
+    }
+
+    /// The admin token, from `--admin-token` or `--admin-token-file`; an empty one is
+    /// refused.
+    pub fn admin_token(&self) -> Result<Option<String>, String> {
+        let token = match (&self.admin_token, &self.admin_token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map_err(|e| format!("reading the admin token file {}: {e}", file.display()))?
+                .trim()
+                .to_string(),
+            // clap reads an empty variable as unset; an operator who set it meant a token.
+            (None, None) if std::env::var_os("LYNX_ADMIN_TOKEN").is_some() => String::new(),
+            (None, None) => return Ok(None),
+        };
+        if token.trim().is_empty() {
+            return Err(
+                "the admin token is empty: set a real one (--admin-token-file) or none at all"
+                    .into(),
+            );
+        }
+        if token.len() < 16 {
+            tracing::warn!("the admin token is shorter than 16 characters");
+        }
+        Ok(Some(token))
     }
 
     /// Threads for plugin calls: `--plugin-threads`, else one per core.

@@ -12,6 +12,7 @@ use lynx_host::engine::model::DEFAULT_MAX_SEQ_LEN;
 use lynx_host::engine::{Batcher, BatcherConfig, Model};
 use lynx_host::http::admin::admin_app;
 use lynx_host::http::serve;
+use lynx_host::plugins::cache::ComponentCache;
 use lynx_host::plugins::{check::check, watch, PluginExec, PluginRuntime, Plugins};
 use lynx_host::{app, metrics, AppState};
 use tracing_subscriber::EnvFilter;
@@ -63,7 +64,7 @@ fn max_seq_len(config: &Config, model: &Model) -> usize {
     }
     let mut n = model.context_len.min(DEFAULT_MAX_SEQ_LEN);
     let per_position = usize::from(config.kv_slots) * model.llama.kv_bytes_per_position();
-    if let Some(available) = available_memory() {
+    if let Some(available) = lynx_host::available_memory() {
         let fits = (available / 2) / per_position.max(1);
         if fits < n {
             tracing::warn!(
@@ -74,20 +75,6 @@ fn max_seq_len(config: &Config, model: &Model) -> usize {
         }
     }
     n
-}
-
-/// MemAvailable from /proc/meminfo, in bytes.
-fn available_memory() -> Option<usize> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: usize = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
 }
 
 /// SIGHUP reloads the plugin folder, as the admin API's reload does.
@@ -118,12 +105,17 @@ fn model_path(config: &Config) -> anyhow::Result<std::path::PathBuf> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    if !config.admin_listen.ip().is_loopback() && config.admin_token.is_none() {
+    let admin_token = config
+        .admin_token()
+        .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
+    if !config.admin_listen.ip().is_loopback() && admin_token.is_none() {
         anyhow::bail!(
-            "refusing to start: the admin API would listen on {} (beyond loopback) without a token; set LYNX_ADMIN_TOKEN (--admin-token) or listen on loopback",
+            "refusing to start: the admin API would listen on {} (beyond loopback) without a token; set LYNX_ADMIN_TOKEN_FILE (--admin-token-file) or listen on loopback",
             config.admin_listen
         );
     }
+    let cache = ComponentCache::on_disk(&config.plugin_cache_dir(), &config.plugins_dir)
+        .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
     let path = model_path(&config)?;
     let t0 = Instant::now();
     let model = tokio::task::spawn_blocking(move || Model::load(&path))
@@ -154,12 +146,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         model.tokenizer.clone(),
         max_seq_len as u32,
         config.plugin_limits(),
-        Some(config.plugin_cache_dir()),
+        cache,
     )?;
     let exec = PluginExec::new(config.plugin_threads());
     tracing::info!(threads = exec.threads(), "plugin call pool");
-    let plugins =
-        Plugins::start(runtime, exec, &config.plugins_dir, &config.plugin).with_context(|| {
+    // Armed before the folder is read, so a file landing meanwhile is not missed.
+    let armed = watch::arm(&config.plugins_dir)?;
+    // Loading compiles and smoke-calls plugins (WASI blocks on its own): off the
+    // async workers.
+    let (dir, name) = (config.plugins_dir.clone(), config.plugin.clone());
+    let plugins = tokio::task::spawn_blocking(move || Plugins::start(runtime, exec, &dir, &name))
+        .await
+        .context("plugin loading task")?
+        .with_context(|| {
             format!(
                 "loading plugin `{}` from {} (scripts/build-plugins.sh builds the default plugins)",
                 config.plugin,
@@ -168,7 +167,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         })?;
     let plugins = Arc::new(plugins);
     // Kept for the life of the server: dropping it ends the watch.
-    let _watcher = watch::watch(plugins.clone())?;
+    let _watcher = armed.start(plugins.clone())?;
+    plugins.guard()?;
     reload_on_sighup(plugins.clone())?;
     metrics::init(&config.model_name);
     let limits = config.limits();
@@ -189,13 +189,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
-    tracing::info!(addr = %admin.local_addr()?, auth = config.admin_token.is_some(), "admin API");
-    let admin_app = admin_app(state.clone(), config.admin_token.clone());
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(admin, admin_app).await {
-            tracing::error!(error = %e, "admin listener failed");
-        }
-    });
+    tracing::info!(addr = %admin.local_addr()?, auth = admin_token.is_some(), "admin API");
+    let admin_app = admin_app(state.clone(), admin_token);
+    tokio::spawn(serve::serve_admin(
+        admin,
+        admin_app,
+        state.clone(),
+        config.admin_max_connections as usize,
+    ));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -2,19 +2,24 @@
 //! pre/post-processing in sandboxed components implementing `lynx:plugin@0.1.0`.
 //!
 //! [`world`] owns the generated bindings; [`runtime`] compiles, checks and
-//! pre-instantiates plugins ([`cache`] keeps them compiled by sha256); [`session`] is
-//! one request's sandbox, and [`exec`] the bounded pool its calls run on, off the async
-//! workers; [`state`] is what a plugin can reach (the tokenizer, the log, and the event
-//! ledger); [`registry`] is the plugin folder and the active plugin, which [`watch`]
-//! keeps in line with the files.
+//! pre-instantiates plugins ([`cache`] keeps them compiled by sha256, authenticated);
+//! [`session`] is one request's sandbox, and [`exec`] the bounded pool its calls run on,
+//! off the async workers; [`state`] is what a plugin can reach (the tokenizer, the log,
+//! the event ledger, and [`wasi`]'s deny-by-default WASI); [`registry`] is the plugin
+//! folder ([`files`] reads it as untrusted input) and the active plugin, which
+//! [`watch`] keeps in line with the files and [`probation`] rolls back when a new
+//! version fails.
 
 pub mod cache;
 pub mod check;
 pub mod exec;
+pub mod files;
+pub mod probation;
 pub mod registry;
 pub mod runtime;
 pub mod session;
 pub mod state;
+pub mod wasi;
 pub mod watch;
 pub mod world;
 

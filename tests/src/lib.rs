@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod prom;
+pub mod swap;
 
 use futures_util::StreamExt;
 use serde_json::Value;

@@ -6,120 +6,16 @@
 //! shows which version served it, and whether versions mixed.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lynx_tests::{free_port, plugins_dist, run_host, sse_data, Server};
+use lynx_tests::swap::{
+    admin, admin_until, entry, served_by, start, test_plugin, version_of, PluginDir, V1, V2,
+};
+use lynx_tests::{free_port, run_host, sse_data, Server};
 use serde_json::{json, Value};
-
-const V1: &str = "[v1]";
-const V2: &str = "[v2]";
-
-/// A plugin folder of the test's own, removed at the end.
-struct PluginDir(PathBuf);
-
-static DIRS: AtomicUsize = AtomicUsize::new(0);
-
-impl PluginDir {
-    fn new() -> Self {
-        let n = DIRS.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("lynx-hotswap-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("plugin dir");
-        Self(dir)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("utf-8 path")
-    }
-
-    /// Writes `NAME.wasm` as editors and deploy tools do: a temporary file, renamed.
-    fn install(&self, name: &str, bytes: &[u8]) {
-        let tmp = self.0.join(format!(".{name}.wasm.part"));
-        std::fs::write(&tmp, bytes).expect("write plugin");
-        std::fs::rename(&tmp, self.0.join(format!("{name}.wasm"))).expect("rename plugin");
-    }
-
-    fn remove(&self, name: &str) {
-        std::fs::remove_file(self.0.join(format!("{name}.wasm"))).expect("remove plugin");
-    }
-}
-
-impl Drop for PluginDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn test_plugin(file: &str) -> Vec<u8> {
-    std::fs::read(plugins_dist().join("test").join(file)).expect("test plugin")
-}
-
-async fn start(dir: &PluginDir, extra: &[&str]) -> Server {
-    let mut args = vec!["--plugins-dir", dir.path(), "--plugin", "swap"];
-    args.extend_from_slice(extra);
-    Server::start_with(&args).await
-}
-
-/// Which version served a response, from its text; `None` if mixed or empty.
-fn version_of(text: &str) -> Option<&'static str> {
-    [V1, V2]
-        .into_iter()
-        .find(|m| !text.is_empty() && text.replace(m, "").is_empty())
-}
-
-/// One greedy completion: the version that served it.
-async fn served_by(server: &Server) -> &'static str {
-    let (status, body) = server
-        .post(
-            "/v1/completions",
-            &json!({"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let text = body["choices"][0]["text"].as_str().unwrap_or_default();
-    version_of(text).unwrap_or_else(|| panic!("not one version: {text:?}"))
-}
-
-async fn admin(server: &Server) -> Value {
-    let r = server
-        .client
-        .get(format!("{}/admin/plugins", server.admin))
-        .send()
-        .await
-        .expect("admin");
-    assert_eq!(r.status(), 200);
-    r.json().await.expect("admin json")
-}
-
-fn entry<'a>(view: &'a Value, name: &str) -> &'a Value {
-    view["plugins"]
-        .as_array()
-        .and_then(|p| p.iter().find(|e| e["name"] == name))
-        .unwrap_or_else(|| panic!("no {name} in {view}"))
-}
-
-/// Polls the admin view until `done` holds for the plugin `name`.
-async fn admin_until(server: &Server, name: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let view = admin(server).await;
-        if view["plugins"]
-            .as_array()
-            .and_then(|p| p.iter().find(|e| e["name"] == name))
-            .is_some_and(&done)
-        {
-            return entry(&view, name).clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "admin view never got there: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// A streamed completion: `Ok(version)` if it completed wholly from one version.
 async fn stream_once(client: &reqwest::Client, base: &str) -> Result<&'static str, String> {
@@ -349,6 +245,7 @@ async fn admin_reload_and_sighup_pick_up_changes() {
     let r = server
         .client
         .post(format!("{}/admin/plugins/reload", server.admin))
+        .json(&json!({}))
         .send()
         .await
         .expect("reload");
@@ -417,7 +314,9 @@ async fn the_admin_api_beyond_loopback_requires_a_token() {
 async fn compiled_plugins_are_cached_by_sha256_across_restarts() {
     let dir = PluginDir::new();
     dir.install("swap", &test_plugin("swap-v1.wasm"));
-    let cache = dir.0.join("cache");
+    // The cache lives apart from the plugin folder (the host refuses it inside).
+    let apart = PluginDir::new();
+    let cache = apart.0.join("cache");
     let cache_arg = cache.to_str().expect("utf-8").to_string();
     let first = start(&dir, &["--plugin-cache-dir", &cache_arg]).await;
     assert!(

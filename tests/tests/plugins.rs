@@ -72,7 +72,6 @@ async fn each_hostile_plugin_fails_only_its_own_request() {
         ("TRAP", "trapped"),
         ("SPIN", "deadline"),
         ("HOG", "memory limit"),
-        ("SNOOP", "trapped"),
     ] {
         let t0 = Instant::now();
         let (status, body) = server
@@ -91,6 +90,18 @@ async fn each_hostile_plugin_fails_only_its_own_request() {
         }
         assert_serves(&server, trigger).await;
     }
+
+    // WASI is linked, deny by default: reading a file and the environment get errors,
+    // which the plugin reports in its rejection; no data, no trap.
+    let (status, body) = server
+        .post("/v1/completions", &completion("please SNOOP"))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "snooped", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("read 0 bytes and HOME=\"\""), "{body}");
+    assert!(!body.to_string().contains("root:"), "{body}");
+    assert_serves(&server, "SNOOP").await;
 
     // The chat route goes through the same policy.
     let (status, body) = server
@@ -114,7 +125,7 @@ async fn each_hostile_plugin_fails_only_its_own_request() {
     };
     assert_eq!(
         failed(&after, "/v1/completions") - failed(&before, "/v1/completions"),
-        4.0
+        3.0
     );
     assert_eq!(failed(&after, "/v1/chat/completions"), 1.0);
     let log = server.log();

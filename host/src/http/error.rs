@@ -26,6 +26,10 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("A valid `Authorization: Bearer` admin token is required.")]
     Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("The request body must be {0}.")]
+    UnsupportedMediaType(&'static str),
     #[error("The request body is larger than the {0}-byte limit.")]
     PayloadTooLarge(usize),
     #[error("The request body was not received within {0} seconds.")]
@@ -67,6 +71,10 @@ impl ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error")
             }
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "authentication_error"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "permission_error"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error")
+            }
             ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "invalid_request_error"),
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout_error"),
             ApiError::Engine(EngineError::ShuttingDown) => {

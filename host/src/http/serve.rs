@@ -121,6 +121,48 @@ pub async fn serve(
     }
 }
 
+/// Serves the admin listener: the public listener's per-connection deadlines (headers,
+/// body, keep-alive) and at most `max_connections` connections, each request told its
+/// peer ([`super::admin::Peer`]) for the audit log. It runs for the life of the process.
+pub async fn serve_admin(
+    listener: TcpListener,
+    router: Router,
+    state: Arc<AppState>,
+    max_connections: usize,
+) {
+    let builder = Arc::new(builder(&state));
+    let limits = ConnLimits {
+        client_timeout: state.limits.client_timeout,
+        keep_alive_timeout: state.limits.keep_alive_timeout,
+    };
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    // The admin listener never drains: its connections end with the process.
+    let (_never, open) = watch::channel(false);
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let router = router
+            .clone()
+            .layer(axum::Extension(super::admin::Peer(peer)));
+        let connection = serve_connection(builder.clone(), stream, router, limits, open.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 pub async fn shutdown_signal() {
     let terminate = async {

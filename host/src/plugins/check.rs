@@ -5,6 +5,7 @@ use std::fmt::Write;
 use std::path::Path;
 use std::sync::Arc;
 
+use super::cache::ComponentCache;
 use super::world::{WIT_PACKAGE, WIT_VERSION};
 use super::{PluginError, PluginLimits, PluginRuntime};
 use crate::engine::tokenizer::Tokenizer;
@@ -16,7 +17,12 @@ pub fn check(
     context_length: u32,
     limits: PluginLimits,
 ) -> Result<String, PluginError> {
-    let runtime = PluginRuntime::new(tokenizer, context_length, limits, None)?;
+    let runtime = PluginRuntime::new(
+        tokenizer,
+        context_length,
+        limits,
+        ComponentCache::in_memory(),
+    )?;
     let plugin = runtime.load(file)?;
     let component = &plugin.component;
     let ty = component.component_type();
@@ -38,7 +44,7 @@ pub fn check(
         let granted = if name.starts_with(&format!("{WIT_PACKAGE}/")) {
             "provided"
         } else {
-            "not provided: traps if called"
+            "WASI, deny by default: clocks, random and stdout/stderr work; files, environment and network give errors"
         };
         let _ = writeln!(out, "    {name} ({granted})");
     }

@@ -6,6 +6,11 @@
 //! already serving keeps serving. Removing the active plugin's file keeps its last good
 //! version serving (state `removed`) until a new file arrives: an operator's mistake
 //! never takes the server down.
+//!
+//! A version swapped in is on probation ([`super::probation`]): if it fails on more
+//! than the allowed share of its first requests, the registry returns to the last good
+//! version on its own and quarantines the bad one's sha256 until the file changes.
+//! Requests already running keep the version they started with.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +21,8 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+use super::files::{read_capped, FileRefusal};
+use super::probation::{Probation, ProbationStatus, Verdict};
 use super::{LoadedPlugin, PluginError, PluginExec, PluginRuntime, PluginSession};
 use crate::metrics::UNMATCHED_ENDPOINT;
 
@@ -39,6 +46,16 @@ struct Entry {
     removed: bool,
     last_error: Option<String>,
     last_error_at: Option<SystemTime>,
+    quarantined: Option<Quarantine>,
+}
+
+/// A version rolled back by its probation: refused until its file changes.
+#[derive(Debug, Clone, Serialize)]
+pub struct Quarantine {
+    pub sha256: String,
+    pub reason: String,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
 }
 
 /// One plugin as the admin view shows it.
@@ -55,6 +72,10 @@ pub struct PluginStatus {
     pub last_error_at: Option<u64>,
     pub requests: u64,
     pub traps: u64,
+    /// The serving version's probation after a swap.
+    pub probation: Option<ProbationStatus>,
+    /// A version that was rolled back, refused until the file changes.
+    pub quarantined: Option<Quarantine>,
 }
 
 pub struct Plugins {
@@ -67,6 +88,8 @@ pub struct Plugins {
     entries: Mutex<BTreeMap<String, Entry>>,
     /// One reload at a time: the watcher, SIGHUP and the admin API may ask together.
     reloading: Mutex<()>,
+    /// The active plugin's version to return to if the serving one fails its probation.
+    last_good: Mutex<Option<Arc<LoadedPlugin>>>,
 }
 
 fn epoch_secs(t: SystemTime) -> u64 {
@@ -74,14 +97,7 @@ fn epoch_secs(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The plugin name of a path in the folder, if it is a plugin file.
-pub fn plugin_name(path: &Path) -> Option<String> {
-    if path.extension()? != "wasm" {
-        return None;
-    }
-    let stem = path.file_stem()?.to_str()?;
-    (!stem.starts_with('.')).then(|| stem.to_string())
-}
+pub use super::files::plugin_name;
 
 impl Plugins {
     /// Loads every plugin of `dir`; `DIR/NAME.wasm` must load, and serves.
@@ -107,9 +123,10 @@ impl Plugins {
             exec,
             dir: dir.to_path_buf(),
             active_name: name.to_string(),
-            active: ArcSwap::new(plugin),
+            active: ArcSwap::new(plugin.clone()),
             entries: Mutex::new(entries),
             reloading: Mutex::new(()),
+            last_good: Mutex::new(Some(plugin)),
         };
         for other in plugins.files() {
             if other != name {
@@ -161,16 +178,77 @@ impl Plugins {
         }
     }
 
-    /// The plugin names of the folder's files.
+    /// The plugin names of the folder's entries, whatever their type: one that is not
+    /// a regular file is refused when read, and the refusal shows in the admin view.
     fn files(&self) -> Vec<String> {
         let Ok(read) = std::fs::read_dir(&self.dir) else {
             tracing::warn!(dir = %self.dir.display(), "plugin folder unreadable");
             return Vec::new();
         };
         read.filter_map(|e| e.ok())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
             .filter_map(|e| plugin_name(&e.path()))
             .collect()
+    }
+
+    /// Starts the thread that acts on probation verdicts: a passed version becomes the
+    /// one to return to, a failed one is rolled back.
+    pub fn guard(self: &Arc<Self>) -> Result<(), PluginError> {
+        let Some(verdicts) = self.runtime.take_verdicts() else {
+            return Ok(());
+        };
+        let plugins = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("lynx-plugin-guard".into())
+            .spawn(move || {
+                while let Ok((plugin, verdict)) = verdicts.recv() {
+                    let Some(plugins) = plugins.upgrade() else {
+                        return;
+                    };
+                    plugins.on_verdict(&plugin, verdict);
+                }
+            })
+            .map_err(|e| PluginError::Engine(format!("starting the plugin guard: {e}")))?;
+        Ok(())
+    }
+
+    fn on_verdict(&self, plugin: &Arc<LoadedPlugin>, verdict: Verdict) {
+        let _one_at_a_time = self.reloading.lock();
+        let serving = self.active.load_full();
+        if *plugin.name != *self.active_name || serving.sha256 != plugin.sha256 {
+            return;
+        }
+        match verdict {
+            Verdict::Passed => {
+                tracing::info!(plugin = %plugin.name, sha256 = %plugin.sha256, "plugin passed its probation");
+                if let Ok(mut good) = self.last_good.lock() {
+                    *good = Some(plugin.clone());
+                }
+            }
+            Verdict::Failed { failed, seen } => {
+                let good = self.last_good.lock().ok().and_then(|g| g.clone());
+                let Some(good) = good.filter(|g| g.sha256 != plugin.sha256) else {
+                    tracing::error!(plugin = %plugin.name, sha256 = %plugin.sha256, failed, seen, "plugin failing its probation, with no good version to return to");
+                    return;
+                };
+                let reason = format!(
+                    "version {} failed {failed} of its first {seen} requests (traps, deadlines or invalid results); rolled back to {}",
+                    plugin.sha256, good.sha256
+                );
+                self.active.store(good.clone());
+                tracing::error!(plugin = %plugin.name, bad = %plugin.sha256, restored = %good.sha256, failed, seen, "plugin rolled back; its version is quarantined until the file changes");
+                let now = SystemTime::now();
+                self.update(&plugin.name, |e| {
+                    e.plugin = Some(good);
+                    e.last_error = Some(reason.clone());
+                    e.last_error_at = Some(now);
+                    e.quarantined = Some(Quarantine {
+                        sha256: plugin.sha256.clone(),
+                        reason,
+                        at: epoch_secs(now),
+                    });
+                });
+            }
+        }
     }
 
     /// Reloads every file of the folder, and notices files that are gone.
@@ -194,18 +272,29 @@ impl Plugins {
     pub fn reload(&self, name: &str) {
         let _one_at_a_time = self.reloading.lock();
         let path = self.dir.join(format!("{name}.wasm"));
-        let bytes = match std::fs::read(&path) {
+        let bytes = match read_capped(&path, self.runtime.limits.max_file_bytes) {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(FileRefusal::Missing) => {
                 self.mark_removed(name);
                 return;
             }
             Err(e) => {
-                self.refuse(name, &format!("reading {}: {e}", path.display()));
+                self.refuse(name, &format!("{}: {e}", path.display()));
                 return;
             }
         };
         let sha = super::cache::sha256_hex(&bytes);
+        let quarantined = self.entries.lock().ok().and_then(|e| {
+            e.get(name)
+                .and_then(|e| e.quarantined.as_ref())
+                .filter(|q| q.sha256 == sha)
+                .map(|q| q.reason.clone())
+        });
+        if let Some(reason) = quarantined {
+            tracing::debug!(plugin = name, sha256 = %sha, "quarantined version not reloaded");
+            self.update(name, |e| e.last_error = Some(reason));
+            return;
+        }
         let current = self.entry_plugin(name);
         if current.as_ref().is_some_and(|p| p.sha256 == sha) {
             self.update(name, |e| {
@@ -214,7 +303,15 @@ impl Plugins {
             });
             return;
         }
-        match self.runtime.load_bytes(name.to_string(), &path, &bytes) {
+        let probation = if name == self.active_name {
+            self.runtime.probation()
+        } else {
+            Probation::exempt()
+        };
+        match self
+            .runtime
+            .load_bytes(name.to_string(), &path, &bytes, probation)
+        {
             Ok(plugin) => {
                 let previous = current.map(|p| p.sha256.clone());
                 self.update(name, |e| {
@@ -222,8 +319,15 @@ impl Plugins {
                     e.removed = false;
                     e.last_error = None;
                     e.last_error_at = None;
+                    e.quarantined = None;
                 });
                 if name == self.active_name {
+                    let outgoing = self.active.load_full();
+                    if outgoing.probation.passed() {
+                        if let Ok(mut good) = self.last_good.lock() {
+                            *good = Some(outgoing);
+                        }
+                    }
                     self.active.store(plugin.clone());
                     tracing::info!(plugin = name, sha256 = %plugin.sha256, ?previous, source = plugin.source.as_str(), "plugin swapped in");
                 } else {
@@ -297,6 +401,8 @@ impl Plugins {
                     last_error_at: e.last_error_at.map(epoch_secs),
                     requests: p.map_or(0, |p| p.requests.load(Ordering::Relaxed)),
                     traps: p.map_or(0, |p| p.traps.load(Ordering::Relaxed)),
+                    probation: p.map(|p| p.probation.status()).filter(|s| s.window > 0),
+                    quarantined: e.quarantined.clone(),
                 }
             })
             .collect()

@@ -1,6 +1,8 @@
 //! The wasmtime host: one engine (component model, epoch interruption driven by a ticker
-//! thread, pooling allocator), one linker holding only the lynx imports, and loading:
-//! compile → check the WIT version → link (any other import traps when called) →
+//! thread, pooling allocator whose totals are computed, logged and checked against the
+//! machine at start), one linker holding the lynx imports and deny-by-default WASI, and
+//! loading: compile (on a low-priority thread of its own, never the scheduler's pool) →
+//! check the WIT version → link (a plugin importing anything else is refused) →
 //! pre-instantiate → smoke call. Only a plugin that passes every step is served.
 
 use std::collections::HashMap;
@@ -13,6 +15,8 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::cache::{sha256_hex, ComponentCache, Source};
+use super::files::read_capped;
+use super::probation::{Probation, Verdict};
 use super::session::PluginSession;
 use super::state::{HostState, LogLimiter};
 use super::world::{ChatMessage, Plugin, PluginPre, PolicyRequest, PostConfig, Prompt};
@@ -31,6 +35,17 @@ pub(crate) fn epoch_ticks(d: Duration) -> u64 {
 const MAX_CACHED_LABELS: usize = 1024;
 /// Guard pages after each linear memory.
 const GUARD_BYTES: usize = 64 << 10;
+/// What one plugin component may hold: a Rust component has one memory (two with a
+/// WASI adapter module), a handful of core instances (its module, shims, adapters)
+/// and tables. More is refused at instantiation.
+const MEMORIES_PER_COMPONENT: u32 = 2;
+const TABLES_PER_COMPONENT: u32 = 4;
+const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+/// Elements one table may hold (each a pointer in the reservation).
+const TABLE_ELEMENTS: usize = 20_000;
+/// The most address space the pool may reserve: half the 47-bit user space of
+/// x86-64 and aarch64 Linux.
+const MAX_RESERVATION: u64 = 1 << 46;
 
 #[derive(Debug, Clone, Copy)]
 pub struct PluginLimits {
@@ -43,6 +58,71 @@ pub struct PluginLimits {
     pub memory_bytes: usize,
     /// Plugin instances alive at once (one per request being processed).
     pub instances: u32,
+    /// The largest plugin file read.
+    pub max_file_bytes: u64,
+    /// Requests a swapped-in version is judged on, and the share of them that may fail
+    /// before the host returns to the last good version.
+    pub rollback_window: u32,
+    pub rollback_share: f64,
+}
+
+/// The address space the instance pool reserves for `limits`, in bytes.
+pub fn pool_reservation(limits: &PluginLimits) -> u64 {
+    let instances = u64::from(limits.instances.max(1));
+    let memories = instances * u64::from(MEMORIES_PER_COMPONENT);
+    let tables = instances * u64::from(TABLES_PER_COMPONENT);
+    memories.saturating_mul((limits.memory_bytes + GUARD_BYTES) as u64)
+        + tables * (TABLE_ELEMENTS * std::mem::size_of::<usize>()) as u64
+}
+
+/// Refuses limits whose reservation this process cannot make: past `RLIMIT_AS` (half
+/// of it: the model and the KV cache need the rest) or past [`MAX_RESERVATION`].
+fn check_reservation(limits: &PluginLimits) -> Result<u64, PluginError> {
+    let reserved = pool_reservation(limits);
+    let mut rlimit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rlimit) } == 0;
+    let cap = if ok && rlimit.rlim_cur != libc::RLIM_INFINITY {
+        (rlimit.rlim_cur / 2).min(MAX_RESERVATION)
+    } else {
+        MAX_RESERVATION
+    };
+    if reserved > cap {
+        return Err(PluginError::Engine(format!(
+            "the plugin instance pool would reserve {} GiB of address space ({} instances x {} memories x {} MiB), more than this process can ({} GiB); lower --plugin-instances or --plugin-memory-mib",
+            reserved >> 30,
+            limits.instances,
+            MEMORIES_PER_COMPONENT,
+            limits.memory_mib(),
+            cap >> 30
+        )));
+    }
+    Ok(reserved)
+}
+
+/// Runs a compile on a thread of its own at a low priority, so the scheduler's forward
+/// pass (on its own pool) is preempted by nothing but the OS's fair share.
+fn compile_apart<T: Send>(f: impl FnOnce() -> wasmtime::Result<T> + Send) -> wasmtime::Result<T> {
+    std::thread::scope(|scope| {
+        let handle = std::thread::Builder::new()
+            .name("lynx-compile".into())
+            .spawn_scoped(scope, || {
+                // SAFETY: gettid and setpriority have no memory effects; on Linux the
+                // priority of one thread is set by its id.
+                unsafe {
+                    let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                    libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+                }
+                f()
+            })
+            .map_err(|e| wasmtime::Error::msg(format!("starting a compile thread: {e}")))?;
+        handle
+            .join()
+            .map_err(|_| wasmtime::Error::msg("the compile thread panicked"))?
+    })
 }
 
 impl PluginLimits {
@@ -50,6 +130,9 @@ impl PluginLimits {
         (self.memory_bytes >> 20) as u64
     }
 }
+
+/// A version's probation verdict, as a request session reports it.
+pub(crate) type VerdictReport = (Arc<LoadedPlugin>, Verdict);
 
 pub struct PluginRuntime {
     engine: Engine,
@@ -62,11 +145,14 @@ pub struct PluginRuntime {
     cache: ComponentCache,
     /// Instances alive now, of `limits.instances`.
     live: Arc<AtomicUsize>,
+    /// Where request sessions report a probation's verdict.
+    verdicts: std::sync::mpsc::Sender<VerdictReport>,
+    verdicts_rx: Mutex<Option<std::sync::mpsc::Receiver<VerdictReport>>>,
 }
 
-/// Router labels by (method, path): a router is a pure function of its arguments (an
-/// instance is fresh per request and reaches no clock or randomness), so one version's
-/// answers can be kept.
+/// Router labels by (method, path): a router is a pure function of its arguments (the
+/// WIT says so; an instance is fresh per request), so one version's answers can be
+/// kept.
 #[derive(Default)]
 pub struct LabelCache(Mutex<HashMap<(String, String), String>>);
 
@@ -98,6 +184,8 @@ pub struct LoadedPlugin {
     pub requests: AtomicU64,
     pub traps: AtomicU64,
     pub labels: LabelCache,
+    /// Its first requests after a swap, judged for a rollback.
+    pub probation: Probation,
     pub(crate) log: Arc<LogLimiter>,
     pub(crate) pre: PluginPre<HostState>,
     pub(crate) component: Component,
@@ -108,37 +196,52 @@ fn engine_error(e: impl std::fmt::Display) -> PluginError {
 }
 
 impl PluginRuntime {
-    /// The engine and linker; compiled plugins are cached under `cache_dir` if given.
+    /// The engine and linker; compiled plugins are kept in `cache`. Refuses limits the
+    /// process cannot reserve.
     pub fn new(
         tokenizer: Arc<Tokenizer>,
         context_length: u32,
         limits: PluginLimits,
-        cache_dir: Option<PathBuf>,
+        cache: ComponentCache,
     ) -> Result<Self, PluginError> {
+        let reserved = check_reservation(&limits)?;
         let instances = limits.instances.max(1);
-        let memories = instances.saturating_mul(2);
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(instances)
-            .total_core_instances(instances.saturating_mul(4))
-            .total_memories(memories)
-            .total_tables(instances.saturating_mul(4))
+            .total_core_instances(instances.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+            .total_memories(instances.saturating_mul(MEMORIES_PER_COMPONENT))
+            .total_tables(instances.saturating_mul(TABLES_PER_COMPONENT))
+            .max_memories_per_component(MEMORIES_PER_COMPONENT)
+            .max_tables_per_component(TABLES_PER_COMPONENT)
+            .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+            .table_elements(TABLE_ELEMENTS)
             .max_memory_size(limits.memory_bytes);
         let mut config = Config::new();
         config
             .wasm_component_model(true)
             .epoch_interruption(true)
+            // Compiles run on the calling (low-priority) thread, not on rayon's global
+            // pool, which the model's forward pass uses.
+            .parallel_compilation(false)
             .memory_reservation(limits.memory_bytes as u64)
             .memory_guard_size(GUARD_BYTES as u64)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(engine_error)?;
-        let reserved = (memories as u64) * (limits.memory_bytes + GUARD_BYTES) as u64;
+        let worst_case = u64::from(instances) * limits.memory_bytes as u64;
         tracing::info!(
             instances,
-            memories,
+            memories_per_instance = MEMORIES_PER_COMPONENT,
             memory_mib = limits.memory_mib(),
             reserved_address_space_mib = reserved >> 20,
+            worst_case_resident_mib = worst_case >> 20,
             "plugin instance pool reserved"
         );
+        if crate::available_memory().is_some_and(|m| worst_case > m as u64) {
+            tracing::warn!(
+                worst_case_resident_mib = worst_case >> 20,
+                "every plugin instance at its memory cap would not fit in the available memory"
+            );
+        }
 
         let ticker = engine.weak();
         std::thread::Builder::new()
@@ -155,15 +258,29 @@ impl PluginRuntime {
         let mut linker = Linker::new(&engine);
         Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(engine_error)?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_error)?;
+        let (verdicts, verdicts_rx) = std::sync::mpsc::channel();
         Ok(Self {
             engine,
             linker,
             tokenizer,
             limits,
             context_length,
-            cache: ComponentCache::new(cache_dir),
+            cache,
             live: Arc::new(AtomicUsize::new(0)),
+            verdicts,
+            verdicts_rx: Mutex::new(Some(verdicts_rx)),
         })
+    }
+
+    /// Where a request session reports its version's probation verdict.
+    pub(crate) fn verdicts(&self) -> &std::sync::mpsc::Sender<VerdictReport> {
+        &self.verdicts
+    }
+
+    /// The verdicts' receiving end, taken once by the registry.
+    pub(crate) fn take_verdicts(&self) -> Option<std::sync::mpsc::Receiver<VerdictReport>> {
+        self.verdicts_rx.lock().ok().and_then(|mut r| r.take())
     }
 
     pub(crate) fn live_instances(&self) -> &Arc<AtomicUsize> {
@@ -186,29 +303,37 @@ impl PluginRuntime {
         &self.engine
     }
 
-    /// A sandbox for one request on `plugin`.
+    /// A sandbox for one request on `plugin`; how it ends counts toward the version's
+    /// probation.
     pub fn session(&self, plugin: &Arc<LoadedPlugin>) -> Result<PluginSession, PluginError> {
         plugin
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        PluginSession::new(self, plugin)
+        PluginSession::new(self, plugin).map(PluginSession::judged)
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
     }
 
-    /// Loads the plugin at `path`; its name is the file's stem.
+    /// Loads the plugin at `path` (a regular file within the size cap); its name is
+    /// the file's stem. Not on probation: there is nothing to go back to.
     pub fn load(&self, path: &Path) -> Result<Arc<LoadedPlugin>, PluginError> {
         let file = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| PluginError::Invalid {
-            file: file.clone(),
-            detail: format!("reading it: {e}"),
-        })?;
+        let bytes =
+            read_capped(path, self.limits.max_file_bytes).map_err(|e| PluginError::Invalid {
+                file: file.clone(),
+                detail: e.to_string(),
+            })?;
         let name = path
             .file_stem()
             .map_or_else(|| file.clone(), |s| s.to_string_lossy().into_owned());
-        self.load_bytes(name, path, &bytes)
+        self.load_bytes(name, path, &bytes, Probation::exempt())
+    }
+
+    /// A probation for a version swapped in, by the configured window and share.
+    pub fn probation(&self) -> Probation {
+        Probation::new(self.limits.rollback_window, self.limits.rollback_share)
     }
 
     /// Loads a plugin from its bytes; `path` is where they came from, for messages.
@@ -217,27 +342,23 @@ impl PluginRuntime {
         name: String,
         path: &Path,
         bytes: &[u8],
+        probation: Probation,
     ) -> Result<Arc<LoadedPlugin>, PluginError> {
         let file = path.display().to_string();
         let sha256 = sha256_hex(bytes);
+        let (cache, engine) = (&self.cache, &self.engine);
         let (component, source) =
-            self.cache
-                .get(&self.engine, &sha256, bytes)
-                .map_err(|e| PluginError::Invalid {
+            compile_apart(|| cache.get(engine, &sha256, bytes)).map_err(|e| {
+                PluginError::Invalid {
                     file: file.clone(),
                     detail: format!("not a valid WebAssembly component: {e}"),
-                })?;
-        let wit_version = self.check_version(&file, &component)?;
-        let mut linker = self.linker.clone();
-        // WASI and any other import links, but traps if called: a plugin reaches
-        // nothing but the lynx imports.
-        linker
-            .define_unknown_imports_as_traps(&component)
-            .map_err(|e| PluginError::Invalid {
-                file: file.clone(),
-                detail: format!("{e:#}"),
+                }
             })?;
-        let pre = linker
+        let wit_version = self.check_version(&file, &component)?;
+        // A plugin importing anything beyond the lynx interfaces and WASI is refused
+        // here, at load, naming the import: nothing it could reach goes unchecked.
+        let pre = self
+            .linker
             .instantiate_pre(&component)
             .and_then(PluginPre::new)
             .map_err(|e| PluginError::Invalid {
@@ -254,6 +375,7 @@ impl PluginRuntime {
             requests: AtomicU64::new(0),
             traps: AtomicU64::new(0),
             labels: LabelCache::default(),
+            probation,
             log: Arc::new(LogLimiter::default()),
             pre,
             component,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
 
-use super::runtime::{epoch_ticks, LoadedPlugin, PluginRuntime};
+use super::runtime::{epoch_ticks, LoadedPlugin, PluginRuntime, VerdictReport};
 use super::state::{HostState, PromptTooLong};
 use super::world::{Plugin, PolicyRequest, PostConfig, Rejection, Released};
 use super::PluginError;
@@ -50,8 +50,25 @@ pub struct PluginSession {
     spent: Duration,
     memory_mib: u64,
     poisoned: bool,
+    /// A plugin fault (not the client's prompt) happened in this session.
+    faulted: bool,
+    /// A request's session, whose end counts toward the version's probation (not a
+    /// smoke call's or a router label's).
+    judged: bool,
+    verdicts: std::sync::mpsc::Sender<VerdictReport>,
     plugin: Arc<LoadedPlugin>,
     _slot: InstanceSlot,
+}
+
+impl Drop for PluginSession {
+    fn drop(&mut self) {
+        if !self.judged {
+            return;
+        }
+        if let Some(verdict) = self.plugin.probation.record(self.faulted) {
+            let _ = self.verdicts.send((self.plugin.clone(), verdict));
+        }
+    }
 }
 
 impl PluginSession {
@@ -89,9 +106,18 @@ impl PluginSession {
             spent: Duration::ZERO,
             memory_mib: runtime.limits.memory_mib(),
             poisoned: false,
+            faulted: false,
+            judged: false,
+            verdicts: runtime.verdicts().clone(),
             plugin: plugin.clone(),
             _slot: slot,
         })
+    }
+
+    /// This session is a request's: its end counts toward the version's probation.
+    pub(crate) fn judged(mut self) -> Self {
+        self.judged = true;
+        self
     }
 
     pub fn plugin_name(&self) -> &str {
@@ -109,6 +135,7 @@ impl PluginSession {
     fn fail(&mut self, error: PluginError) -> PluginError {
         self.poisoned = true;
         if !matches!(error, PluginError::PromptTooLong { .. }) {
+            self.faulted = true;
             self.plugin.traps.fetch_add(1, Ordering::Relaxed);
         }
         error

@@ -1,12 +1,14 @@
 //! What a plugin can reach: the model's tokenizer, the host log (rate-limited and
-//! escaped), and the event ledger that turns its reports into metrics. Reports that
+//! escaped), its deny-by-default WASI context ([`super::wasi`]), and the event ledger that turns its reports into metrics. Reports that
 //! contradict what the host generated (a second first token, more completion tokens than
 //! generated, a second prompt count) are ignored and logged once per request.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::world::lynx::plugin::{events, host, types};
 use super::world::LogLevel;
@@ -83,6 +85,25 @@ fn escape_log(message: &str) -> String {
     out
 }
 
+/// Writes one line of `plugin`'s log, under its rate limit: the `host.log` import,
+/// and the plugin's stdout and stderr.
+pub(crate) fn write_log(plugin: &str, limiter: &LogLimiter, level: LogLevel, message: &str) {
+    let Some(dropped) = limiter.admit() else {
+        return;
+    };
+    if dropped > 0 {
+        tracing::warn!(plugin, dropped, "plugin log lines dropped (rate limit)");
+    }
+    let message = escape_log(message);
+    match level {
+        LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+        LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+        LogLevel::Info => tracing::info!(plugin, "{message}"),
+        LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+        LogLevel::Error => tracing::error!(plugin, "{message}"),
+    }
+}
+
 /// The events of one request, as reported and as accepted.
 #[derive(Debug, Default)]
 pub struct Ledger {
@@ -107,6 +128,17 @@ pub struct HostState {
     /// Set when a memory growth was refused, to tell an out-of-memory trap from others.
     pub memory_refused: bool,
     pub log: Arc<LogLimiter>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
 }
 
 impl HostState {
@@ -117,6 +149,7 @@ impl HostState {
         memory_cap: usize,
         log: Arc<LogLimiter>,
     ) -> Self {
+        let (wasi, table) = super::wasi::context(plugin.clone(), log.clone());
         Self {
             plugin,
             tokenizer,
@@ -126,6 +159,8 @@ impl HostState {
             memory_cap,
             memory_refused: false,
             log,
+            wasi,
+            table,
         }
     }
 
@@ -205,21 +240,7 @@ impl host::Host for HostState {
     }
 
     fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
-        let Some(dropped) = self.log.admit() else {
-            return Ok(());
-        };
-        let plugin = &*self.plugin;
-        if dropped > 0 {
-            tracing::warn!(plugin, dropped, "plugin log lines dropped (rate limit)");
-        }
-        let message = escape_log(&message);
-        match level {
-            LogLevel::Trace => tracing::trace!(plugin, "{message}"),
-            LogLevel::Debug => tracing::debug!(plugin, "{message}"),
-            LogLevel::Info => tracing::info!(plugin, "{message}"),
-            LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-            LogLevel::Error => tracing::error!(plugin, "{message}"),
-        }
+        write_log(&self.plugin, &self.log, level, &message);
         Ok(())
     }
 }

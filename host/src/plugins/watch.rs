@@ -1,9 +1,14 @@
-//! Watches the plugin folder (`notify`) and reloads what changed. Events are debounced:
-//! a file being written fires many events, and is reloaded once they stop. A file
-//! caught half-written is refused and reloaded again when its writing ends, so the
-//! result is always the complete file.
+//! Watches the plugin folder (`notify`) and reloads what changed. The watch is armed
+//! before the folder's first scan, so a file landing during start-up is not missed.
+//!
+//! Events are debounced per file: a file being written fires many events, and is
+//! reloaded once they stop for [`DEBOUNCE`], or at the latest [`MAX_WAIT`] after its
+//! first event, so a file touched without end is still reloaded (and cannot hold back
+//! another file's swap). A file caught half-written is refused and reloaded again when
+//! its writing ends, so the result is always the complete file.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,45 +20,86 @@ use super::{PluginError, Plugins};
 
 /// Quiet time after a file's last event before it is reloaded.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
+/// The longest a file's reload waits after its first event, however busy it is.
+pub const MAX_WAIT: Duration = Duration::from_secs(1);
 
-/// Starts watching; the watch lasts as long as the returned watcher is kept.
-pub fn watch(plugins: Arc<Plugins>) -> Result<RecommendedWatcher, PluginError> {
-    let (tx, rx) = mpsc::channel();
+type Events = mpsc::Receiver<notify::Result<notify::Event>>;
+
+/// A watch armed on a folder, whose events queue until [`Armed::start`].
+pub struct Armed {
+    watcher: RecommendedWatcher,
+    events: Events,
+}
+
+/// Arms the watch on `dir`; events queue from now on.
+pub fn arm(dir: &Path) -> Result<Armed, PluginError> {
+    let (tx, events) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(tx)
         .map_err(|e| PluginError::Engine(format!("watching the plugin folder: {e}")))?;
     watcher
-        .watch(&plugins.dir, RecursiveMode::NonRecursive)
+        .watch(dir, RecursiveMode::NonRecursive)
         .map_err(|e| {
-            PluginError::Engine(format!(
-                "watching the plugin folder {}: {e}",
-                plugins.dir.display()
-            ))
+            PluginError::Engine(format!("watching the plugin folder {}: {e}", dir.display()))
         })?;
-    std::thread::Builder::new()
-        .name("lynx-plugin-watch".into())
-        .spawn(move || run(&plugins, &rx))
-        .map_err(|e| PluginError::Engine(format!("starting the plugin watcher: {e}")))?;
-    tracing::info!("watching the plugin folder");
-    Ok(watcher)
+    Ok(Armed { watcher, events })
 }
 
-fn run(plugins: &Plugins, rx: &mpsc::Receiver<notify::Result<notify::Event>>) {
-    let mut pending = BTreeSet::new();
-    let mut due = Instant::now();
+impl Armed {
+    /// Starts acting on the events (those queued since [`arm`] first); the watch lasts
+    /// as long as the returned watcher is kept.
+    pub fn start(self, plugins: Arc<Plugins>) -> Result<RecommendedWatcher, PluginError> {
+        let events = self.events;
+        std::thread::Builder::new()
+            .name("lynx-plugin-watch".into())
+            .spawn(move || run(&plugins, &events))
+            .map_err(|e| PluginError::Engine(format!("starting the plugin watcher: {e}")))?;
+        tracing::info!("watching the plugin folder");
+        Ok(self.watcher)
+    }
+}
+
+/// A file's pending reload: when its first and its last event came.
+struct Pending {
+    first: Instant,
+    last: Instant,
+}
+
+impl Pending {
+    fn due(&self) -> Instant {
+        (self.last + DEBOUNCE).min(self.first + MAX_WAIT)
+    }
+}
+
+fn run(plugins: &Plugins, events: &Events) {
+    let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
     loop {
-        let wait = if pending.is_empty() {
-            Duration::from_secs(3600)
-        } else {
-            due.saturating_duration_since(Instant::now())
-        };
-        match rx.recv_timeout(wait) {
+        let now = Instant::now();
+        let due: Vec<String> = pending
+            .iter()
+            .filter(|(_, p)| p.due() <= now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            pending.remove(&name);
+            plugins.reload(&name);
+        }
+        let wait = pending
+            .values()
+            .map(|p| p.due().saturating_duration_since(Instant::now()))
+            .min()
+            .unwrap_or(Duration::from_secs(3600));
+        match events.recv_timeout(wait) {
             Ok(Ok(event)) => {
-                let names: Vec<String> =
-                    event.paths.iter().filter_map(|p| plugin_name(p)).collect();
-                if !names.is_empty() {
-                    tracing::debug!(kind = ?event.kind, ?names, "plugin folder event");
-                    pending.extend(names);
-                    due = Instant::now() + DEBOUNCE;
+                let now = Instant::now();
+                for name in event.paths.iter().filter_map(|p| plugin_name(p)) {
+                    tracing::debug!(kind = ?event.kind, %name, "plugin folder event");
+                    pending
+                        .entry(name)
+                        .and_modify(|p| p.last = now)
+                        .or_insert(Pending {
+                            first: now,
+                            last: now,
+                        });
                 }
             }
             Ok(Err(e)) => {
@@ -61,11 +107,7 @@ fn run(plugins: &Plugins, rx: &mpsc::Receiver<notify::Result<notify::Event>>) {
                 tracing::warn!(error = %e, "plugin folder watch error; reloading the folder");
                 plugins.reload_all();
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                for name in std::mem::take(&mut pending) {
-                    plugins.reload(&name);
-                }
-            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
     }

@@ -3,7 +3,8 @@
 //! - `TRAP` in the prompt: panics (a trap) in the policy;
 //! - `SPIN`: loops forever in the policy;
 //! - `HOG`: allocates memory without bound in the policy;
-//! - `SNOOP`: tries to read `/etc/passwd` and the environment;
+//! - `SNOOP`: tries to read `/etc/passwd` and the environment, and refuses the request
+//!   (code `snooped`) saying what it got;
 //! - `LATE`: traps in post-processing, on the third generated token;
 //! - `LIAR`: reports nonsense events (a wrong prompt length, every token three times,
 //!   a first token on every token);

@@ -4,14 +4,18 @@
 //! The prompt `lynx:version` is refused with the code `version-v1` (or `-v2`): a probe
 //! that shows the serving version without running the model.
 //! Built with `--features smoke-trap`, it traps in route normalization, which the
-//! host's smoke call at load exercises.
+//! host's smoke call at load exercises. Built with `--features flaky`, it is `[v3]` and
+//! traps in its policy on every text prompt of odd length: a version that fails half
+//! of a test's requests, but passes its smoke call (a chat prompt).
 
 use lynx_plugin_sdk::{defaults, Plugin, PolicyRequest, Prompt, Rejection, Released};
 
-#[cfg(not(feature = "v2"))]
+#[cfg(not(any(feature = "v2", feature = "flaky")))]
 const MARKER: &str = "[v1]";
 #[cfg(feature = "v2")]
 const MARKER: &str = "[v2]";
+#[cfg(all(feature = "flaky", not(feature = "v2")))]
+const MARKER: &str = "[v3]";
 
 struct SwapPlugin;
 
@@ -24,6 +28,10 @@ impl Plugin for SwapPlugin {
     }
 
     fn tokenize(request: PolicyRequest) -> Result<Vec<u32>, Rejection> {
+        if cfg!(feature = "flaky") && matches!(&request.prompt, Prompt::Text(t) if t.len() % 2 == 1)
+        {
+            panic!("swap plugin: built to fail half its requests");
+        }
         if matches!(&request.prompt, Prompt::Text(t) if t == "lynx:version") {
             return Err(Rejection {
                 code: format!("version-{}", MARKER.trim_matches(['[', ']'])),

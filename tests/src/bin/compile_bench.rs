@@ -1,0 +1,119 @@
+//! Recompile benchmark (prints figures; not a test): decode throughput of 8 concurrent
+//! streams while a plugin is recompiled every 2 s, against the same load without
+//! recompiles, measured side by side on one server in alternating rounds.
+//!
+//! Each "recompile" installs the default plugin with one more custom section appended,
+//! so its sha256 is new and the host compiles it for real (no cache hit); it is a
+//! standby plugin, so serving goes on with the active one, as a hot-swap would.
+//!
+//! `cargo run --release -p lynx-tests --bin compile_bench [-- SECONDS_PER_ROUND [ROUNDS]]`
+//! (needs `scripts/build-plugins.sh`, the model, and `target/release/lynx-host`).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lynx_tests::{plugins_dist, Server};
+use serde_json::{json, Value};
+
+/// `bytes` with a custom section named `lynx-bench` holding `n` appended: the same
+/// component, a different file.
+fn variant(bytes: &[u8], n: u64) -> Vec<u8> {
+    let name = b"lynx-bench";
+    let mut payload = vec![name.len() as u8];
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(&n.to_le_bytes());
+    let mut out = bytes.to_vec();
+    out.push(0); // custom section id
+    let mut size = payload.len();
+    loop {
+        let byte = (size & 0x7f) as u8;
+        size >>= 7;
+        if size == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.extend_from_slice(&payload);
+    out
+}
+
+fn install(dir: &Path, bytes: &[u8]) {
+    let tmp = dir.join(".bench.wasm.part");
+    std::fs::write(&tmp, bytes).expect("write");
+    std::fs::rename(&tmp, dir.join("bench.wasm")).expect("rename");
+}
+
+/// Completion tokens per second from 8 clients over `secs`; with `recompile`, a new
+/// plugin variant is installed every 2 s.
+async fn round(server: &Server, secs: u64, recompile: Option<(&Path, &[u8], &mut u64)>) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let tokens = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let (stop, tokens) = (stop.clone(), tokens.clone());
+        let (client, url) = (server.client.clone(), server.url("/v1/completions"));
+        clients.push(tokio::spawn(async move {
+            let body = json!({"prompt": format!("Story {i}: once upon a time"), "max_tokens": 48, "temperature": 0.8, "seed": i});
+            while !stop.load(Ordering::Relaxed) {
+                let r = client.post(&url).json(&body).send().await.expect("request");
+                assert_eq!(r.status(), 200);
+                let v: Value = r.json().await.expect("body");
+                let n = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+                tokens.fetch_add(n, Ordering::Relaxed);
+            }
+        }));
+    }
+    let t0 = Instant::now();
+    let mut recompile = recompile;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if let Some((dir, base, n)) = recompile.as_mut() {
+            **n += 1;
+            install(dir, &variant(base, **n));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+    for c in clients {
+        c.await.expect("client");
+    }
+    tokens.load(Ordering::Relaxed) as f64 / elapsed
+}
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let secs: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let rounds: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let base = std::fs::read(plugins_dist().join("default.wasm")).expect("default.wasm");
+    let dir = std::env::temp_dir().join(format!("lynx-compile-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("default.wasm"), &base).expect("default");
+    let mut n = 0;
+    install(&dir, &variant(&base, n));
+    let dir_arg = dir.to_str().expect("utf-8").to_string();
+    let server = Server::start_with(&["--plugins-dir", &dir_arg]).await;
+
+    let (mut quiet, mut busy) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let q = round(&server, secs, None).await;
+        let b = round(&server, secs, Some((&dir, &base, &mut n))).await;
+        println!("round {r}: {q:.1} tok/s without recompiles, {b:.1} tok/s recompiling every 2 s: ratio {:.3}", b / q);
+        quiet.push(q);
+        busy.push(b);
+    }
+    let compiled = server.log().matches("source=\"compiled\"").count();
+    let (q, b) = (
+        quiet.iter().sum::<f64>() / rounds as f64,
+        busy.iter().sum::<f64>() / rounds as f64,
+    );
+    println!(
+        "8 streams, {rounds} x {secs} s each way: {q:.1} tok/s quiet, {b:.1} tok/s with {compiled} compiles: ratio {:.3}",
+        b / q
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
