@@ -106,6 +106,14 @@ pub struct Config {
     #[arg(long, env = "LYNX_PLUGIN_ROLLBACK_WINDOW", default_value_t = 20)]
     pub plugin_rollback_window: u32,
 
+    /// What a request meets when the plugin's post-processing fails mid-generation:
+    /// `closed` ends it with an error; `open` carries it on with the host's own
+    /// post-processing (the default plugin's: UTF-8 assembly and stop sequences) and
+    /// logs it. Routing always fails open (the request is labelled `unmatched`); the
+    /// prompt policy always fails closed (it is what the operator relies on to refuse).
+    #[arg(long, env = "LYNX_PLUGIN_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::Closed)]
+    pub plugin_failure_policy: FailurePolicy,
+
     /// The share of a new version's first requests that may fail before it is rolled
     /// back (0 to 1).
     #[arg(long, env = "LYNX_PLUGIN_ROLLBACK_SHARE", default_value_t = 0.2, value_parser = share)]
@@ -201,6 +209,13 @@ pub struct Config {
     pub log: String,
 }
 
+/// Whether a failing stage of a plugin fails its request (closed) or is bypassed (open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailurePolicy {
+    Closed,
+    Open,
+}
+
 fn share(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
     if (0.0..=1.0).contains(&v) {
@@ -248,6 +263,7 @@ impl Config {
             keep_alive_timeout: std::time::Duration::from_secs(self.keep_alive_timeout),
             max_connections: self.max_connections as usize,
             http2_max_streams: self.http2_max_streams,
+            postprocess_fail_open: self.plugin_failure_policy == FailurePolicy::Open,
             fault_injection: self.fault_injection,
         }
     }

@@ -42,6 +42,9 @@ pub struct Limits {
     pub keep_alive_timeout: Duration,
     pub max_connections: usize,
     pub http2_max_streams: u32,
+    /// When the serving plugin's post-processing fails mid-generation, the host's own
+    /// carries the request on (fail-open) instead of ending it with an error.
+    pub postprocess_fail_open: bool,
     /// Testing only: fault-injection prompts (see `--fault-injection`).
     pub fault_injection: bool,
 }

@@ -13,10 +13,14 @@ const DEADLINE_MS: u64 = 200;
 const MEMORY_MIB: u64 = 32;
 
 async fn hostile_server() -> Server {
+    hostile_server_with(&[]).await
+}
+
+async fn hostile_server_with(extra: &[&str]) -> Server {
     let dir = plugins_dist().join("test");
     let deadline = DEADLINE_MS.to_string();
     let memory = MEMORY_MIB.to_string();
-    Server::start_with(&[
+    let mut args = vec![
         "--plugins-dir",
         dir.to_str().expect("utf-8 path"),
         "--plugin",
@@ -25,8 +29,9 @@ async fn hostile_server() -> Server {
         &deadline,
         "--plugin-memory-mib",
         &memory,
-    ])
-    .await
+    ];
+    args.extend_from_slice(extra);
+    Server::start_with(&args).await
 }
 
 fn completion(prompt: &str) -> Value {
@@ -166,6 +171,50 @@ async fn a_plugin_trap_mid_stream_ends_that_stream_and_frees_its_slot() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_serves(&server, "LATE").await;
+}
+
+#[tokio::test]
+async fn under_the_fail_open_policy_the_host_carries_on_a_failed_post_processing() {
+    let server = hostile_server_with(&["--plugin-failure-policy", "open"]).await;
+    let reference = Server::start().await;
+    let body = json!({"prompt": "LATE", "max_tokens": 12, "temperature": 0});
+    let (status, expected) = reference.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{expected}");
+    let before = server.metrics().await;
+    let (status, got) = server.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{got}");
+    // The hostile plugin traps on its third token; the host's post-processing (the
+    // default plugin's) takes over, so the answer is the default plugin's, whole.
+    assert_eq!(got["choices"][0]["text"], expected["choices"][0]["text"]);
+    assert_eq!(got["usage"], expected["usage"]);
+    let after = server.metrics().await;
+    let counted = |m: &lynx_tests::Metrics| m.value("tokens_total", &[("kind", "completion")]);
+    assert_eq!(
+        counted(&after) - counted(&before),
+        got["usage"]["completion_tokens"].as_f64().unwrap_or(-1.0),
+        "every token counted once"
+    );
+    assert!(
+        server
+            .log()
+            .contains("the host's own carries the request on"),
+        "{}",
+        server.log()
+    );
+    let events = server
+        .stream(
+            "/v1/completions",
+            &json!({"prompt": "LATE", "max_tokens": 12, "temperature": 0, "stream": true}),
+        )
+        .await;
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    // The policy stage stays fail-closed.
+    let (status, body) = server.post("/v1/completions", &completion("TRAP")).await;
+    assert_plugin_error(status, &body, "TRAP");
 }
 
 #[tokio::test]

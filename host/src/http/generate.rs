@@ -3,16 +3,22 @@
 //! reports the token events the metrics come from. What a plugin fails to report, the
 //! host records itself, so the metrics stay exact. Streaming and non-streaming responses
 //! both read this, so they cannot differ.
+//!
+//! Under `--plugin-failure-policy open`, a post-processing failure mid-generation does
+//! not end the request: the default plugin's post-processing, run by the host, carries
+//! on from the failed token (text the plugin held back is lost), and it is logged.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use lynx_plugin_core::stream::TextStream;
 use rand::Rng;
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use super::types::{Usage, Validated};
 use super::AppState;
+use crate::engine::tokenizer::Tokenizer;
 use crate::engine::{EngineError, Fault, FinishReason, GenEvent, GenerateRequest, Sampling};
 use crate::metrics;
 use crate::plugins::world::PostConfig;
@@ -39,6 +45,52 @@ pub struct Generation {
     /// `--request-timeout` after the request arrived.
     deadline: tokio::time::Instant,
     timeout_secs: u64,
+    /// Fail-open: set up while the plugin serves, used once it has failed.
+    fallback: Option<Fallback>,
+}
+
+/// The host's own post-processing, for a request whose plugin failed under the
+/// fail-open policy.
+struct Fallback {
+    tokenizer: Arc<Tokenizer>,
+    stops: Vec<String>,
+    events: TokenEvents,
+    /// Running once the plugin failed.
+    text: Option<TextStream>,
+}
+
+impl Fallback {
+    fn active(&self) -> bool {
+        self.text.is_some()
+    }
+
+    /// Takes over from the failed plugin: its events for the token it failed on were
+    /// already recorded for it.
+    fn take_over(&mut self, id: u32) -> (String, bool) {
+        let mut text = TextStream::new(std::mem::take(&mut self.stops));
+        let released = text.push(self.tokenizer.piece(id).unwrap_or_default());
+        self.text = Some(text);
+        (released.text, released.stop)
+    }
+
+    fn push(&mut self, id: u32) -> (String, bool) {
+        self.events.completion_token();
+        let bytes = self.tokenizer.piece(id).unwrap_or_default();
+        match &mut self.text {
+            Some(text) => {
+                let released = text.push(bytes);
+                (released.text, released.stop)
+            }
+            None => (String::new(), false),
+        }
+    }
+
+    fn finish(&mut self) -> String {
+        self.text
+            .as_mut()
+            .map(TextStream::finish)
+            .unwrap_or_default()
+    }
 }
 
 impl Generation {
@@ -89,6 +141,12 @@ impl Generation {
             model_name: state.model_name.clone(),
             info: info.clone(),
         };
+        let fallback = state.limits.postprocess_fail_open.then(|| Fallback {
+            tokenizer: state.model.tokenizer.clone(),
+            stops: params.stops.clone(),
+            events: sink.clone(),
+            text: None,
+        });
         session
             .call(move |s| {
                 s.set_sink(sink);
@@ -130,6 +188,7 @@ impl Generation {
             stopping: false,
             deadline,
             timeout_secs: state.limits.request_timeout.as_secs(),
+            fallback,
         })
     }
 
@@ -171,10 +230,25 @@ impl Generation {
             Some(GenEvent::Token(id)) => {
                 self.completion_tokens += 1;
                 self.info.set_completion_tokens(self.completion_tokens);
-                match self.session.call(move |s| s.push(id)).await {
-                    Ok(released) => {
-                        self.release(released.text);
-                        if released.stop {
+                let released = match self.fallback.as_mut().filter(|f| f.active()) {
+                    Some(fallback) => Ok(fallback.push(id)),
+                    None => self
+                        .session
+                        .call(move |s| s.push(id))
+                        .await
+                        .map(|r| (r.text, r.stop)),
+                };
+                let released = match (released, self.fallback.as_mut()) {
+                    (Err(e), Some(fallback)) => {
+                        tracing::warn!(plugin = self.session.plugin_name(), error = %e, "plugin post-processing failed; the host's own carries the request on (--plugin-failure-policy open)");
+                        Ok(fallback.take_over(id))
+                    }
+                    (released, _) => released,
+                };
+                match released {
+                    Ok((text, stop)) => {
+                        self.release(text);
+                        if stop {
                             // Closing the channel makes the scheduler free the slot
                             // before another token is computed; the answer ends when
                             // it has.
@@ -185,13 +259,23 @@ impl Generation {
                     Err(e) => self.fail(e.into()),
                 }
             }
-            Some(GenEvent::Finished(reason)) => match self.session.call(|s| s.finish()).await {
-                Ok(tail) => {
-                    self.release(tail);
-                    self.finish(reason);
+            Some(GenEvent::Finished(reason)) => {
+                let tail = match self.fallback.as_mut().filter(|f| f.active()) {
+                    Some(fallback) => Ok(fallback.finish()),
+                    None => self.session.call(|s| s.finish()).await,
+                };
+                match (tail, self.fallback.is_some()) {
+                    (Ok(tail), _) => {
+                        self.release(tail);
+                        self.finish(reason);
+                    }
+                    (Err(e), true) => {
+                        tracing::warn!(plugin = self.session.plugin_name(), error = %e, "plugin post-processing failed at the end; its held-back text is lost (--plugin-failure-policy open)");
+                        self.finish(reason);
+                    }
+                    (Err(e), false) => self.fail(e.into()),
                 }
-                Err(e) => self.fail(e.into()),
-            },
+            }
             Some(GenEvent::Failed(e)) => {
                 self.ready.push_back(Piece::Failed(e.into()));
                 self.done = true;
