@@ -70,6 +70,18 @@ pub async fn start(dir: &PluginDir, extra: &[&str]) -> Server {
     Server::start_with(&args).await
 }
 
+/// The serving version, by the swap plugin's `lynx:version` probe (which its policy
+/// answers without the model): the rejection code, `version-v1` and so on.
+pub async fn version(server: &Server) -> String {
+    let (_, body) = server
+        .post("/v1/completions", &json!({"prompt": "lynx:version"}))
+        .await;
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Which version served a response, from its text; `None` if mixed or empty.
 pub fn version_of(text: &str) -> Option<&'static str> {
     [V1, V2]

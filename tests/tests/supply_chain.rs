@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lynx_tests::swap::{
-    admin, admin_until, entry, served_by, start, test_plugin, PluginDir, V1, V2,
+    admin, admin_until, entry, served_by, start, test_plugin, version, PluginDir, V1, V2,
 };
 use lynx_tests::{host_binary, plugins_dist, run_host, Server};
 use serde_json::{json, Value};
@@ -23,17 +23,6 @@ fn cwasm_files(cache: &Path) -> Vec<std::path::PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
         .collect()
-}
-
-/// The serving version, by the swap plugin's `lynx:version` probe.
-async fn version(server: &Server) -> String {
-    let (_, body) = server
-        .post("/v1/completions", &json!({"prompt": "lynx:version"}))
-        .await;
-    body["error"]["code"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
 }
 
 #[tokio::test]

@@ -308,10 +308,12 @@ impl Plugins {
         } else {
             Probation::exempt()
         };
-        match self
+        let started = std::time::Instant::now();
+        let loaded = self
             .runtime
-            .load_bytes(name.to_string(), &path, &bytes, probation)
-        {
+            .load_bytes(name.to_string(), &path, &bytes, probation);
+        let load_ms = started.elapsed().as_millis() as u64;
+        match loaded {
             Ok(plugin) => {
                 let previous = current.map(|p| p.sha256.clone());
                 self.update(name, |e| {
@@ -329,9 +331,9 @@ impl Plugins {
                         }
                     }
                     self.active.store(plugin.clone());
-                    tracing::info!(plugin = name, sha256 = %plugin.sha256, ?previous, source = plugin.source.as_str(), "plugin swapped in");
+                    tracing::info!(plugin = name, sha256 = %plugin.sha256, ?previous, source = plugin.source.as_str(), load_ms, "plugin swapped in");
                 } else {
-                    tracing::info!(plugin = name, sha256 = %plugin.sha256, source = plugin.source.as_str(), "plugin loaded (standby)");
+                    tracing::info!(plugin = name, sha256 = %plugin.sha256, source = plugin.source.as_str(), load_ms, "plugin loaded (standby)");
                 }
             }
             Err(e) => self.refuse(name, &e.to_string()),

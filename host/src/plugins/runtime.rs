@@ -1,7 +1,7 @@
 //! The wasmtime host: one engine (component model, epoch interruption driven by a ticker
 //! thread, pooling allocator whose totals are computed, logged and checked against the
 //! machine at start), one linker holding the lynx imports and deny-by-default WASI, and
-//! loading: compile (on a low-priority thread of its own, never the scheduler's pool) →
+//! loading: compile (on an idle-priority thread of its own, never the scheduler's pool) →
 //! check the WIT version → link (a plugin importing anything else is refused) →
 //! pre-instantiate → smoke call. Only a plugin that passes every step is served.
 
@@ -103,18 +103,24 @@ fn check_reservation(limits: &PluginLimits) -> Result<u64, PluginError> {
     Ok(reserved)
 }
 
-/// Runs a compile on a thread of its own at a low priority, so the scheduler's forward
-/// pass (on its own pool) is preempted by nothing but the OS's fair share.
+/// Runs a compile on a thread of its own under `SCHED_IDLE`: it runs only on CPU time
+/// that nothing else wants, so the model's forward pass (on its own pool) is never
+/// slowed by it; under full load a compile takes longer instead. Where the policy cannot
+/// be set, the thread runs at nice 19.
 fn compile_apart<T: Send>(f: impl FnOnce() -> wasmtime::Result<T> + Send) -> wasmtime::Result<T> {
     std::thread::scope(|scope| {
         let handle = std::thread::Builder::new()
             .name("lynx-compile".into())
             .spawn_scoped(scope, || {
-                // SAFETY: gettid and setpriority have no memory effects; on Linux the
-                // priority of one thread is set by its id.
+                // SAFETY: these calls take plain values (and a parameter struct that
+                // outlives them) and only change this thread's scheduling; on Linux,
+                // pid 0 and a thread id name this thread alone.
                 unsafe {
-                    let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                    libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+                    let param = libc::sched_param { sched_priority: 0 };
+                    if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+                        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+                    }
                 }
                 f()
             })

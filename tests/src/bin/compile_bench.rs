@@ -10,7 +10,7 @@
 //! (needs `scripts/build-plugins.sh`, the model, and `target/release/lynx-host`).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,14 +46,14 @@ fn install(dir: &Path, bytes: &[u8]) {
     std::fs::rename(&tmp, dir.join("bench.wasm")).expect("rename");
 }
 
-/// Completion tokens per second from 8 clients over `secs`; with `recompile`, a new
-/// plugin variant is installed every 2 s.
+/// Completion tokens per second generated for 8 clients over `secs` (the server's own
+/// `tokens_total` count, so tokens of requests still running count too); with
+/// `recompile`, a new plugin variant is installed every 2 s.
 async fn round(server: &Server, secs: u64, recompile: Option<(&Path, &[u8], &mut u64)>) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
-    let tokens = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for i in 0..8 {
-        let (stop, tokens) = (stop.clone(), tokens.clone());
+        let stop = stop.clone();
         let (client, url) = (server.client.clone(), server.url("/v1/completions"));
         clients.push(tokio::spawn(async move {
             let body = json!({"prompt": format!("Story {i}: once upon a time"), "max_tokens": 48, "temperature": 0.8, "seed": i});
@@ -61,11 +61,14 @@ async fn round(server: &Server, secs: u64, recompile: Option<(&Path, &[u8], &mut
                 let r = client.post(&url).json(&body).send().await.expect("request");
                 assert_eq!(r.status(), 200);
                 let v: Value = r.json().await.expect("body");
-                let n = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
-                tokens.fetch_add(n, Ordering::Relaxed);
+                assert!(v["usage"]["completion_tokens"].as_u64().is_some(), "{v}");
             }
         }));
     }
+    // Let every client reach the steady state before counting.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let counted = |m: &lynx_tests::Metrics| m.value("tokens_total", &[("kind", "completion")]);
+    let before = counted(&server.metrics().await);
     let t0 = Instant::now();
     let mut recompile = recompile;
     while t0.elapsed() < Duration::from_secs(secs) {
@@ -75,12 +78,13 @@ async fn round(server: &Server, secs: u64, recompile: Option<(&Path, &[u8], &mut
             install(dir, &variant(base, **n));
         }
     }
-    stop.store(true, Ordering::Relaxed);
+    let tokens = counted(&server.metrics().await) - before;
     let elapsed = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.expect("client");
     }
-    tokens.load(Ordering::Relaxed) as f64 / elapsed
+    tokens / elapsed
 }
 
 #[tokio::main]
@@ -95,7 +99,12 @@ async fn main() {
     let mut n = 0;
     install(&dir, &variant(&base, n));
     let dir_arg = dir.to_str().expect("utf-8").to_string();
-    let server = Server::start_with(&["--plugins-dir", &dir_arg]).await;
+    // A fresh compile cache, so every variant is compiled, never found on disk.
+    let cache =
+        std::env::temp_dir().join(format!("lynx-compile-bench-cache-{}", std::process::id()));
+    let cache_arg = cache.to_str().expect("utf-8").to_string();
+    let server =
+        Server::start_with(&["--plugins-dir", &dir_arg, "--plugin-cache-dir", &cache_arg]).await;
 
     let (mut quiet, mut busy) = (Vec::new(), Vec::new());
     for r in 0..rounds {
@@ -116,4 +125,5 @@ async fn main() {
     );
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&cache);
 }

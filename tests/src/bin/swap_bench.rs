@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lynx_tests::swap::version;
 use lynx_tests::{plugins_dist, Server};
 use serde_json::json;
 
@@ -22,16 +23,6 @@ fn install(dir: &std::path::Path, bytes: &[u8]) {
     let tmp = dir.join(".swap.wasm.part");
     std::fs::write(&tmp, bytes).expect("write");
     std::fs::rename(&tmp, dir.join("swap.wasm")).expect("rename");
-}
-
-async fn version(server: &Server) -> String {
-    let (_, body) = server
-        .post("/v1/completions", &json!({"prompt": "lynx:version"}))
-        .await;
-    body["error"]["code"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Completed streams per second from 8 clients over `secs`, swapping every 500 ms if
