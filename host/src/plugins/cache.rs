@@ -4,8 +4,8 @@
 //!
 //! An artifact is native code the host will run, so the disk cache is trusted no more
 //! than it proves itself:
-//! - the folder must be owned by the host's user, writable by nobody else, and outside
-//!   the plugin folder (which operators mount writable for hot-swap), or the host
+//! - the folder must be owned by the host's user, writable by nobody else (nor any
+//!   folder above it, unless sticky), and outside the plugin folder (which operators mount writable for hot-swap), or the host
 //!   refuses to start, as OpenSSH's StrictModes refuses a loose `~/.ssh`;
 //! - every artifact carries an HMAC-SHA256 over the plugin's sha256 and the artifact,
 //!   keyed by a secret in the folder (mode 0600) that only the host's user can read; an
@@ -192,6 +192,41 @@ fn check_owned(dir: &Path, meta: &std::fs::Metadata, what: &str) -> Result<(), U
     Ok(())
 }
 
+/// Every folder above the cache must be owned by root or the host's user, and not
+/// writable by others unless sticky (as `/tmp` is): otherwise whoever can write there
+/// could move the cache folder aside and put their own in its place.
+fn check_ancestors(dir: &Path, real: &Path) -> Result<(), UntrustedCache> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    for ancestor in real.ancestors().skip(1) {
+        let meta = std::fs::metadata(ancestor)
+            .map_err(|e| untrusted(dir, format!("has an unreadable parent: {e}")))?;
+        let mode = meta.permissions().mode();
+        let sticky = mode & 0o1000 != 0;
+        if meta.uid() != 0 && meta.uid() != me {
+            return Err(untrusted(
+                dir,
+                format!(
+                    "is below {}, owned by uid {}, neither root nor the host's user",
+                    ancestor.display(),
+                    meta.uid()
+                ),
+            ));
+        }
+        if mode & 0o022 != 0 && !sticky {
+            return Err(untrusted(
+                dir,
+                format!(
+                    "is below {}, writable by group or others (mode {:o}) without the sticky bit",
+                    ancestor.display(),
+                    mode & 0o7777
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl DiskCache {
     fn open(dir: &Path, plugins_dir: &Path) -> Result<Self, UntrustedCache> {
         std::fs::DirBuilder::new()
@@ -208,6 +243,7 @@ impl DiskCache {
         let real = dir
             .canonicalize()
             .map_err(|e| untrusted(dir, format!("cannot be resolved: {e}")))?;
+        check_ancestors(dir, &real)?;
         if let Ok(plugins) = plugins_dir.canonicalize() {
             if real.starts_with(&plugins) {
                 return Err(untrusted(
@@ -375,6 +411,14 @@ mod tests {
             err.to_string().contains("writable by group or others"),
             "{err}"
         );
+
+        let loose_parent = root.join("open");
+        std::fs::create_dir_all(&loose_parent).unwrap();
+        std::fs::set_permissions(&loose_parent, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = ComponentCache::on_disk(&loose_parent.join("cache"), &plugins)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("without the sticky bit"), "{err}");
 
         let good = root.join("good");
         assert!(ComponentCache::on_disk(&good, &plugins).is_ok());
