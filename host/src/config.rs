@@ -106,6 +106,11 @@ pub struct Config {
     #[arg(long, env = "LYNX_PLUGIN_ROLLBACK_WINDOW", default_value_t = 20)]
     pub plugin_rollback_window: u32,
 
+    /// The share of a new version's first requests that may fail before it is rolled
+    /// back (0 to 1).
+    #[arg(long, env = "LYNX_PLUGIN_ROLLBACK_SHARE", default_value_t = 0.2, value_parser = share)]
+    pub plugin_rollback_share: f64,
+
     /// What a request meets when the plugin's post-processing fails mid-generation:
     /// `closed` ends it with an error; `open` carries it on with the host's own
     /// post-processing (the default plugin's: UTF-8 assembly and stop sequences) and
@@ -113,11 +118,6 @@ pub struct Config {
     /// prompt policy always fails closed (it is what the operator relies on to refuse).
     #[arg(long, env = "LYNX_PLUGIN_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::Closed)]
     pub plugin_failure_policy: FailurePolicy,
-
-    /// The share of a new version's first requests that may fail before it is rolled
-    /// back (0 to 1).
-    #[arg(long, env = "LYNX_PLUGIN_ROLLBACK_SHARE", default_value_t = 0.2, value_parser = share)]
-    pub plugin_rollback_share: f64,
 
     /// Threads that run plugin calls (default: one per core). Calls past them wait;
     /// the async workers never run plugin code.
@@ -283,7 +283,8 @@ impl Config {
     /// `--plugin-instances`, else twice the requests the scheduler holds.
     pub fn plugin_instances(&self) -> u32 {
         self.plugin_instances.unwrap_or_else(|| {
-            let held = u32::from(self.kv_slots).saturating_add(self.max_queue as u32);
+            let queue = u32::try_from(self.max_queue).unwrap_or(u32::MAX);
+            let held = u32::from(self.kv_slots).saturating_add(queue);
             held.saturating_mul(2).clamp(16, 65536)
         })
     }

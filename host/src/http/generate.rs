@@ -22,7 +22,7 @@ use crate::engine::tokenizer::Tokenizer;
 use crate::engine::{EngineError, Fault, FinishReason, GenEvent, GenerateRequest, Sampling};
 use crate::metrics;
 use crate::plugins::world::PostConfig;
-use crate::plugins::Session;
+use crate::plugins::{PluginError, Session};
 use crate::telemetry::{RequestInfo, TokenEvents};
 
 #[derive(Debug)]
@@ -45,51 +45,37 @@ pub struct Generation {
     /// `--request-timeout` after the request arrived.
     deadline: tokio::time::Instant,
     timeout_secs: u64,
-    /// Fail-open: set up while the plugin serves, used once it has failed.
-    fallback: Option<Fallback>,
+    /// Who post-processes the tokens.
+    post: Post,
 }
 
-/// The host's own post-processing, for a request whose plugin failed under the
-/// fail-open policy.
-struct Fallback {
+/// Who post-processes a generation's tokens.
+enum Post {
+    /// The plugin, and nobody if it fails (fail-closed).
+    Plugin,
+    /// The plugin, and the host if it fails (fail-open).
+    PluginOrHost(HostPost),
+    /// The host, since the plugin failed.
+    Host(HostPost),
+}
+
+/// The host's own post-processing (the default plugin's, as plain Rust), for a request
+/// whose plugin failed under the fail-open policy.
+struct HostPost {
     tokenizer: Arc<Tokenizer>,
-    stops: Vec<String>,
     events: TokenEvents,
-    /// Running once the plugin failed.
-    text: Option<TextStream>,
+    text: TextStream,
 }
 
-impl Fallback {
-    fn active(&self) -> bool {
-        self.text.is_some()
-    }
-
-    /// Takes over from the failed plugin: its events for the token it failed on were
-    /// already recorded for it.
-    fn take_over(&mut self, id: u32) -> (String, bool) {
-        let mut text = TextStream::new(std::mem::take(&mut self.stops));
-        let released = text.push(self.tokenizer.piece(id).unwrap_or_default());
-        self.text = Some(text);
-        (released.text, released.stop)
-    }
-
-    fn push(&mut self, id: u32) -> (String, bool) {
-        self.events.completion_token();
-        let bytes = self.tokenizer.piece(id).unwrap_or_default();
-        match &mut self.text {
-            Some(text) => {
-                let released = text.push(bytes);
-                (released.text, released.stop)
-            }
-            None => (String::new(), false),
+impl HostPost {
+    /// One token's text, and whether a stop sequence ended the answer. `counted`: the
+    /// token's events are already recorded (the one the plugin failed on was, for it).
+    fn push(&mut self, id: u32, counted: bool) -> (String, bool) {
+        if !counted {
+            self.events.completion_token();
         }
-    }
-
-    fn finish(&mut self) -> String {
-        self.text
-            .as_mut()
-            .map(TextStream::finish)
-            .unwrap_or_default()
+        let released = self.text.push(self.tokenizer.piece(id).unwrap_or_default());
+        (released.text, released.stop)
     }
 }
 
@@ -141,12 +127,15 @@ impl Generation {
             model_name: state.model_name.clone(),
             info: info.clone(),
         };
-        let fallback = state.limits.postprocess_fail_open.then(|| Fallback {
-            tokenizer: state.model.tokenizer.clone(),
-            stops: params.stops.clone(),
-            events: sink.clone(),
-            text: None,
-        });
+        let post = if state.limits.postprocess_fail_open {
+            Post::PluginOrHost(HostPost {
+                tokenizer: state.model.tokenizer.clone(),
+                events: sink.clone(),
+                text: TextStream::new(params.stops.clone()),
+            })
+        } else {
+            Post::Plugin
+        };
         session
             .call(move |s| {
                 s.set_sink(sink);
@@ -188,7 +177,7 @@ impl Generation {
             stopping: false,
             deadline,
             timeout_secs: state.limits.request_timeout.as_secs(),
-            fallback,
+            post,
         })
     }
 
@@ -230,21 +219,16 @@ impl Generation {
             Some(GenEvent::Token(id)) => {
                 self.completion_tokens += 1;
                 self.info.set_completion_tokens(self.completion_tokens);
-                let released = match self.fallback.as_mut().filter(|f| f.active()) {
-                    Some(fallback) => Ok(fallback.push(id)),
-                    None => self
+                let released = match &mut self.post {
+                    Post::Host(host) => Ok(host.push(id, false)),
+                    _ => self
                         .session
                         .call(move |s| s.push(id))
                         .await
                         .map(|r| (r.text, r.stop)),
                 };
-                let released = match (released, self.fallback.as_mut()) {
-                    (Err(e), Some(fallback)) => {
-                        tracing::warn!(plugin = self.session.plugin_name(), error = %e, "plugin post-processing failed; the host's own carries the request on (--plugin-failure-policy open)");
-                        Ok(fallback.take_over(id))
-                    }
-                    (released, _) => released,
-                };
+                let released =
+                    released.or_else(|e| self.fail_over(e).map(|host| host.push(id, true)));
                 match released {
                     Ok((text, stop)) => {
                         self.release(text);
@@ -260,20 +244,16 @@ impl Generation {
                 }
             }
             Some(GenEvent::Finished(reason)) => {
-                let tail = match self.fallback.as_mut().filter(|f| f.active()) {
-                    Some(fallback) => Ok(fallback.finish()),
-                    None => self.session.call(|s| s.finish()).await,
+                let tail = match &mut self.post {
+                    Post::Host(host) => Ok(host.text.finish()),
+                    _ => self.session.call(|s| s.finish()).await,
                 };
-                match (tail, self.fallback.is_some()) {
-                    (Ok(tail), _) => {
+                match tail.or_else(|e| self.fail_over(e).map(|_| String::new())) {
+                    Ok(tail) => {
                         self.release(tail);
                         self.finish(reason);
                     }
-                    (Err(e), true) => {
-                        tracing::warn!(plugin = self.session.plugin_name(), error = %e, "plugin post-processing failed at the end; its held-back text is lost (--plugin-failure-policy open)");
-                        self.finish(reason);
-                    }
-                    (Err(e), false) => self.fail(e.into()),
+                    Err(e) => self.fail(e.into()),
                 }
             }
             Some(GenEvent::Failed(e)) => {
@@ -285,6 +265,21 @@ impl Generation {
                     .push_back(Piece::Failed(EngineError::Stopped.into()));
                 self.done = true;
             }
+        }
+    }
+
+    /// The plugin's post-processing failed: under the fail-open policy the host's takes
+    /// over (text the plugin held back is lost); otherwise the error stands.
+    fn fail_over(&mut self, error: PluginError) -> Result<&mut HostPost, PluginError> {
+        if matches!(self.post, Post::PluginOrHost(_)) {
+            if let Post::PluginOrHost(host) = std::mem::replace(&mut self.post, Post::Plugin) {
+                tracing::warn!(plugin = self.session.plugin_name(), error = %error, "plugin post-processing failed; the host's own carries the request on (--plugin-failure-policy open)");
+                self.post = Post::Host(host);
+            }
+        }
+        match &mut self.post {
+            Post::Host(host) => Ok(host),
+            _ => Err(error),
         }
     }
 

@@ -9,6 +9,8 @@
 //! `serve` returns and the process exits 0.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +18,8 @@ use std::time::Duration;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::conn::{serve_connection, ConnLimits};
 use super::AppState;
@@ -53,34 +55,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let builder = Arc::new(builder(&state));
-    let limits = ConnLimits {
-        client_timeout: state.limits.client_timeout,
-        keep_alive_timeout: state.limits.keep_alive_timeout,
-    };
+    let limits = conn_limits(&state);
     let max = state.limits.max_connections;
     let slots = Arc::new(Semaphore::new(max));
     let (closing, closing_rx) = watch::channel(false);
     tokio::pin!(shutdown);
-    loop {
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
+    while let Some((slot, stream, peer)) = next_connection(&listener, &slots, &mut shutdown).await {
         let connection = serve_connection(
             builder.clone(),
             stream,
@@ -88,12 +68,7 @@ pub async fn serve(
             limits,
             closing_rx.clone(),
         );
-        tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        spawn_connection(slot, peer, connection);
     }
     // Closed before `draining` shows, so whoever sees `draining` knows no connection
     // can be accepted any more.
@@ -131,36 +106,67 @@ pub async fn serve_admin(
     max_connections: usize,
 ) {
     let builder = Arc::new(builder(&state));
-    let limits = ConnLimits {
-        client_timeout: state.limits.client_timeout,
-        keep_alive_timeout: state.limits.keep_alive_timeout,
-    };
+    let limits = conn_limits(&state);
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
     // The admin listener never drains: its connections end with the process.
     let (_never, open) = watch::channel(false);
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (stream, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let forever = std::future::pending::<()>();
+    tokio::pin!(forever);
+    while let Some((slot, stream, peer)) = next_connection(&listener, &slots, &mut forever).await {
         let router = router
             .clone()
             .layer(axum::Extension(super::admin::Peer(peer)));
         let connection = serve_connection(builder.clone(), stream, router, limits, open.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
-            }
-        });
+        spawn_connection(slot, peer, connection);
     }
+}
+
+/// The deadlines of one connection, from the server's limits.
+fn conn_limits(state: &AppState) -> ConnLimits {
+    ConnLimits {
+        client_timeout: state.limits.client_timeout,
+        keep_alive_timeout: state.limits.keep_alive_timeout,
+    }
+}
+
+/// The next connection, once one of `slots` is free (its permit travels with the
+/// connection); `None` once `shutdown` resolves. A failed accept (out of file
+/// descriptors and the like) backs off and keeps serving.
+async fn next_connection(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let slot = tokio::select! {
+        slot = slots.clone().acquire_owned() => slot.ok()?,
+        () = shutdown.as_mut() => return None,
+    };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => return Some((slot, stream, peer)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = shutdown.as_mut() => return None,
+        }
+    }
+}
+
+/// Runs one connection on its own task, holding its slot until it has closed.
+fn spawn_connection(
+    slot: OwnedSemaphorePermit,
+    peer: SocketAddr,
+    connection: impl Future<Output = Result<(), String>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let _slot = slot;
+        if let Err(e) = connection.await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    });
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

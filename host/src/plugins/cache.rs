@@ -5,8 +5,9 @@
 //! An artifact is native code the host will run, so the disk cache is trusted no more
 //! than it proves itself:
 //! - the folder must be owned by the host's user, writable by nobody else (nor any
-//!   folder above it, unless sticky), and outside the plugin folder (which operators mount writable for hot-swap), or the host
-//!   refuses to start, as OpenSSH's StrictModes refuses a loose `~/.ssh`;
+//!   folder above it, unless sticky), and outside the plugin folder (which operators
+//!   mount writable for hot-swap), or the host refuses to start, as OpenSSH's
+//!   StrictModes refuses a loose `~/.ssh`;
 //! - every artifact carries an HMAC-SHA256 over the plugin's sha256 and the artifact,
 //!   keyed by a secret in the folder (mode 0600) that only the host's user can read; an
 //!   artifact that fails it is never deserialized, but recompiled and replaced;
@@ -25,7 +26,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
-use super::files::read_capped;
+use super::files::{open_regular, read_capped, read_open, FileRefusal};
 
 /// Compiled components kept in memory: enough for every plugin of a folder and its
 /// recent versions.
@@ -159,6 +160,17 @@ impl ComponentCache {
     }
 }
 
+/// A new file only the host's user can read, at a name nobody holds: never an existing
+/// file or a link planted there.
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 fn untrusted(dir: &Path, why: impl Into<String>) -> UntrustedCache {
     UntrustedCache {
         dir: dir.display().to_string(),
@@ -265,12 +277,7 @@ impl DiskCache {
         if !path.exists() {
             let tmp = dir.join(format!(".key.{}", random_hex()));
             let key: [u8; 32] = rand::random();
-            let written = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&tmp)
+            let written = create_private(&tmp)
                 .and_then(|mut f| f.write_all(&key).and_then(|()| f.sync_all()));
             // A hard link never replaces: if another host made the key first, both use it.
             let linked = written.and_then(|()| std::fs::hard_link(&tmp, &path));
@@ -281,22 +288,17 @@ impl DiskCache {
                 }
             }
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
-            .map_err(|e| untrusted(dir, format!("has an unreadable {KEY_FILE}: {e}")))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| untrusted(dir, format!("has an unreadable {KEY_FILE}: {e}")))?;
+        // One open file is checked and read: the key cannot be swapped in between.
+        let (file, meta) = open_regular(&path)
+            .map_err(|e| untrusted(dir, format!("has an unusable {KEY_FILE}: {e}")))?;
         check_owned(dir, &meta, KEY_FILE)?;
-        if !meta.is_file() || meta.permissions().mode() & 0o077 != 0 {
+        if meta.permissions().mode() & 0o077 != 0 {
             return Err(untrusted(
                 dir,
-                format!("has a {KEY_FILE} others can read; it must be a file of mode 0600"),
+                format!("has a {KEY_FILE} others can read; it must be mode 0600"),
             ));
         }
-        let bytes = read_capped(&path, 32)
+        let bytes = read_open(file, &meta, 32)
             .map_err(|e| untrusted(dir, format!("has a bad {KEY_FILE}: {e}")))?;
         <[u8; 32]>::try_from(bytes.as_slice())
             .map_err(|_| untrusted(dir, format!("has a {KEY_FILE} that is not 32 bytes")))
@@ -319,7 +321,7 @@ impl DiskCache {
         let path = self.path(sha);
         let bytes = match read_capped(&path, MAX_ARTIFACT_BYTES) {
             Ok(bytes) => bytes,
-            Err(super::files::FileRefusal::Missing) => return None,
+            Err(FileRefusal::Missing) => return None,
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "plugin artifact refused; recompiling");
                 return None;
@@ -361,13 +363,7 @@ impl DiskCache {
                     .ok_or("no key")?
                     .finalize()
                     .into_bytes();
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&tmp)
-                    .map_err(|e| e.to_string())?;
+                let mut file = create_private(&tmp).map_err(|e| e.to_string())?;
                 file.write_all(MAGIC)
                     .and_then(|()| file.write_all(&tag))
                     .and_then(|()| file.write_all(&payload))
@@ -396,29 +392,26 @@ mod tests {
         let root = temp("trust");
         let plugins = root.join("plugins");
         std::fs::create_dir_all(&plugins).unwrap();
-        let nested = plugins.join("cache");
-        let err = ComponentCache::on_disk(&nested, &plugins).err().unwrap();
-        assert!(
-            err.to_string().contains("inside the plugin folder"),
-            "{err}"
-        );
+        let refusal = |d: &Path| {
+            ComponentCache::on_disk(d, &plugins)
+                .err()
+                .unwrap()
+                .to_string()
+        };
+        let err = refusal(&plugins.join("cache"));
+        assert!(err.contains("inside the plugin folder"), "{err}");
 
         let loose = root.join("loose");
         std::fs::create_dir_all(&loose).unwrap();
         std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let err = ComponentCache::on_disk(&loose, &plugins).err().unwrap();
-        assert!(
-            err.to_string().contains("writable by group or others"),
-            "{err}"
-        );
+        let err = refusal(&loose);
+        assert!(err.contains("writable by group or others"), "{err}");
 
         let loose_parent = root.join("open");
         std::fs::create_dir_all(&loose_parent).unwrap();
         std::fs::set_permissions(&loose_parent, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let err = ComponentCache::on_disk(&loose_parent.join("cache"), &plugins)
-            .err()
-            .unwrap();
-        assert!(err.to_string().contains("without the sticky bit"), "{err}");
+        let err = refusal(&loose_parent.join("cache"));
+        assert!(err.contains("without the sticky bit"), "{err}");
 
         let good = root.join("good");
         assert!(ComponentCache::on_disk(&good, &plugins).is_ok());

@@ -7,7 +7,7 @@
 //! a link in the folder can point the host at `/dev/zero`, a FIFO, or a file outside
 //! the folder. Deploy tools that stage files elsewhere copy or rename them in.
 
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
@@ -51,10 +51,10 @@ fn kind(t: std::fs::FileType) -> &'static str {
     }
 }
 
-/// Reads the regular file at `path`, at most `cap` bytes. Opening never blocks (a FIFO
-/// opens at once with `O_NONBLOCK`, then is refused by its type) and never follows a
-/// final symlink.
-pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, FileRefusal> {
+/// Opens the regular file at `path` for reading. Opening never blocks (a FIFO opens
+/// at once with `O_NONBLOCK`, then is refused by its type) and never follows a final
+/// symlink; the type is checked on the open file, so it cannot be swapped in between.
+pub fn open_regular(path: &Path) -> Result<(File, Metadata), FileRefusal> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -68,17 +68,24 @@ pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, FileRefusal> {
     if !meta.file_type().is_file() {
         return Err(FileRefusal::NotRegular(kind(meta.file_type())));
     }
+    Ok((file, meta))
+}
+
+/// Reads the regular file at `path`, at most `cap` bytes ([`open_regular`]).
+pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, FileRefusal> {
+    let (file, meta) = open_regular(path)?;
+    read_open(file, &meta, cap)
+}
+
+/// Reads an opened file to the end, refusing one over `cap`, or that grew past it while
+/// being read.
+pub fn read_open(file: File, meta: &Metadata, cap: u64) -> Result<Vec<u8>, FileRefusal> {
     if meta.len() > cap {
         return Err(FileRefusal::TooLarge {
             size: meta.len(),
             cap,
         });
     }
-    read_all(file, cap)
-}
-
-/// Reads to the end, refusing a file that grew past `cap` while being read.
-fn read_all(file: File, cap: u64) -> Result<Vec<u8>, FileRefusal> {
     let mut bytes = Vec::new();
     file.take(cap.saturating_add(1))
         .read_to_end(&mut bytes)

@@ -21,7 +21,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use super::files::{read_capped, FileRefusal};
+use super::files::{plugin_name, read_capped, FileRefusal};
 use super::probation::{Probation, ProbationStatus, Verdict};
 use super::{LoadedPlugin, PluginError, PluginExec, PluginRuntime, PluginSession};
 use crate::metrics::UNMATCHED_ENDPOINT;
@@ -96,8 +96,6 @@ fn epoch_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
-
-pub use super::files::plugin_name;
 
 impl Plugins {
     /// Loads every plugin of `dir`; `DIR/NAME.wasm` must load, and serves.

@@ -67,7 +67,7 @@ pub struct PluginLimits {
 }
 
 /// The address space the instance pool reserves for `limits`, in bytes.
-pub fn pool_reservation(limits: &PluginLimits) -> u64 {
+fn pool_reservation(limits: &PluginLimits) -> u64 {
     let instances = u64::from(limits.instances.max(1));
     let memories = instances * u64::from(MEMORIES_PER_COMPONENT);
     let tables = instances * u64::from(TABLES_PER_COMPONENT);
@@ -279,11 +279,6 @@ impl PluginRuntime {
         })
     }
 
-    /// Where a request session reports its version's probation verdict.
-    pub(crate) fn verdicts(&self) -> &std::sync::mpsc::Sender<VerdictReport> {
-        &self.verdicts
-    }
-
     /// The verdicts' receiving end, taken once by the registry.
     pub(crate) fn take_verdicts(&self) -> Option<std::sync::mpsc::Receiver<VerdictReport>> {
         self.verdicts_rx.lock().ok().and_then(|mut r| r.take())
@@ -315,7 +310,7 @@ impl PluginRuntime {
         plugin
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        PluginSession::new(self, plugin).map(PluginSession::judged)
+        PluginSession::new(self, plugin).map(|s| s.judged(self.verdicts.clone()))
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {

@@ -52,21 +52,20 @@ pub struct PluginSession {
     poisoned: bool,
     /// A plugin fault (not the client's prompt) happened in this session.
     faulted: bool,
-    /// A request's session, whose end counts toward the version's probation (not a
-    /// smoke call's or a router label's).
-    judged: bool,
-    verdicts: std::sync::mpsc::Sender<VerdictReport>,
+    /// Set for a request's session, whose end counts toward the version's probation
+    /// (not a smoke call's or a router label's): where a verdict is reported.
+    verdicts: Option<std::sync::mpsc::Sender<VerdictReport>>,
     plugin: Arc<LoadedPlugin>,
     _slot: InstanceSlot,
 }
 
 impl Drop for PluginSession {
     fn drop(&mut self) {
-        if !self.judged {
+        let Some(verdicts) = &self.verdicts else {
             return;
-        }
+        };
         if let Some(verdict) = self.plugin.probation.record(self.faulted) {
-            let _ = self.verdicts.send((self.plugin.clone(), verdict));
+            let _ = verdicts.send((self.plugin.clone(), verdict));
         }
     }
 }
@@ -107,16 +106,16 @@ impl PluginSession {
             memory_mib: runtime.limits.memory_mib(),
             poisoned: false,
             faulted: false,
-            judged: false,
-            verdicts: runtime.verdicts().clone(),
+            verdicts: None,
             plugin: plugin.clone(),
             _slot: slot,
         })
     }
 
-    /// This session is a request's: its end counts toward the version's probation.
-    pub(crate) fn judged(mut self) -> Self {
-        self.judged = true;
+    /// This session is a request's: its end counts toward the version's probation,
+    /// whose verdict goes to `verdicts`.
+    pub(crate) fn judged(mut self, verdicts: std::sync::mpsc::Sender<VerdictReport>) -> Self {
+        self.verdicts = Some(verdicts);
         self
     }
 

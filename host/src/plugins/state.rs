@@ -1,7 +1,8 @@
 //! What a plugin can reach: the model's tokenizer, the host log (rate-limited and
-//! escaped), its deny-by-default WASI context ([`super::wasi`]), and the event ledger that turns its reports into metrics. Reports that
-//! contradict what the host generated (a second first token, more completion tokens than
-//! generated, a second prompt count) are ignored and logged once per request.
+//! escaped), its deny-by-default WASI context ([`super::wasi`]), and the event ledger
+//! that turns its reports into metrics. Reports that contradict what the host generated
+//! (a second first token, more completion tokens than generated, a second prompt count)
+//! are ignored and logged once per request.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

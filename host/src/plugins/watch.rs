@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 
-use super::registry::plugin_name;
+use super::files::plugin_name;
 use super::{PluginError, Plugins};
 
 /// Quiet time after a file's last event before it is reloaded.
