@@ -9,11 +9,11 @@
 //! `cargo run --release -p lynx-tests --bin compile_bench [-- SECONDS_PER_ROUND [ROUNDS]]`
 //! (needs `scripts/build-plugins.sh`, the model, and `target/release/lynx-host`).
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lynx_tests::swap::PluginDir;
 use lynx_tests::{plugins_dist, Server};
 use serde_json::{json, Value};
 
@@ -40,16 +40,14 @@ fn variant(bytes: &[u8], n: u64) -> Vec<u8> {
     out
 }
 
-fn install(dir: &Path, bytes: &[u8]) {
-    let tmp = dir.join(".bench.wasm.part");
-    std::fs::write(&tmp, bytes).expect("write");
-    std::fs::rename(&tmp, dir.join("bench.wasm")).expect("rename");
-}
-
 /// Completion tokens per second generated for 8 clients over `secs` (the server's own
 /// `tokens_total` count, so tokens of requests still running count too); with
 /// `recompile`, a new plugin variant is installed every 2 s.
-async fn round(server: &Server, secs: u64, recompile: Option<(&Path, &[u8], &mut u64)>) -> f64 {
+async fn round(
+    server: &Server,
+    secs: u64,
+    recompile: Option<(&PluginDir, &[u8], &mut u64)>,
+) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for i in 0..8 {
@@ -75,7 +73,7 @@ async fn round(server: &Server, secs: u64, recompile: Option<(&Path, &[u8], &mut
         tokio::time::sleep(Duration::from_secs(2)).await;
         if let Some((dir, base, n)) = recompile.as_mut() {
             **n += 1;
-            install(dir, &variant(base, **n));
+            dir.install("bench", &variant(base, **n));
         }
     }
     let tokens = counted(&server.metrics().await) - before;
@@ -93,18 +91,21 @@ async fn main() {
     let secs: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(20);
     let rounds: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
     let base = std::fs::read(plugins_dist().join("default.wasm")).expect("default.wasm");
-    let dir = std::env::temp_dir().join(format!("lynx-compile-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(dir.join("default.wasm"), &base).expect("default");
+    let dir = PluginDir::new();
+    dir.install("default", &base);
     let mut n = 0;
-    install(&dir, &variant(&base, n));
-    let dir_arg = dir.to_str().expect("utf-8").to_string();
+    dir.install("bench", &variant(&base, n));
     // A fresh compile cache, so every variant is compiled, never found on disk.
-    let cache =
-        std::env::temp_dir().join(format!("lynx-compile-bench-cache-{}", std::process::id()));
+    let apart = PluginDir::new();
+    let cache = apart.file("cache");
     let cache_arg = cache.to_str().expect("utf-8").to_string();
-    let server =
-        Server::start_with(&["--plugins-dir", &dir_arg, "--plugin-cache-dir", &cache_arg]).await;
+    let server = Server::start_with(&[
+        "--plugins-dir",
+        dir.path(),
+        "--plugin-cache-dir",
+        &cache_arg,
+    ])
+    .await;
 
     let (mut quiet, mut busy) = (Vec::new(), Vec::new());
     for r in 0..rounds {
@@ -123,7 +124,4 @@ async fn main() {
         "8 streams, {rounds} x {secs} s each way: {q:.1} tok/s quiet, {b:.1} tok/s with {compiled} compiles: ratio {:.3}",
         b / q
     );
-    drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(&cache);
 }

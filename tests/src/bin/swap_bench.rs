@@ -10,24 +10,17 @@
 //! `cargo run --release -p lynx-tests --bin swap_bench [-- SECONDS]` (needs
 //! `scripts/build-plugins.sh`, the model, and `target/release/lynx-host`).
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lynx_tests::swap::version;
+use lynx_tests::swap::{version, PluginDir};
 use lynx_tests::{plugins_dist, Server};
 use serde_json::json;
 
-fn install(dir: &std::path::Path, bytes: &[u8]) {
-    let tmp = dir.join(".swap.wasm.part");
-    std::fs::write(&tmp, bytes).expect("write");
-    std::fs::rename(&tmp, dir.join("swap.wasm")).expect("rename");
-}
-
 /// Completed streams per second from 8 clients over `secs`, swapping every 500 ms if
 /// `swap` holds the two versions.
-async fn throughput(server: &Server, secs: u64, swap: Option<(&PathBuf, &[u8], &[u8])>) -> f64 {
+async fn throughput(server: &Server, secs: u64, swap: Option<(&PluginDir, &[u8], &[u8])>) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
@@ -50,7 +43,7 @@ async fn throughput(server: &Server, secs: u64, swap: Option<(&PathBuf, &[u8], &
     while t0.elapsed() < Duration::from_secs(secs) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         if let Some((dir, a, b)) = swap {
-            install(dir, if i % 2 == 0 { b } else { a });
+            dir.install("swap", if i % 2 == 0 { b } else { a });
             i += 1;
         }
     }
@@ -72,11 +65,9 @@ async fn main() {
     let test = plugins_dist().join("test");
     let v1 = std::fs::read(test.join("swap-v1.wasm")).expect("swap-v1.wasm");
     let v2 = std::fs::read(test.join("swap-v2.wasm")).expect("swap-v2.wasm");
-    let dir = std::env::temp_dir().join(format!("lynx-swap-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    install(&dir, &v1);
-    let dir_arg = dir.to_str().expect("utf-8").to_string();
-    let server = Server::start_with(&["--plugins-dir", &dir_arg, "--plugin", "swap"]).await;
+    let dir = PluginDir::new();
+    dir.install("swap", &v1);
+    let server = Server::start_with(&["--plugins-dir", dir.path(), "--plugin", "swap"]).await;
 
     let mut latencies = Vec::new();
     for i in 0..20 {
@@ -86,7 +77,7 @@ async fn main() {
             (&v1, "version-v1")
         };
         let t0 = Instant::now();
-        install(&dir, bytes);
+        dir.install("swap", bytes);
         while version(&server).await != want {
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
@@ -113,6 +104,4 @@ async fn main() {
         "8 streaming clients, 8-token completions: {steady:.2} req/s without swapping, {swapping:.2} req/s swapping every 500 ms: ratio {:.3}",
         swapping / steady
     );
-    drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }
