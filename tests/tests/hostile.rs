@@ -3,9 +3,9 @@
 //! malformed JSON, oversized bodies, random paths, invalid parameters, prompts of one
 //! long word, clients that disconnect mid-stream, slow readers, bodies that never
 //! finish, and HTTP/2 prefaces cut in half. Afterwards every valid request had its 200
-//! and a complete answer, every bad one its 4xx, nothing is held, memory did not grow,
-//! and `request_total` agrees with what the clients sent, status by status.
-
+//! and a complete answer, every bad one its 4xx, nothing is held, memory stopped
+//! growing once the whole mix had run, and `request_total` agrees with what the
+//! clients sent, status by status.
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -196,12 +196,22 @@ async fn hostile_traffic_leaves_the_server_whole_and_the_metrics_exact() {
     // before the baseline is read.
     futures_util::future::join_all((0..16).map(|i| valid_stream(&server, &warm_up, i, false)))
         .await;
-    let rss_before = server.rss_kib();
     let base = server.metrics().await;
 
     let tally = Tally::default();
     let until = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
+    // The memory baseline is read a third into the run: by then the whole mix has run,
+    // so pooled plugin instances and allocator arenas are at their working size, and
+    // what grows after it grows with the traffic (a leak), not with the first peak of
+    // concurrency.
+    let baseline = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(secs / 3)).await;
+            server.rss_kib()
+        })
+    };
     for w in 0..16 {
         let (server, tally) = (server.clone(), tally.clone());
         tasks.push(tokio::spawn(async move {
@@ -337,13 +347,17 @@ async fn hostile_traffic_leaves_the_server_whole_and_the_metrics_exact() {
         );
     }
 
+    let rss_before = baseline.await.expect("baseline");
     let rss_after = server.rss_kib();
     let grown_mib = (rss_after.saturating_sub(rss_before)) as f64 / 1024.0;
     eprintln!(
-        "hostile run: {secs} s, {sent_total} requests ({sent:?}), RSS {} → {} MiB (+{grown_mib:.1})",
+        "hostile run: {secs} s, {sent_total} requests ({sent:?}), RSS over the last two thirds {} → {} MiB (+{grown_mib:.1})",
         rss_before / 1024,
         rss_after / 1024
     );
-    assert!(grown_mib < 50.0, "RSS grew {grown_mib:.1} MiB");
+    assert!(
+        grown_mib < 32.0,
+        "RSS grew {grown_mib:.1} MiB over the last two thirds of the run"
+    );
     assert_eq!(server.health_status().await, 200);
 }
