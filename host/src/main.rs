@@ -63,7 +63,7 @@ fn max_seq_len(config: &Config, model: &Model) -> usize {
         return n as usize;
     }
     let mut n = model.context_len.min(DEFAULT_MAX_SEQ_LEN);
-    let per_position = usize::from(config.kv_slots) * model.llama.kv_bytes_per_position();
+    let per_position = usize::from(config.kv_slots) * model.arch.kv_bytes_per_position();
     if let Some(available) = lynx_host::available_memory() {
         let fits = (available / 2) / per_position.max(1);
         if fits < n {
@@ -139,7 +139,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         kv_slots = config.kv_slots,
         max_seq_len,
         kv_cache_mib =
-            (config.kv_slots as usize * max_seq_len * model.llama.kv_bytes_per_position()) >> 20,
+            (config.kv_slots as usize * max_seq_len * model.arch.kv_bytes_per_position()) >> 20,
         "KV cache allocated"
     );
     let runtime = PluginRuntime::new(

@@ -2,7 +2,7 @@
 //! waiting queue, reached only through a channel (continuous batching).
 //!
 //! Each step it drops sequences whose client left, admits waiting requests into free
-//! slots, and runs ONE batched forward pass ([`super::llama::Llama::forward`]) holding a
+//! slots, and runs ONE batched forward pass ([`super::arch::Architecture::forward`]) holding a
 //! token for every decoding sequence plus chunks of prompts being prefilled, so a long
 //! prompt never stalls the streams already running. A prompt is always split into
 //! [`PREFILL_CHUNK`]-token chunks from its start, whatever else runs, and each sequence
@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::kv_cache::KvCache;
-use super::llama::Entry;
+use super::arch::Entry;
 use super::sequence::{advance, sampler, Sequence, Step};
 use super::{EngineError, Model};
 
@@ -120,7 +120,7 @@ impl Batcher {
     pub fn start(model: Arc<Model>, config: BatcherConfig) -> Result<Self, EngineError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(BatcherStats::default());
-        let cache = model.llama.kv_cache(config.kv_slots, config.max_seq_len)?;
+        let cache = model.arch.kv_cache(config.kv_slots, config.max_seq_len)?;
         let config = BatcherConfig {
             max_seq_len: cache.capacity,
             ..config
@@ -351,7 +351,7 @@ impl Scheduler {
             .collect();
         let started = std::time::Instant::now();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.model.llama.forward(&self.cache, &entries)
+            self.model.arch.forward(&self.cache, &entries)
         }));
         let logits = match outcome {
             Ok(Ok(logits)) => logits,

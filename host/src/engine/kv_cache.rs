@@ -72,18 +72,23 @@ impl KvCache {
 
     /// One sequence's attention at one layer, over its slot's first `pos + t`
     /// positions: `q` holds its `t` new roped queries, `[1, n_head, t, head_dim]`, whose
-    /// keys and values are already written. Returns `[1, t, n_head * head_dim]`.
+    /// keys and values are already written. With a `window`, a query sees only the
+    /// last `window` positions up to its own (llama.cpp's sliding window). Returns
+    /// `[1, t, n_head * head_dim]`.
     pub fn attend(
         &self,
         (slot, layer, pos): (usize, usize, usize),
         q: &Tensor,
+        window: Option<usize>,
     ) -> Result<Tensor, EngineError> {
         let (_, n_head, t, hd) = q.dims4()?;
         let len = pos + t;
+        // Keys no query of the chunk can see are left out of the product altogether.
+        let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let n_rep = n_head / self.kv_heads.max(1);
         let s = &self.slots[slot];
-        let keys = s.k[layer].narrow(2, 0, len)?;
-        let values = s.v[layer].narrow(2, 0, len)?;
+        let keys = s.k[layer].narrow(2, first, len - first)?;
+        let values = s.v[layer].narrow(2, first, len - first)?;
         let per_head = |h: usize| -> candle_core::Result<(Tensor, Tensor)> {
             Ok((
                 keys.narrow(1, h / n_rep, 1)?,
@@ -99,7 +104,11 @@ impl KvCache {
         let att = (Tensor::cat(&scores, 1)? / (hd as f64).sqrt())?;
         let att = if t > 1 {
             let device = q.device();
-            let mask = build_causal_mask(t, pos, device)?.broadcast_as(att.shape())?;
+            let mask = match window {
+                None => build_causal_mask(t, pos, device)?,
+                Some(w) => window_mask(t, pos, first, w, device)?,
+            }
+            .broadcast_as(att.shape())?;
             let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?.broadcast_as(att.shape())?;
             mask.where_cond(&neg_inf, &att)?
         } else {
@@ -116,14 +125,21 @@ impl KvCache {
     }
 }
 
-/// Rotates interleaved pairs of every head of one token's `x` by the position's
-/// angles, as candle's `rope_i` does for a single token.
-pub fn rope_row(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
-    for head in x.chunks_exact_mut(head_dim) {
-        for (pair, (c, s)) in head.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
-            let (a, b) = (pair[0], pair[1]);
-            pair[0] = a * c - b * s;
-            pair[1] = a * s + b * c;
-        }
-    }
+/// `[t, len - first]`, 1 where query `pos + i` must not see key `first + j`: a later
+/// position, or one `window` or more positions back.
+fn window_mask(
+    t: usize,
+    pos: usize,
+    first: usize,
+    window: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let len = pos + t;
+    let mask: Vec<u8> = (0..t)
+        .flat_map(|i| {
+            let query = pos + i;
+            (first..len).map(move |key| u8::from(key > query || key + window <= query))
+        })
+        .collect();
+    Tensor::from_slice(&mask, (t, len - first), device)
 }

@@ -1,5 +1,6 @@
-//! A llama forward pass for many sequences at once, over candle ops and the GGUF's
-//! quantized weights, with a slot KV cache allocated once.
+//! Llama (Llama 2 and 3.x with llama 3.1's `rope_freqs`, SmolLM, TinyLlama,
+//! Mistral-style models) for many sequences at once, over candle ops and the GGUF's
+//! quantized weights.
 //!
 //! One step takes any mix of sequences (one decode token each, or a chunk of a prompt
 //! being prefilled), stacks all their tokens into one activation matrix, and runs every
@@ -15,12 +16,12 @@
 //! splits every prompt the same way whatever else runs.
 
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
-use rayon::prelude::*;
 
-use super::kv_cache::{self, KvCache};
+use super::arch::{self, Architecture, AttnShape, Entry, KvShape, Meta, Rope};
+use super::kv_cache::KvCache;
 use super::qmatmul::Linear;
 use super::EngineError;
 
@@ -42,32 +43,11 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: Linear,
-    cos: Tensor,
-    sin: Tensor,
-    /// `cos`/`sin` as plain rows (`[position][rope_dim / 2]`) for decode tokens.
-    cos_rows: Vec<f32>,
-    sin_rows: Vec<f32>,
+    rope: Rope,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
-    /// Positions the rotary tables cover.
-    pub max_positions: usize,
-    device: Device,
-}
-
-/// One sequence's part of a step: `tokens` at positions `pos..`, in `slot`.
-pub struct Entry<'a> {
-    pub slot: usize,
-    pub pos: usize,
-    pub tokens: &'a [u32],
-    /// Whether the logits after the last token are wanted.
-    pub logits: bool,
-}
-
-fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, EngineError> {
-    ct.metadata
-        .get(key)
-        .ok_or_else(|| EngineError::Model(format!("GGUF metadata {key} is missing")))
+    max_positions: usize,
 }
 
 impl Llama {
@@ -77,20 +57,34 @@ impl Llama {
         device: &Device,
         max_positions: usize,
     ) -> Result<Self, EngineError> {
-        let n_head = md(ct, "llama.attention.head_count")?.to_u32()? as usize;
-        let n_kv_head = md(ct, "llama.attention.head_count_kv")?.to_u32()? as usize;
-        let blocks = md(ct, "llama.block_count")?.to_u32()? as usize;
-        let hidden = md(ct, "llama.embedding_length")?.to_u32()? as usize;
-        let rope_dim = md(ct, "llama.rope.dimension_count")?.to_u32()? as usize;
-        let eps = f64::from(md(ct, "llama.attention.layer_norm_rms_epsilon")?.to_f32()?);
-        let freq_base = md(ct, "llama.rope.freq_base")
-            .and_then(|v| Ok(v.to_f32()?))
-            .unwrap_or(10_000.0);
-        if ct.metadata.contains_key("llama.expert_count") {
+        let md = Meta { ct, prefix: "llama" };
+        let n_head = md.usize("attention.head_count")?;
+        let n_kv_head = md.usize("attention.head_count_kv")?;
+        let blocks = md.usize("block_count")?;
+        let hidden = md.usize("embedding_length")?;
+        let rope_dim = md.usize("rope.dimension_count")?;
+        let eps = f64::from(md.f32_or("attention.layer_norm_rms_epsilon", 1e-5)?);
+        let freq_base = md.f32_or("rope.freq_base", 10_000.0)?;
+        if md.has("expert_count") {
             return Err(EngineError::Model(
                 "mixture-of-experts llama models are not served".into(),
             ));
         }
+        if n_head == 0 || n_kv_head == 0 || hidden % n_head != 0 || n_head % n_kv_head != 0 {
+            return Err(EngineError::Model(format!(
+                "inconsistent llama shape: {hidden} wide, {n_head} heads, {n_kv_head} KV heads"
+            )));
+        }
+        // Linear rope scaling stretches positions; llama 3.1's scaling comes as per-pair
+        // frequency divisors (`rope_freqs.weight`), as llama.cpp applies them.
+        let scale = match md.string("rope.scaling.type").as_deref() {
+            Some("linear") => 1.0 / md.f32_or("rope.scaling.factor", 1.0)?,
+            _ => 1.0,
+        };
+        let freq_factors: Option<Vec<f32>> = match ct.tensor(reader, "rope_freqs.weight", device) {
+            Ok(t) => Some(t.dequantize(device)?.flatten_all()?.to_vec1()?),
+            Err(_) => None,
+        };
         let mut tensor = |name: &str| ct.tensor(reader, name, device);
         let embed_q = tensor("token_embd.weight")?;
         let embed = Embedding::new(embed_q.dequantize(device)?, hidden);
@@ -122,83 +116,64 @@ impl Llama {
                 down,
             });
         }
-        // The rotary tables, as candle's quantized llama computes them.
-        let theta: Vec<f32> = (0..rope_dim)
-            .step_by(2)
-            .map(|i| 1f32 / freq_base.powf(i as f32 / rope_dim as f32))
-            .collect();
-        let theta = Tensor::new(theta.as_slice(), device)?;
-        let angles = Tensor::arange(0, max_positions as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((max_positions, 1))?
-            .matmul(&theta.reshape((1, theta.elem_count()))?)?;
-        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let rope = Rope::new(
+            (rope_dim, freq_base),
+            max_positions,
+            freq_factors.as_deref(),
+            scale,
+            false,
+        )?;
         Ok(Self {
             embed,
             layers,
             norm,
             output: Linear::from_qtensor(output)?,
-            cos_rows: cos.flatten_all()?.to_vec1()?,
-            sin_rows: sin.flatten_all()?.to_vec1()?,
-            cos,
-            sin,
+            rope,
             n_head,
             n_kv_head,
             head_dim: hidden / n_head,
             max_positions,
-            device: device.clone(),
         })
     }
+}
 
-    /// Bytes of KV cache one position takes (f32 keys and values, every layer).
-    pub fn kv_bytes_per_position(&self) -> usize {
-        self.layers.len() * 2 * self.n_kv_head * self.head_dim * 4
+impl Architecture for Llama {
+    fn name(&self) -> &'static str {
+        "llama"
     }
 
-    /// A cache of `slots` slots of `capacity` positions each.
-    pub fn kv_cache(&self, slots: usize, capacity: usize) -> Result<KvCache, EngineError> {
-        KvCache::new(
-            slots,
-            self.layers.len(),
-            (self.n_kv_head, self.head_dim),
-            capacity.min(self.max_positions),
-            &self.device,
-        )
+    fn kv_shape(&self) -> KvShape {
+        KvShape {
+            layers: self.layers.len(),
+            kv_heads: self.n_kv_head,
+            head_dim: self.head_dim,
+        }
     }
 
-    /// Runs one step. Returns, for each entry that asked, the logits after its last
-    /// token, in entry order, as `[n, vocab]`.
-    pub fn forward(
+    fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    fn forward(
         &self,
         cache: &KvCache,
         entries: &[Entry],
     ) -> Result<Option<Tensor>, EngineError> {
-        for e in entries {
-            if e.tokens.is_empty()
-                || e.pos + e.tokens.len() > cache.capacity
-                || e.slot >= cache.slots()
-            {
-                return Err(EngineError::Model(format!(
-                    "step entry out of bounds: slot {}, positions {}..{} of {}",
-                    e.slot,
-                    e.pos,
-                    e.pos + e.tokens.len(),
-                    cache.capacity
-                )));
-            }
-        }
-        let ids: Vec<u32> = entries
-            .iter()
-            .flat_map(|e| e.tokens.iter().copied())
-            .collect();
-        let n = ids.len();
-        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        let mut x = self.embed.forward(&ids)?; // [1, n, hidden]
+        arch::check_entries(cache, entries)?;
+        let shape = AttnShape {
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+            rope: &self.rope,
+            window: None,
+            qk_norm: None,
+        };
+        let mut x = self.embed.forward(&arch::step_ids(entries)?)?; // [1, n, hidden]
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
             let [q, k, v] = Linear::forward_all([&layer.wq, &layer.wk, &layer.wv], &h)?;
-            let attn = self.attention(cache, li, entries, (q, k, v))?;
+            let attn = arch::attention(cache, li, entries, &shape, (q, k, v))?;
             let attn = layer.wo.forward(&attn)?;
             let x1 = (attn + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
@@ -207,82 +182,9 @@ impl Llama {
             x = (mlp + x1)?;
         }
         let x = self.norm.forward(&x)?.squeeze(0)?; // [n, hidden]
-        let mut last = Vec::new();
-        let mut end = 0;
-        for e in entries {
-            end += e.tokens.len();
-            if e.logits {
-                last.push((end - 1) as u32);
-            }
+        match arch::last_rows(&x, entries)? {
+            Some(rows) => Ok(Some(self.output.forward(&rows)?)),
+            None => Ok(None),
         }
-        debug_assert_eq!(end, n);
-        if last.is_empty() {
-            return Ok(None);
-        }
-        let rows = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
-        Ok(Some(self.output.forward(&rows)?))
-    }
-
-    /// Every entry's attention at layer `li`, given the step's projections
-    /// (`[1, n, ..]`); returns `[1, n, hidden]`. New keys and values go into the cache
-    /// first, one entry after the other; then the sequences attend in parallel.
-    fn attention(
-        &self,
-        cache: &KvCache,
-        li: usize,
-        entries: &[Entry],
-        (q, k, v): (Tensor, Tensor, Tensor),
-    ) -> Result<Tensor, EngineError> {
-        let (hd, kvh) = (self.head_dim, self.n_kv_head);
-        let mut queries = Vec::with_capacity(entries.len());
-        let mut start = 0;
-        for e in entries {
-            let t = e.tokens.len();
-            let (q, k, v) = (
-                q.narrow(1, start, t)?,
-                k.narrow(1, start, t)?,
-                v.narrow(1, start, t)?,
-            );
-            let (q, k, v) = if t == 1 {
-                // One token: rotated in place with candle's single-token formula, which
-                // saves a dozen tensor ops per sequence and layer.
-                let half = self.cos_rows.len() / self.max_positions;
-                let angles = e.pos * half..(e.pos + 1) * half;
-                let (cos, sin) = (&self.cos_rows[angles.clone()], &self.sin_rows[angles]);
-                let row = |x: &Tensor, heads: usize, rotate: bool| -> Result<Tensor, EngineError> {
-                    let mut x = x.flatten_all()?.to_vec1::<f32>()?;
-                    if rotate {
-                        kv_cache::rope_row(&mut x, hd, cos, sin);
-                    }
-                    Ok(Tensor::from_vec(x, (1, heads, 1, hd), &self.device)?)
-                };
-                (
-                    row(&q, self.n_head, true)?,
-                    row(&k, kvh, true)?,
-                    row(&v, kvh, false)?,
-                )
-            } else {
-                let heads = |x: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-                    x.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()
-                };
-                let cos = self.cos.narrow(0, e.pos, t)?;
-                let sin = self.sin.narrow(0, e.pos, t)?;
-                let rope = |x| candle_nn::rotary_emb::rope_i(&x, &cos, &sin);
-                (
-                    rope(heads(&q, self.n_head)?)?,
-                    rope(heads(&k, kvh)?)?,
-                    heads(&v, kvh)?,
-                )
-            };
-            cache.write((e.slot, li, e.pos), &k, &v)?;
-            queries.push(q);
-            start += t;
-        }
-        let outs = entries
-            .par_iter()
-            .zip(&queries)
-            .map(|(e, q)| cache.attend((e.slot, li, e.pos), q))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Tensor::cat(&outs, 1)?)
     }
 }

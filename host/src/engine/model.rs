@@ -1,5 +1,5 @@
-//! The model: a llama-family GGUF's weights (run by [`Llama`], batched), its tokenizer,
-//! and its context length.
+//! The model: a GGUF's weights (run batched by the [`Architecture`] its
+//! `general.architecture` names), its tokenizer, and its context length.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
-use super::llama::Llama;
+use super::arch::{self, Architecture};
 use super::tokenizer::Tokenizer;
 use super::EngineError;
 
@@ -16,7 +16,7 @@ use super::EngineError;
 pub const DEFAULT_MAX_SEQ_LEN: usize = 4096;
 
 pub struct Model {
-    pub llama: Llama,
+    pub arch: Box<dyn Architecture>,
     pub tokenizer: Arc<Tokenizer>,
     /// The model's trained context, in tokens.
     pub context_len: usize,
@@ -29,24 +29,21 @@ impl Model {
             .map_err(|e| EngineError::Model(format!("opening {}: {e}", path.display())))?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| EngineError::Model(format!("reading {}: {e}", path.display())))?;
-        let arch = content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        if arch != "llama" {
+        // Refused before the tokenizer is built: the message names what is served.
+        let name = arch::architecture(&content);
+        if !arch::SUPPORTED.contains(&name.as_str()) {
             return Err(EngineError::Model(format!(
-                "{}: architecture {arch:?} is not llama-family",
-                path.display()
+                "{}: architecture {name:?} is not served (lynx serves {})",
+                path.display(),
+                arch::SUPPORTED.join(", ")
             )));
         }
         let tokenizer = Tokenizer::from_gguf(&content)?;
-        let context_len = context_len(&content);
+        let context_len = arch::context_len(&content);
         let device = Device::Cpu;
-        let llama = Llama::from_gguf(&content, &mut file, &device, context_len)?;
+        let arch = arch::load(&content, &mut file, context_len)?;
         Ok(Self {
-            llama,
+            arch,
             tokenizer: Arc::new(tokenizer),
             context_len,
             device,
@@ -59,15 +56,6 @@ impl Model {
             .map_err(|e| EngineError::Model(format!("opening {}: {e}", path.display())))?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| EngineError::Model(format!("reading {}: {e}", path.display())))?;
-        Ok((Tokenizer::from_gguf(&content)?, context_len(&content)))
+        Ok((Tokenizer::from_gguf(&content)?, arch::context_len(&content)))
     }
-}
-
-/// The model's trained context (2048 when the GGUF does not say).
-fn context_len(content: &gguf_file::Content) -> usize {
-    content
-        .metadata
-        .get("llama.context_length")
-        .and_then(|v| v.to_u32().ok())
-        .map_or(2048, |n| n as usize)
 }

@@ -1,6 +1,9 @@
-//! The tokenizer: byte-level BPE built from a GGUF file's own metadata
-//! (`tokenizer.ggml.*`) with Hugging Face's `tokenizers`, so no tokenizer file or hub is
-//! ever needed, and encoding runs in near-linear time whatever the input's shape.
+//! The tokenizer, built from a GGUF file's own metadata (`tokenizer.ggml.*`) with
+//! Hugging Face's `tokenizers`, so no tokenizer file or hub is ever needed, and encoding
+//! runs in near-linear time whatever the input's shape: byte-level BPE (`gpt2`, with
+//! the pre-tokenizer `tokenizer.ggml.pre` names, see `pre`) and SentencePiece with byte
+//! fallback (`llama`, see `spm`). Control tokens are parsed from text only when asked;
+//! user-defined tokens always are, as llama.cpp does.
 //!
 //! It owns encoding (special-token splitting, the `pre` pre-tokenizer, BPE merges, all in
 //! `tokenizers`), decoding, and the cheap lower bound on a text's token count that lets
@@ -12,16 +15,30 @@ use std::collections::HashMap;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::AddedToken;
+
+mod pre;
+mod spm;
 
 /// GGUF `tokenizer.ggml.token_type` values that mark tokens matched as whole strings in
 /// text rather than built by merges.
+const TOKEN_TYPE_NORMAL: i32 = 1;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+const TOKEN_TYPE_BYTE: i32 = 6;
+
+/// Control tokens that end a turn in the chat formats of the served families, besides
+/// the metadata's own EOS/EOT/EOM ids (llama.cpp keeps the same list).
+const END_OF_TURN: [&str; 8] = [
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<EOT>",
+];
 
 /// Byte classes of the token-count lower bound: ASCII letters, ASCII digits, ASCII
 /// whitespace, other ASCII, and every byte of a multi-byte character.
@@ -31,7 +48,7 @@ const CLASSES: usize = 5;
 pub enum TokenizerError {
     #[error("GGUF metadata: {0}")]
     Metadata(String),
-    #[error("unsupported tokenizer model {0:?} (only gpt2-style byte-level BPE is supported)")]
+    #[error("unsupported tokenizer model {0:?} (lynx reads gpt2 byte-level BPE and llama SentencePiece)")]
     UnsupportedModel(String),
     #[error("unsupported pre-tokenizer {0:?}")]
     UnsupportedPre(String),
@@ -50,8 +67,9 @@ pub struct Tokenizer {
     plain: tokenizers::Tokenizer,
     /// Special-token text in the input becomes the special token.
     special: tokenizers::Tokenizer,
-    /// id → the bytes it stands for (special tokens: their text).
+    /// id → the bytes it stands for (control tokens: their text).
     pieces: Vec<Vec<u8>>,
+    /// Control tokens: skipped when decoding without specials.
     is_special: Vec<bool>,
     /// byte → its class for the lower bound; `None` for a byte the vocabulary cannot
     /// encode (SmolLM2 lacks 21): it is dropped on encoding, as Hugging Face's BPE does
@@ -65,6 +83,18 @@ pub struct Tokenizer {
     pub add_bos: bool,
     /// Ids that end a generation: EOS plus the usual end-of-turn control tokens.
     end_ids: Vec<u32>,
+}
+
+/// How pieces combine: by ranked merges of byte-level pieces, or SentencePiece.
+enum Kind {
+    Bpe {
+        merges: Vec<String>,
+        pre: String,
+    },
+    Spm {
+        scores: Vec<f32>,
+        add_space_prefix: bool,
+    },
 }
 
 fn md<'a>(ct: &'a Content, key: &str) -> Result<&'a Value> {
@@ -117,20 +147,33 @@ impl Tokenizer {
         let model = md(ct, "tokenizer.ggml.model")?
             .to_string()
             .map_err(|e| bad("tokenizer.ggml.model", e))?;
-        if model != "gpt2" {
-            return Err(TokenizerError::UnsupportedModel(model.clone()));
-        }
-        let pre = match ct.metadata.get("tokenizer.ggml.pre") {
-            Some(v) => v
-                .to_string()
-                .map_err(|e| bad("tokenizer.ggml.pre", e))?
-                .clone(),
-            None => "default".to_string(),
+        let get_bool = |key: &str| -> Result<Option<bool>> {
+            ct.metadata
+                .get(key)
+                .map(|v| v.to_bool().map_err(|e| bad(key, e)))
+                .transpose()
         };
-        let split_digits = match pre.as_str() {
-            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" => true,
-            "gpt2" | "default" | "gpt-2" => false,
-            other => return Err(TokenizerError::UnsupportedPre(other.to_string())),
+        let kind = match model.as_str() {
+            "gpt2" => Kind::Bpe {
+                merges: strings(ct, "tokenizer.ggml.merges")?,
+                pre: match ct.metadata.get("tokenizer.ggml.pre") {
+                    Some(v) => v
+                        .to_string()
+                        .map_err(|e| bad("tokenizer.ggml.pre", e))?
+                        .clone(),
+                    None => "default".to_string(),
+                },
+            },
+            "llama" => Kind::Spm {
+                scores: md(ct, "tokenizer.ggml.scores")?
+                    .to_vec()
+                    .map_err(|e| bad("tokenizer.ggml.scores", e))?
+                    .iter()
+                    .map(|v| v.to_f32().map_err(|e| bad("tokenizer.ggml.scores", e)))
+                    .collect::<Result<_>>()?,
+                add_space_prefix: get_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true),
+            },
+            other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
         };
         let tokens = strings(ct, "tokenizer.ggml.tokens")?;
         let types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
@@ -140,9 +183,8 @@ impl Tokenizer {
                 .iter()
                 .map(|t| t.to_i32().map_err(|e| bad("tokenizer.ggml.token_type", e)))
                 .collect::<Result<_>>()?,
-            None => vec![1; tokens.len()],
+            None => vec![TOKEN_TYPE_NORMAL; tokens.len()],
         };
-        let merges = strings(ct, "tokenizer.ggml.merges")?;
         let get_u32 = |key: &str| -> Result<Option<u32>> {
             ct.metadata
                 .get(key)
@@ -151,40 +193,55 @@ impl Tokenizer {
         };
         let eos_id = get_u32("tokenizer.ggml.eos_token_id")?
             .ok_or_else(|| TokenizerError::Metadata("missing eos_token_id".into()))?;
+        let mut stop_ids = vec![eos_id];
+        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            stop_ids.extend(get_u32(key)?);
+        }
         let bos_id = get_u32("tokenizer.ggml.bos_token_id")?;
-        let add_bos = match ct.metadata.get("tokenizer.ggml.add_bos_token") {
-            Some(v) => v
-                .to_bool()
-                .map_err(|e| bad("tokenizer.ggml.add_bos_token", e))?,
-            None => false,
-        };
+        let add_bos = get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
         Self::new(TokenizerParts {
             tokens,
             types,
-            merges,
-            split_digits,
+            kind,
             bos_id,
             eos_id,
+            stop_ids,
             add_bos,
         })
     }
 
     fn new(p: TokenizerParts) -> Result<Self> {
+        let spm = matches!(p.kind, Kind::Spm { .. });
         let b2c = byte_to_char();
         let c2b: HashMap<char, u8> = b2c.iter().enumerate().map(|(b, c)| (*c, b as u8)).collect();
         let mut vocab = Vocab::with_capacity(p.tokens.len());
         let mut pieces = Vec::with_capacity(p.tokens.len());
         let mut is_special = Vec::with_capacity(p.tokens.len());
-        let mut specials = Vec::new();
+        // Per token: 0 matched by the model, 1 always matched as a whole (user-defined),
+        // 2 matched as a whole only when specials are parsed (control).
+        let mut whole = Vec::with_capacity(p.tokens.len());
+        let (mut specials, mut user) = (Vec::new(), Vec::new());
         for (id, text) in p.tokens.iter().enumerate() {
             let id = u32::try_from(id)
                 .map_err(|_| TokenizerError::Metadata("vocabulary too large".into()))?;
-            let ty = p.types.get(id as usize).copied().unwrap_or(1);
-            let special = ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED;
-            if special {
+            let ty = p.types.get(id as usize).copied().unwrap_or(TOKEN_TYPE_NORMAL);
+            let control = ty == TOKEN_TYPE_CONTROL;
+            let piece = if control {
                 specials.push(AddedToken::from(text.clone(), true));
-                pieces.push(text.as_bytes().to_vec());
+                whole.push(2u8);
+                text.as_bytes().to_vec()
+            } else if ty == TOKEN_TYPE_USER_DEFINED {
+                user.push(AddedToken::from(text.clone(), false).normalized(false));
+                whole.push(1);
+                text.replace(spm::SPACE, " ").into_bytes()
+            } else if spm {
+                whole.push(0);
+                match (ty, spm::byte_piece(text)) {
+                    (TOKEN_TYPE_BYTE, Some(b)) => vec![b],
+                    _ => text.replace(spm::SPACE, " ").into_bytes(),
+                }
             } else {
+                whole.push(0);
                 // A char outside the byte map only appears in malformed vocabularies;
                 // keep its UTF-8 so decoding stays total.
                 let mut bytes = Vec::with_capacity(text.len());
@@ -194,66 +251,93 @@ impl Tokenizer {
                         None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
                     }
                 }
-                pieces.push(bytes);
-            }
+                bytes
+            };
+            pieces.push(piece);
             vocab.entry(text.clone()).or_insert(id);
-            is_special.push(special);
+            is_special.push(control);
         }
 
         let mut byte_class = [None; 256];
         for (b, c) in b2c.iter().enumerate() {
-            if vocab.contains_key(&c.to_string()) {
+            // SentencePiece falls back to byte pieces: every byte encodes.
+            if spm || vocab.contains_key(&c.to_string()) {
                 byte_class[b] = Some(class_of(b as u8) as u8);
             }
         }
-        let mut class_cap = [[1usize; CLASSES]; 2];
-        for (piece, &special) in pieces.iter().zip(&is_special) {
+        // The most bytes of each class one token covers: tokens the model builds,
+        // user-defined tokens (always matched whole), control tokens (matched whole
+        // only when specials are parsed).
+        let mut caps = [[1usize; CLASSES]; 3];
+        for (piece, &w) in pieces.iter().zip(&whole) {
             let mut counts = [0usize; CLASSES];
             for &b in piece {
                 counts[class_of(b)] += 1;
             }
-            for caps in &mut class_cap[usize::from(special)..] {
-                for (cap, n) in caps.iter_mut().zip(counts) {
-                    *cap = (*cap).max(n);
-                }
+            for (cap, n) in caps[usize::from(w)].iter_mut().zip(counts) {
+                *cap = (*cap).max(n);
             }
         }
-        if p.split_digits {
-            // Every digit is a pre-token of its own, hence a token of its own.
-            class_cap[0][1] = 1;
-        }
 
-        let merges: Vec<(String, String)> = p
-            .merges
-            .iter()
-            .filter_map(|line| line.split_once(' '))
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| TokenizerError::Metadata(format!("BPE: {e}")))?;
-        let byte_level = ByteLevel::new(false, false, true);
-        let pre: PreTokenizerWrapper = if p.split_digits {
-            Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
-        } else {
-            byte_level.into()
+        let (model, pre, normalizer) = match p.kind {
+            Kind::Bpe { merges, pre } => {
+                let merges: Vec<(String, String)> = merges
+                    .iter()
+                    .filter_map(|line| line.split_once(' '))
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .collect();
+                let pre = pre::by_name(&pre)?;
+                if let Some(cap) = pre.digit_cap {
+                    // Digits are split into pre-tokens of at most `cap`.
+                    caps[0][1] = caps[0][1].min(cap);
+                }
+                let bpe = BPE::builder()
+                    .vocab_and_merges(vocab, merges)
+                    .ignore_merges(pre.ignore_merges)
+                    .build();
+                (bpe, Some(pre.pre_tokenizer), None)
+            }
+            Kind::Spm {
+                scores,
+                add_space_prefix,
+            } => {
+                let merges = spm::merges(&p.tokens, &scores, |id| {
+                    p.types.get(id).copied().unwrap_or(TOKEN_TYPE_NORMAL) == TOKEN_TYPE_NORMAL
+                });
+                let mut builder = BPE::builder()
+                    .vocab_and_merges(vocab, merges)
+                    .byte_fallback(true)
+                    .fuse_unk(true);
+                if let Some(unk) = p.tokens.iter().zip(&p.types).find(|(_, &t)| t == 2) {
+                    builder = builder.unk_token(unk.0.clone());
+                }
+                (builder.build(), None, Some(spm::normalizer(add_space_prefix)?))
+            }
         };
-        let mut special = tokenizers::Tokenizer::new(bpe);
-        special.with_pre_tokenizer(Some(pre));
+        let model = model.map_err(|e| TokenizerError::Metadata(format!("BPE: {e}")))?;
+        let mut class_cap = [[1usize; CLASSES]; 2];
+        for c in 0..CLASSES {
+            class_cap[0][c] = caps[0][c].max(caps[1][c]);
+            class_cap[1][c] = class_cap[0][c].max(caps[2][c]);
+        }
+        let mut special = tokenizers::Tokenizer::new(model);
+        special.with_pre_tokenizer(pre);
+        if let Some(n) = normalizer {
+            special
+                .with_normalizer(Some(n))
+                .map_err(|e| TokenizerError::Metadata(format!("normalizer: {e}")))?;
+        }
+        special
+            .add_tokens(user)
+            .map_err(|e| TokenizerError::Metadata(format!("user-defined tokens: {e}")))?;
         special
             .add_special_tokens(specials)
             .map_err(|e| TokenizerError::Metadata(format!("special tokens: {e}")))?;
         let mut plain = special.clone();
         plain.set_encode_special_tokens(true);
 
-        let mut end_ids = vec![p.eos_id];
-        for name in [
-            "<|endoftext|>",
-            "<|im_end|>",
-            "<|eot_id|>",
-            "<|end_of_text|>",
-        ] {
+        let mut end_ids = p.stop_ids.clone();
+        for name in END_OF_TURN {
             let found = pieces
                 .iter()
                 .zip(&is_special)
@@ -371,10 +455,11 @@ impl Tokenizer {
 struct TokenizerParts {
     tokens: Vec<String>,
     types: Vec<i32>,
-    merges: Vec<String>,
-    split_digits: bool,
+    kind: Kind,
     bos_id: Option<u32>,
     eos_id: u32,
+    /// EOS and the metadata's end-of-turn and end-of-message ids.
+    stop_ids: Vec<u32>,
     add_bos: bool,
 }
 
@@ -400,10 +485,13 @@ mod tests {
         Tokenizer::new(TokenizerParts {
             tokens,
             types,
-            merges,
-            split_digits: true,
+            kind: Kind::Bpe {
+                merges,
+                pre: "smollm".into(),
+            },
             bos_id: None,
             eos_id: 1,
+            stop_ids: vec![1],
             add_bos: false,
         })
         .expect("tiny vocabulary is well formed")

@@ -1,0 +1,358 @@
+//! The seam between the scheduler and a model architecture: the [`Architecture`] trait
+//! (one batched step: many sequences, their slots, logits out), the choice of
+//! architecture by a GGUF's `general.architecture`, and the parts the architectures
+//! share: metadata reading, rotary tables, and attention of every entry of a step over
+//! its slot.
+//!
+//! Each architecture lives in its own file (`llama.rs`, `qwen2.rs`, `gemma3.rs`), as in
+//! candle-transformers, and follows candle's reference model for it op for op, so its
+//! logits can be held to the reference bit for bit.
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::quantized_nn::RmsNorm;
+use rayon::prelude::*;
+
+use super::kv_cache::KvCache;
+use super::EngineError;
+
+/// The architectures lynx serves, by their GGUF `general.architecture`.
+pub const SUPPORTED: [&str; 3] = ["llama", "qwen2", "gemma3"];
+
+/// One sequence's part of a step: `tokens` at positions `pos..`, in `slot`.
+pub struct Entry<'a> {
+    pub slot: usize,
+    pub pos: usize,
+    pub tokens: &'a [u32],
+    /// Whether the logits after the last token are wanted.
+    pub logits: bool,
+}
+
+/// A model the scheduler can run: weights, shape and one batched forward pass.
+pub trait Architecture: Send + Sync {
+    /// `general.architecture` of the file it was loaded from.
+    fn name(&self) -> &'static str;
+    /// Layers, KV heads and head size: what one cached position holds.
+    fn kv_shape(&self) -> KvShape;
+    /// Positions the rotary tables cover.
+    fn max_positions(&self) -> usize;
+    /// Runs one step. Returns, for each entry that asked, the logits after its last
+    /// token, in entry order, as `[n, vocab]`.
+    fn forward(&self, cache: &KvCache, entries: &[Entry])
+        -> Result<Option<Tensor>, EngineError>;
+
+    /// Bytes of KV cache one position takes (f32 keys and values, every layer).
+    fn kv_bytes_per_position(&self) -> usize {
+        let s = self.kv_shape();
+        s.layers * 2 * s.kv_heads * s.head_dim * 4
+    }
+
+    /// A cache of `slots` slots of `capacity` positions each.
+    fn kv_cache(&self, slots: usize, capacity: usize) -> Result<KvCache, EngineError> {
+        let s = self.kv_shape();
+        KvCache::new(
+            slots,
+            s.layers,
+            (s.kv_heads, s.head_dim),
+            capacity.min(self.max_positions()),
+            &Device::Cpu,
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct KvShape {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Loads the architecture `general.architecture` names, or says which are served.
+pub fn load<R: std::io::Seek + std::io::Read>(
+    ct: &gguf_file::Content,
+    reader: &mut R,
+    max_positions: usize,
+) -> Result<Box<dyn Architecture>, EngineError> {
+    let arch = architecture(ct);
+    let device = Device::Cpu;
+    Ok(match arch.as_str() {
+        "llama" => Box::new(super::llama::Llama::from_gguf(ct, reader, &device, max_positions)?),
+        "qwen2" => Box::new(super::qwen2::Qwen2::from_gguf(ct, reader, &device, max_positions)?),
+        "gemma3" => Box::new(super::gemma3::Gemma3::from_gguf(ct, reader, &device, max_positions)?),
+        other => {
+            return Err(EngineError::Model(format!(
+                "architecture {other:?} is not served (lynx serves {})",
+                SUPPORTED.join(", ")
+            )))
+        }
+    })
+}
+
+/// The file's `general.architecture` ("" when it does not say).
+pub fn architecture(ct: &gguf_file::Content) -> String {
+    ct.metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The model's trained context (2048 when the GGUF does not say).
+pub fn context_len(ct: &gguf_file::Content) -> usize {
+    let key = format!("{}.context_length", architecture(ct));
+    ct.metadata
+        .get(&key)
+        .and_then(|v| v.to_u32().ok())
+        .map_or(2048, |n| n as usize)
+}
+
+/// An architecture's metadata, read under its prefix (`llama.`, `gemma3.`, ...).
+pub struct Meta<'a> {
+    pub ct: &'a gguf_file::Content,
+    pub prefix: &'static str,
+}
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> Result<&gguf_file::Value, EngineError> {
+        let key = format!("{}.{key}", self.prefix);
+        self.ct
+            .metadata
+            .get(&key)
+            .ok_or_else(|| EngineError::Model(format!("GGUF metadata {key} is missing")))
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.ct
+            .metadata
+            .contains_key(&format!("{}.{key}", self.prefix))
+    }
+
+    pub fn usize(&self, key: &str) -> Result<usize, EngineError> {
+        Ok(self.get(key)?.to_u32()? as usize)
+    }
+
+    pub fn f32_or(&self, key: &str, default: f32) -> Result<f32, EngineError> {
+        if !self.has(key) {
+            return Ok(default);
+        }
+        Ok(self.get(key)?.to_f32()?)
+    }
+
+    pub fn string(&self, key: &str) -> Option<String> {
+        self.get(key).ok()?.to_string().ok().cloned()
+    }
+}
+
+/// Rotary position tables for one base, as candle's quantized models compute them,
+/// applied either to interleaved pairs (GGUF llama, whose q/k rows are permuted) or to
+/// the two halves of each head (NeoX style: qwen2, gemma3).
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    /// `cos`/`sin` as plain rows (`[position][dim / 2]`) for decode tokens.
+    cos_rows: Vec<f32>,
+    sin_rows: Vec<f32>,
+    half: usize,
+    neox: bool,
+}
+
+impl Rope {
+    /// Tables for `positions` positions of a `dim`-wide rotation. `freq_factors` divide
+    /// the frequencies (llama 3.1's `rope_freqs`), `scale` multiplies the positions
+    /// (linear rope scaling); neither changes the tables when 1.
+    pub fn new(
+        (dim, base): (usize, f32),
+        positions: usize,
+        freq_factors: Option<&[f32]>,
+        scale: f32,
+        neox: bool,
+    ) -> Result<Self, EngineError> {
+        let device = Device::Cpu;
+        let theta: Vec<f32> = (0..dim)
+            .step_by(2)
+            .enumerate()
+            .map(|(k, i)| {
+                let f = 1f32 / base.powf(i as f32 / dim as f32);
+                freq_factors.and_then(|ff| ff.get(k)).map_or(f, |d| f / d)
+            })
+            .collect();
+        let half = theta.len();
+        let theta = Tensor::new(theta.as_slice(), &device)?;
+        let mut pos = Tensor::arange(0, positions as u32, &device)?.to_dtype(DType::F32)?;
+        if scale != 1.0 {
+            pos = (pos * f64::from(scale))?;
+        }
+        let angles = pos
+            .reshape((positions, 1))?
+            .matmul(&theta.reshape((1, half))?)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        Ok(Self {
+            cos_rows: cos.flatten_all()?.to_vec1()?,
+            sin_rows: sin.flatten_all()?.to_vec1()?,
+            cos,
+            sin,
+            half,
+            neox,
+        })
+    }
+
+    /// Rotates `x`, `[1, heads, t, head_dim]` (contiguous), at positions `pos..pos + t`.
+    fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor, EngineError> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        Ok(if self.neox {
+            candle_nn::rotary_emb::rope(x, &cos, &sin)?
+        } else {
+            candle_nn::rotary_emb::rope_i(x, &cos, &sin)?
+        })
+    }
+
+    /// Rotates every head of one token's `x` in place, with candle's kernel formula.
+    fn apply_row(&self, x: &mut [f32], head_dim: usize, pos: usize) {
+        let angles = pos * self.half..(pos + 1) * self.half;
+        let (cos, sin) = (&self.cos_rows[angles.clone()], &self.sin_rows[angles]);
+        for head in x.chunks_exact_mut(head_dim) {
+            if self.neox {
+                let (a, b) = head.split_at_mut(head_dim / 2);
+                for ((x1, x2), (c, s)) in a.iter_mut().zip(b).zip(cos.iter().zip(sin)) {
+                    let (u, v) = (*x1, *x2);
+                    *x1 = u * c - v * s;
+                    *x2 = u * s + v * c;
+                }
+            } else {
+                for (pair, (c, s)) in head.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
+                    let (a, b) = (pair[0], pair[1]);
+                    pair[0] = a * c - b * s;
+                    pair[1] = a * s + b * c;
+                }
+            }
+        }
+    }
+}
+
+/// How one layer's attention is shaped.
+pub struct AttnShape<'a> {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub rope: &'a Rope,
+    /// Keys further back than this many positions are not seen (sliding-window layers).
+    pub window: Option<usize>,
+    /// Per-head RMS norms of queries and keys, before rotation (gemma3).
+    pub qk_norm: Option<(&'a RmsNorm, &'a RmsNorm)>,
+}
+
+/// Refuses a step whose entries do not fit the cache.
+pub fn check_entries(cache: &KvCache, entries: &[Entry]) -> Result<(), EngineError> {
+    for e in entries {
+        if e.tokens.is_empty() || e.pos + e.tokens.len() > cache.capacity || e.slot >= cache.slots()
+        {
+            return Err(EngineError::Model(format!(
+                "step entry out of bounds: slot {}, positions {}..{} of {}",
+                e.slot,
+                e.pos,
+                e.pos + e.tokens.len(),
+                cache.capacity
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The step's token ids as `[1, n]`.
+pub fn step_ids(entries: &[Entry]) -> Result<Tensor, EngineError> {
+    let ids: Vec<u32> = entries
+        .iter()
+        .flat_map(|e| e.tokens.iter().copied())
+        .collect();
+    Ok(Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)
+}
+
+/// The rows of `x` (`[n, hidden]`) after each entry's last token, for the entries that
+/// want logits; `None` when none does.
+pub fn last_rows(x: &Tensor, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
+    let mut last = Vec::new();
+    let mut end = 0;
+    for e in entries {
+        end += e.tokens.len();
+        if e.logits {
+            last.push((end - 1) as u32);
+        }
+    }
+    if last.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(x.index_select(
+        &Tensor::new(last.as_slice(), &Device::Cpu)?,
+        0,
+    )?))
+}
+
+/// Every entry's attention at layer `li`, given the step's projections (`[1, n, ..]`);
+/// returns `[1, n, n_head * head_dim]`. New keys and values go into the cache first,
+/// one entry after the other; then the sequences attend in parallel.
+pub fn attention(
+    cache: &KvCache,
+    li: usize,
+    entries: &[Entry],
+    shape: &AttnShape,
+    (q, k, v): (Tensor, Tensor, Tensor),
+) -> Result<Tensor, EngineError> {
+    let hd = shape.head_dim;
+    let (q, k) = match shape.qk_norm {
+        Some((qn, kn)) => {
+            let n = q.dim(1)?;
+            let norm = |x: &Tensor, heads: usize, norm: &RmsNorm| -> Result<Tensor, EngineError> {
+                let x = x.reshape((1, n, heads, hd))?;
+                Ok(candle_core::Module::forward(norm, &x)?.reshape((1, n, heads * hd))?)
+            };
+            (norm(&q, shape.n_head, qn)?, norm(&k, shape.n_kv_head, kn)?)
+        }
+        None => (q, k),
+    };
+    let mut queries = Vec::with_capacity(entries.len());
+    let mut start = 0;
+    for e in entries {
+        let t = e.tokens.len();
+        let (q, k, v) = (
+            q.narrow(1, start, t)?,
+            k.narrow(1, start, t)?,
+            v.narrow(1, start, t)?,
+        );
+        let (q, k, v) = if t == 1 {
+            // One token: rotated in place with candle's kernel formula, which saves a
+            // dozen tensor ops per sequence and layer.
+            let row = |x: &Tensor, heads: usize, rotate: bool| -> Result<Tensor, EngineError> {
+                let mut x = x.flatten_all()?.to_vec1::<f32>()?;
+                if rotate {
+                    shape.rope.apply_row(&mut x, hd, e.pos);
+                }
+                Ok(Tensor::from_vec(x, (1, heads, 1, hd), &Device::Cpu)?)
+            };
+            (
+                row(&q, shape.n_head, true)?,
+                row(&k, shape.n_kv_head, true)?,
+                row(&v, shape.n_kv_head, false)?,
+            )
+        } else {
+            let heads = |x: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+                x.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()
+            };
+            (
+                shape.rope.apply(&heads(&q, shape.n_head)?, e.pos)?,
+                shape.rope.apply(&heads(&k, shape.n_kv_head)?, e.pos)?,
+                heads(&v, shape.n_kv_head)?,
+            )
+        };
+        cache.write((e.slot, li, e.pos), &k, &v)?;
+        queries.push(q);
+        start += t;
+    }
+    let outs = entries
+        .par_iter()
+        .zip(&queries)
+        .map(|(e, q)| cache.attend((e.slot, li, e.pos), q, shape.window))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Tensor::cat(&outs, 1)?)
+}
