@@ -50,7 +50,10 @@ fn run(name: &str) -> (usize, usize, Vec<String>) {
     let out = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.out"))).unwrap();
     let cases: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
     let expected: Vec<&str> = out.split('\n').collect();
-    assert!(expected.len() >= cases.len(), "{name}: .out shorter than .inp");
+    assert!(
+        expected.len() >= cases.len(),
+        "{name}: .out shorter than .inp"
+    );
     let mut failures = Vec::new();
     for (text, want) in cases.iter().zip(&expected) {
         let want: Vec<u32> = want
@@ -60,12 +63,20 @@ fn run(name: &str) -> (usize, usize, Vec<String>) {
         let got = tokenizer.encode(text, false).expect("encode");
         // The bound the host refuses over-long prompts by must hold on real vocabularies.
         let bound = tokenizer.min_tokens(text, false);
-        assert!(bound <= got.len(), "{name}: {text:?}: bound {bound} over {}", got.len());
+        assert!(
+            bound <= got.len(),
+            "{name}: {text:?}: bound {bound} over {}",
+            got.len()
+        );
         if got != want {
             failures.push(format!("{text:?}: got {got:?}, want {want:?}"));
         }
     }
-    (failures.len(), cases.len(), failures.into_iter().take(3).collect())
+    (
+        failures.len(),
+        cases.len(),
+        failures.into_iter().take(3).collect(),
+    )
 }
 
 #[test]

@@ -38,8 +38,7 @@ pub trait Architecture: Send + Sync {
     fn max_positions(&self) -> usize;
     /// Runs one step. Returns, for each entry that asked, the logits after its last
     /// token, in entry order, as `[n, vocab]`.
-    fn forward(&self, cache: &KvCache, entries: &[Entry])
-        -> Result<Option<Tensor>, EngineError>;
+    fn forward(&self, cache: &KvCache, entries: &[Entry]) -> Result<Option<Tensor>, EngineError>;
 
     /// Bytes of KV cache one position takes (f32 keys and values, every layer).
     fn kv_bytes_per_position(&self) -> usize {
@@ -76,9 +75,24 @@ pub fn load<R: std::io::Seek + std::io::Read>(
     let arch = architecture(ct);
     let device = Device::Cpu;
     Ok(match arch.as_str() {
-        "llama" => Box::new(super::llama::Llama::from_gguf(ct, reader, &device, max_positions)?),
-        "qwen2" => Box::new(super::qwen2::Qwen2::from_gguf(ct, reader, &device, max_positions)?),
-        "gemma3" => Box::new(super::gemma3::Gemma3::from_gguf(ct, reader, &device, max_positions)?),
+        "llama" => Box::new(super::llama::Llama::from_gguf(
+            ct,
+            reader,
+            &device,
+            max_positions,
+        )?),
+        "qwen2" => Box::new(super::qwen2::Qwen2::from_gguf(
+            ct,
+            reader,
+            &device,
+            max_positions,
+        )?),
+        "gemma3" => Box::new(super::gemma3::Gemma3::from_gguf(
+            ct,
+            reader,
+            &device,
+            max_positions,
+        )?),
         other => {
             return Err(EngineError::Model(format!(
                 "architecture {other:?} is not served (lynx serves {})",

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use tokio::sync::mpsc;
 
-use super::kv_cache::KvCache;
 use super::arch::Entry;
+use super::kv_cache::KvCache;
 use super::sequence::{advance, sampler, Sequence, Step};
 use super::{EngineError, Model};
 

@@ -61,7 +61,10 @@ impl Gemma3 {
         device: &Device,
         max_positions: usize,
     ) -> Result<Self, EngineError> {
-        let md = Meta { ct, prefix: "gemma3" };
+        let md = Meta {
+            ct,
+            prefix: "gemma3",
+        };
         let n_head = md.usize("attention.head_count")?;
         let n_kv_head = md.usize("attention.head_count_kv")?;
         let blocks = md.usize("block_count")?;
@@ -105,8 +108,14 @@ impl Gemma3 {
         let mut layers = Vec::with_capacity(blocks);
         for i in 0..blocks {
             let mut t = |part: &str| tensor(&format!("blk.{i}.{part}.weight"));
-            let mut lin = |part: &str| -> Result<Linear, EngineError> { Linear::from_qtensor(t(part)?) };
-            let (wq, wk, wv, wo) = (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
+            let mut lin =
+                |part: &str| -> Result<Linear, EngineError> { Linear::from_qtensor(t(part)?) };
+            let (wq, wk, wv, wo) = (
+                lin("attn_q")?,
+                lin("attn_k")?,
+                lin("attn_v")?,
+                lin("attn_output")?,
+            );
             let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
             let mut t = |part: &str| tensor(&format!("blk.{i}.{part}.weight"));
             let mut norm = |part: &str| -> Result<RmsNorm, EngineError> {
@@ -170,11 +179,7 @@ impl Architecture for Gemma3 {
         self.max_positions
     }
 
-    fn forward(
-        &self,
-        cache: &KvCache,
-        entries: &[Entry],
-    ) -> Result<Option<Tensor>, EngineError> {
+    fn forward(&self, cache: &KvCache, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
         arch::check_entries(cache, entries)?;
         let mut x = self.embed.forward(&arch::step_ids(entries)?)?;
         x = (x * (self.hidden as f64).sqrt())?;

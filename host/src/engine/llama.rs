@@ -57,7 +57,10 @@ impl Llama {
         device: &Device,
         max_positions: usize,
     ) -> Result<Self, EngineError> {
-        let md = Meta { ct, prefix: "llama" };
+        let md = Meta {
+            ct,
+            prefix: "llama",
+        };
         let n_head = md.usize("attention.head_count")?;
         let n_kv_head = md.usize("attention.head_count_kv")?;
         let blocks = md.usize("block_count")?;
@@ -154,11 +157,7 @@ impl Architecture for Llama {
         self.max_positions
     }
 
-    fn forward(
-        &self,
-        cache: &KvCache,
-        entries: &[Entry],
-    ) -> Result<Option<Tensor>, EngineError> {
+    fn forward(&self, cache: &KvCache, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
         arch::check_entries(cache, entries)?;
         let shape = AttnShape {
             n_head: self.n_head,

@@ -46,7 +46,10 @@ impl Qwen2 {
         device: &Device,
         max_positions: usize,
     ) -> Result<Self, EngineError> {
-        let md = Meta { ct, prefix: "qwen2" };
+        let md = Meta {
+            ct,
+            prefix: "qwen2",
+        };
         let n_head = md.usize("attention.head_count")?;
         let n_kv_head = md.usize("attention.head_count_kv")?;
         let blocks = md.usize("block_count")?;
@@ -73,7 +76,12 @@ impl Qwen2 {
             let mut lin = |part: &str| -> Result<Linear, EngineError> {
                 Linear::from_qtensor(t(&format!("{part}.weight"))?)
             };
-            let (wq, wk, wv, wo) = (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
+            let (wq, wk, wv, wo) = (
+                lin("attn_q")?,
+                lin("attn_k")?,
+                lin("attn_v")?,
+                lin("attn_output")?,
+            );
             let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
             let mut t = |part: &str| tensor(&format!("blk.{i}.{part}"));
             let (bq, bk, bv) = (
@@ -129,11 +137,7 @@ impl Architecture for Qwen2 {
         self.max_positions
     }
 
-    fn forward(
-        &self,
-        cache: &KvCache,
-        entries: &[Entry],
-    ) -> Result<Option<Tensor>, EngineError> {
+    fn forward(&self, cache: &KvCache, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
         arch::check_entries(cache, entries)?;
         let shape = AttnShape {
             n_head: self.n_head,

@@ -224,7 +224,11 @@ impl Tokenizer {
         for (id, text) in p.tokens.iter().enumerate() {
             let id = u32::try_from(id)
                 .map_err(|_| TokenizerError::Metadata("vocabulary too large".into()))?;
-            let ty = p.types.get(id as usize).copied().unwrap_or(TOKEN_TYPE_NORMAL);
+            let ty = p
+                .types
+                .get(id as usize)
+                .copied()
+                .unwrap_or(TOKEN_TYPE_NORMAL);
             let control = ty == TOKEN_TYPE_CONTROL;
             let piece = if control {
                 specials.push(AddedToken::from(text.clone(), true));
@@ -311,7 +315,11 @@ impl Tokenizer {
                 if let Some(unk) = p.tokens.iter().zip(&p.types).find(|(_, &t)| t == 2) {
                     builder = builder.unk_token(unk.0.clone());
                 }
-                (builder.build(), None, Some(spm::normalizer(add_space_prefix)?))
+                (
+                    builder.build(),
+                    None,
+                    Some(spm::normalizer(add_space_prefix)?),
+                )
             }
         };
         let model = model.map_err(|e| TokenizerError::Metadata(format!("BPE: {e}")))?;

@@ -54,7 +54,10 @@ pub(super) fn by_name(pre: &str) -> Result<Pre, TokenizerError> {
         }
         "qwen2" | "stablelm2" => (seq(vec![split(QWEN2)?, bytes(false)]), Some(1)),
         "deepseek-llm" => {
-            let mut parts = DEEPSEEK_LLM.iter().map(|re| split(re)).collect::<Result<Vec<_>, _>>()?;
+            let mut parts = DEEPSEEK_LLM
+                .iter()
+                .map(|re| split(re))
+                .collect::<Result<Vec<_>, _>>()?;
             parts.push(Digits::new(true).into());
             parts.push(bytes(false));
             (seq(parts), Some(1))
