@@ -15,7 +15,7 @@ use std::time::Duration;
 use clap::Parser;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lynx_host::config::Cli;
-use lynx_host::engine::arch::{Architecture, Entry};
+use lynx_host::engine::arch::Entry;
 use lynx_host::engine::model::Model;
 
 const HISTORY: usize = 64;
