@@ -4,6 +4,7 @@
 #   plugins/dist/test/{hostile,future}.wasm                (used by the tests only)
 #   plugins/dist/test/swap-{v1,v2,smoke-trap,flaky}.wasm   (the hot-swap tests' versions)
 #   plugins/dist/test/stdlib.wasm                          (ordinary Rust std, for WASI)
+#   plugins/dist/test/legacy.wasm                          (built for lynx:plugin@0.1.0)
 set -euo pipefail
 cd "$(dirname "$0")/../plugins"
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -17,6 +18,7 @@ put strict dist/strict.wasm
 put hostile dist/test/hostile.wasm
 put future dist/test/future.wasm
 put stdlib dist/test/stdlib.wasm
+put legacy dist/test/legacy.wasm
 # The swap plugin's versions are one crate built with different features.
 put swap dist/test/swap-v1.wasm
 for version in v2 smoke-trap flaky; do

@@ -3,7 +3,7 @@
 //! side by side, on the real SmolLM2 tokenizer.
 //!
 //! - `request/*`: one request's fixed work: a fresh sandbox (wasm only), route
-//!   normalization, the ChatML policy on a three-message chat, and post-processing
+//!   normalization, the chat-template policy (ChatML) on a three-message chat, and post-processing
 //!   start and finish.
 //! - `token/*`: post-processing of 128 generated tokens (UTF-8 assembly, two stop
 //!   sequences held back), reported per token.
@@ -24,11 +24,12 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use lynx_host::config::Cli;
 use lynx_host::engine::tokenizer::Tokenizer;
 use lynx_host::plugins::cache::ComponentCache;
-use lynx_host::plugins::world::{ChatMessage, PolicyRequest, PostConfig, Prompt};
+use lynx_host::plugins::types::{ChatMessage, ModelInfo, PolicyRequest, PostConfig, Prompt};
 use lynx_host::plugins::{PluginLimits, PluginRuntime};
-use lynx_plugin_core::chat::{encode_chat, prompt_budget, Message};
+use lynx_plugin_core::chat::{prompt_budget, Message};
 use lynx_plugin_core::routes;
 use lynx_plugin_core::stream::TextStream;
+use lynx_plugin_core::template::{self, Specials};
 
 const CONTEXT: u32 = 4096;
 const TOKENS: usize = 128;
@@ -65,6 +66,10 @@ fn generated(tokenizer: &Tokenizer) -> Vec<u32> {
     ids[..TOKENS].to_vec()
 }
 
+/// The chat template both sides render (SmolLM2's turns, without its default system
+/// prompt).
+const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
 fn bench(c: &mut Criterion) {
     let tokenizer = tokenizer();
     let plugin_path =
@@ -83,7 +88,13 @@ fn bench(c: &mut Criterion) {
         },
         ComponentCache::in_memory(),
     )
-    .expect("runtime");
+    .expect("runtime")
+    .with_model_info(ModelInfo {
+        architecture: "llama".into(),
+        chat_template: Some(CHATML.into()),
+        bos_token: None,
+        eos_token: None,
+    });
     let plugin = runtime
         .load(&plugin_path)
         .expect("scripts/build-plugins.sh builds default.wasm");
@@ -101,11 +112,10 @@ fn bench(c: &mut Criterion) {
     group.bench_function("native", |b| {
         b.iter(|| {
             let label = routes::normalize(black_box("/v1/chat/completions"));
-            let ids = encode_chat(
-                &native_chat,
-                prompt_budget(CONTEXT, Some(64)),
-                |t, special| tokenizer.encode(t, special).unwrap_or_default(),
-            );
+            let encode = |t: &str, special: bool| tokenizer.encode(t, special).unwrap_or_default();
+            let ids = template::encode(CHATML, &native_chat, &Specials::default(), None, &encode)
+                .unwrap_or_default();
+            black_box(prompt_budget(CONTEXT, Some(64)));
             let mut stream = TextStream::new(stops());
             let tail = stream.finish();
             black_box((label, ids, tail))

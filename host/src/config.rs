@@ -44,10 +44,15 @@ pub struct Config {
     #[arg(long, env = "LYNX_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
 
-    /// Llama-family GGUF model to serve. Default: the SmolLM2-135M-Instruct that
-    /// scripts/fetch-model.sh puts in the cache folder.
+    /// GGUF model to serve (architecture llama, qwen2 or gemma3). Default: the
+    /// SmolLM2-135M-Instruct that scripts/fetch-model.sh puts in the cache folder.
     #[arg(long, env = "LYNX_MODEL")]
     pub model: Option<PathBuf>,
+
+    /// Chat template (Jinja, Hugging Face style) to render conversations with, instead
+    /// of the model's own `tokenizer.chat_template`. Handed to the policy plugin.
+    #[arg(long, env = "LYNX_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
 
     /// Name of the served model: the `model` field of requests and responses and the
     /// `model_name` metric label.

@@ -13,6 +13,7 @@ use lynx_host::engine::{Batcher, BatcherConfig, Model};
 use lynx_host::http::admin::admin_app;
 use lynx_host::http::serve;
 use lynx_host::plugins::cache::ComponentCache;
+use lynx_host::plugins::types::ModelInfo;
 use lynx_host::plugins::{check::check, watch, PluginExec, PluginRuntime, Plugins};
 use lynx_host::{app, metrics, AppState};
 use tracing_subscriber::EnvFilter;
@@ -54,6 +55,19 @@ async fn run() -> anyhow::Result<()> {
         }
         None => serve(config).await,
     }
+}
+
+/// The `--chat-template` file: UTF-8, at most 1 MiB.
+fn read_template(file: &std::path::Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(file)
+        .with_context(|| format!("reading the chat template {}", file.display()))?;
+    anyhow::ensure!(
+        bytes.len() <= 1 << 20,
+        "the chat template {} is over 1 MiB",
+        file.display()
+    );
+    String::from_utf8(bytes)
+        .with_context(|| format!("the chat template {} is not UTF-8", file.display()))
 }
 
 /// Positions per slot: `--max-seq-len`, else the model's context capped at
@@ -142,12 +156,32 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             (config.kv_slots as usize * max_seq_len * model.arch.kv_bytes_per_position()) >> 20,
         "KV cache allocated"
     );
+    let chat_template = match &config.chat_template {
+        Some(file) => Some(read_template(file)?),
+        None => model.chat_template.clone(),
+    };
+    let special = |id: Option<u32>| {
+        id.and_then(|id| model.tokenizer.piece(id).ok())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    let model_info = ModelInfo {
+        architecture: model.architecture.clone(),
+        bos_token: special(model.tokenizer.bos_id),
+        eos_token: special(Some(model.tokenizer.eos_id)),
+        chat_template,
+    };
+    tracing::info!(
+        architecture = %model_info.architecture,
+        chat_template = model_info.chat_template.is_some(),
+        "model info for plugins"
+    );
     let runtime = PluginRuntime::new(
         model.tokenizer.clone(),
         max_seq_len as u32,
         config.plugin_limits(),
         cache,
-    )?;
+    )?
+    .with_model_info(model_info);
     let exec = PluginExec::new(config.plugin_threads());
     tracing::info!(threads = exec.threads(), "plugin call pool");
     // Armed before the folder is read, so a file landing meanwhile is not missed.

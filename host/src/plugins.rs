@@ -1,7 +1,10 @@
 //! WebAssembly plugins: the wasmtime component host that runs lynx's request
-//! pre/post-processing in sandboxed components implementing `lynx:plugin@0.1.0`.
+//! pre/post-processing in sandboxed components implementing `lynx:plugin@0.2.0` (or the
+//! released 0.1.0).
 //!
-//! [`world`] owns the generated bindings; [`runtime`] compiles, checks and
+//! [`world`] owns the current version's generated bindings and [`since_v0_1`] the
+//! 0.1.0 adapter's; [`versions`] dispatches to either, and [`types`] are the host's own
+//! types every other layer sees; [`runtime`] compiles, checks and
 //! pre-instantiates plugins ([`cache`] keeps them compiled by sha256, authenticated);
 //! [`session`] is one request's sandbox, and [`exec`] the bounded pool its calls run on,
 //! off the async workers; [`state`] is what a plugin can reach (the tokenizer, the log,
@@ -18,7 +21,10 @@ pub mod probation;
 pub mod registry;
 pub mod runtime;
 pub mod session;
+pub mod since_v0_1;
 pub mod state;
+pub mod types;
+pub mod versions;
 pub mod wasi;
 pub mod watch;
 pub mod world;

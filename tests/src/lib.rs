@@ -23,6 +23,23 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// The lynx cache folder, where scripts/fetch-model.sh and fetch-conformance.sh put
+/// what they fetch: `LYNX_CACHE_DIR`, else `$XDG_CACHE_HOME/lynx`, else `~/.cache/lynx`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("LYNX_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("lynx")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lynx")))
+        .unwrap_or_else(|| PathBuf::from(".cache/lynx"))
+}
+
+/// A fetched model's path; panics naming the fetch command when it is missing.
+pub fn cached_model(file: &str, fetch: &str) -> PathBuf {
+    let path = cache_dir().join("models").join(file);
+    assert!(path.is_file(), "{} is missing: run {fetch}", path.display());
+    path
+}
+
 pub fn host_binary() -> PathBuf {
     let path = std::env::var_os("LYNX_BIN")
         .map(PathBuf::from)

@@ -1,12 +1,15 @@
-//! The default plugin reproduces the pre-plugin host byte for byte: the responses (whole
-//! and streamed) and the metric movements that `tests/data/golden_responses.json`
-//! recorded from the host before pre/post-processing moved into wasm (commit 6a817e8,
+//! Plugins reproduce the pre-plugin host byte for byte: the responses (whole and
+//! streamed) and the metric movements that `tests/data/golden_responses.json` recorded
+//! from the host before pre/post-processing moved into wasm (commit 6a817e8,
 //! `tests/data/record_golden.py`), for greedy and seeded requests, chat and text, stop
 //! sequences, token prompts, a character cut by `max_tokens`, and rejected requests.
+//! The host then formatted chat as ChatML. Two plugins are held to it: one built for the
+//! released `lynx:plugin@0.1.0` (ChatML built in, as lynx's default was then), and
+//! today's default plugin rendering a ChatML template given with `--chat-template`.
 
 use std::collections::BTreeMap;
 
-use lynx_tests::{sse_data, workspace_root, Server};
+use lynx_tests::{plugins_dist, sse_data, workspace_root, Server};
 use serde_json::{json, Value};
 
 fn data(file: &str) -> Value {
@@ -58,12 +61,30 @@ async fn counters(server: &Server) -> BTreeMap<String, f64> {
 }
 
 #[tokio::test]
-async fn the_default_plugin_reproduces_the_pre_plugin_host() {
+async fn a_plugin_built_for_wit_0_1_0_serves_exactly_as_before() {
+    let dir = plugins_dist().join("test");
+    assert!(
+        dir.join("legacy.wasm").is_file(),
+        "scripts/build-plugins.sh"
+    );
+    let dir = dir.to_str().expect("utf-8").to_string();
+    reproduce(&["--plugins-dir", &dir, "--plugin", "legacy"]).await;
+}
+
+#[tokio::test]
+async fn the_default_plugin_with_a_chatml_template_reproduces_the_pre_plugin_host() {
+    let template = workspace_root().join("tests/data/chatml.jinja");
+    reproduce(&["--chat-template", template.to_str().expect("utf-8")]).await;
+}
+
+async fn reproduce(args: &[&str]) {
     let requests = data("golden_requests.json");
     let golden = data("golden_responses.json");
     // The recording predates the --max-tokens cap: lifted, so a request past the
     // context is refused for the context, as it was then.
-    let server = Server::start_with(&["--max-tokens", "1000000"]).await;
+    let mut all = vec!["--max-tokens", "1000000"];
+    all.extend(args);
+    let server = Server::start_with(&all).await;
     let before = counters(&server).await;
 
     let cases = requests.as_array().expect("requests");

@@ -109,15 +109,18 @@ fn an_untrusted_cache_folder_refuses_to_start() {
 async fn hostile_folder_entries_are_refused_with_their_reason_while_serving_goes_on() {
     let dir = PluginDir::new();
     dir.install("swap", &test_plugin("swap-v1.wasm"));
-    // stdlib.wasm is about 180 KB: over this cap; the swap plugin (about 75 KB) is not.
-    let server = start(&dir, &["--plugin-max-bytes", "120000"]).await;
+    // The swap plugin (about 1 MB) is under this cap; `big`, 2 MiB, is over it (the
+    // size is checked before anything is parsed).
+    let server = start(&dir, &["--plugin-max-bytes", "1500000"]).await;
 
     let fifo =
         std::ffi::CString::new(dir.file("fifo.wasm").to_str().expect("utf-8")).expect("path");
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
     std::os::unix::fs::symlink("/dev/zero", dir.file("zero.wasm")).expect("symlink");
-    dir.install("big", &test_plugin("stdlib.wasm"));
+    let mut big = test_plugin("stdlib.wasm");
+    big.resize(2 << 20, 0);
+    dir.install("big", &big);
 
     let fifo_entry = admin_until(&server, "fifo", |e| !e["last_error"].is_null()).await;
     assert!(
@@ -138,7 +141,7 @@ async fn hostile_folder_entries_are_refused_with_their_reason_while_serving_goes
     assert!(
         big["last_error"]
             .as_str()
-            .is_some_and(|e| e.contains("cap is 120000 bytes")),
+            .is_some_and(|e| e.contains("cap is 1500000 bytes")),
         "{big}"
     );
     assert_eq!(served_by(&server).await, V1);

@@ -14,6 +14,7 @@ use candle_transformers::quantized_nn::RmsNorm;
 use rayon::prelude::*;
 
 use super::kv_cache::KvCache;
+use super::qmatmul::Linear;
 use super::EngineError;
 
 /// The architectures lynx serves, by their GGUF `general.architecture`.
@@ -283,9 +284,26 @@ pub fn step_ids(entries: &[Entry]) -> Result<Tensor, EngineError> {
     Ok(Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)
 }
 
+/// The logits (`[rows, vocab]`) after each entry's last token, for the entries that
+/// want them, from the final hidden states `x` (`[n, hidden]`); `None` when none does.
+/// Each row goes through the output matmul as a sequence of its own.
+pub fn logits(
+    output: &Linear,
+    x: &Tensor,
+    entries: &[Entry],
+) -> Result<Option<Tensor>, EngineError> {
+    let Some(rows) = last_rows(x, entries)? else {
+        return Ok(None);
+    };
+    let spans = vec![1; rows.dim(0)?];
+    Ok(Some(
+        output.forward(&rows.unsqueeze(0)?, &spans)?.squeeze(0)?,
+    ))
+}
+
 /// The rows of `x` (`[n, hidden]`) after each entry's last token, for the entries that
 /// want logits; `None` when none does.
-pub fn last_rows(x: &Tensor, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
+fn last_rows(x: &Tensor, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
     let mut last = Vec::new();
     let mut end = 0;
     for e in entries {

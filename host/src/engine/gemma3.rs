@@ -181,6 +181,7 @@ impl Architecture for Gemma3 {
 
     fn forward(&self, cache: &KvCache, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
         arch::check_entries(cache, entries)?;
+        let spans: Vec<usize> = entries.iter().map(|e| e.tokens.len()).collect();
         let mut x = self.embed.forward(&arch::step_ids(entries)?)?;
         x = (x * (self.hidden as f64).sqrt())?;
         for (li, layer) in self.layers.iter().enumerate() {
@@ -198,24 +199,23 @@ impl Architecture for Gemma3 {
             };
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
-            let [q, k, v] = Linear::forward_all([&layer.wq, &layer.wk, &layer.wv], &h)?;
+            let [q, k, v] = Linear::forward_all([&layer.wq, &layer.wk, &layer.wv], &h, &spans)?;
             let attn = arch::attention(cache, li, entries, &shape, (q, k, v))?;
-            let attn = layer.post_attn_norm.forward(&layer.wo.forward(&attn)?)?;
+            let attn = layer
+                .post_attn_norm
+                .forward(&layer.wo.forward(&attn, &spans)?)?;
             let x1 = (attn + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
-            let [gate, up] = Linear::forward_all([&layer.gate, &layer.up], &h)?;
+            let [gate, up] = Linear::forward_all([&layer.gate, &layer.up], &h, &spans)?;
             let gate = if self.silu_gate {
                 candle_nn::ops::silu(&gate)?
             } else {
                 gate.gelu()?
             };
-            let mlp = layer.down.forward(&(gate * up)?)?;
+            let mlp = layer.down.forward(&(gate * up)?, &spans)?;
             x = (layer.post_ffn_norm.forward(&mlp)? + x1)?;
         }
         let x = self.norm.forward(&x)?.squeeze(0)?;
-        match arch::last_rows(&x, entries)? {
-            Some(rows) => Ok(Some(self.output.forward(&rows)?)),
-            None => Ok(None),
-        }
+        arch::logits(&self.output, &x, entries)
     }
 }

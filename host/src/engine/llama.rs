@@ -159,6 +159,7 @@ impl Architecture for Llama {
 
     fn forward(&self, cache: &KvCache, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
         arch::check_entries(cache, entries)?;
+        let spans: Vec<usize> = entries.iter().map(|e| e.tokens.len()).collect();
         let shape = AttnShape {
             n_head: self.n_head,
             n_kv_head: self.n_kv_head,
@@ -171,19 +172,18 @@ impl Architecture for Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
-            let [q, k, v] = Linear::forward_all([&layer.wq, &layer.wk, &layer.wv], &h)?;
+            let [q, k, v] = Linear::forward_all([&layer.wq, &layer.wk, &layer.wv], &h, &spans)?;
             let attn = arch::attention(cache, li, entries, &shape, (q, k, v))?;
-            let attn = layer.wo.forward(&attn)?;
+            let attn = layer.wo.forward(&attn, &spans)?;
             let x1 = (attn + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
-            let [gate, up] = Linear::forward_all([&layer.gate, &layer.up], &h)?;
-            let mlp = layer.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            let [gate, up] = Linear::forward_all([&layer.gate, &layer.up], &h, &spans)?;
+            let mlp = layer
+                .down
+                .forward(&(candle_nn::ops::silu(&gate)? * up)?, &spans)?;
             x = (mlp + x1)?;
         }
         let x = self.norm.forward(&x)?.squeeze(0)?; // [n, hidden]
-        match arch::last_rows(&x, entries)? {
-            Some(rows) => Ok(Some(self.output.forward(&rows)?)),
-            None => Ok(None),
-        }
+        arch::logits(&self.output, &x, entries)
     }
 }

@@ -18,6 +18,10 @@ pub const DEFAULT_MAX_SEQ_LEN: usize = 4096;
 pub struct Model {
     pub arch: Box<dyn Architecture>,
     pub tokenizer: Arc<Tokenizer>,
+    /// The GGUF's `general.architecture`.
+    pub architecture: String,
+    /// The GGUF's `tokenizer.chat_template` (Jinja), when it has one.
+    pub chat_template: Option<String>,
     /// The model's trained context, in tokens.
     pub context_len: usize,
     pub device: Device,
@@ -42,8 +46,15 @@ impl Model {
         let context_len = arch::context_len(&content);
         let device = Device::Cpu;
         let arch = arch::load(&content, &mut file, context_len)?;
+        let chat_template = content
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
         Ok(Self {
             arch,
+            architecture: name,
+            chat_template,
             tokenizer: Arc::new(tokenizer),
             context_len,
             device,

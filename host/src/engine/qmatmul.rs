@@ -217,16 +217,18 @@ impl Linear {
     }
 
     /// Several layers applied to the same input (q/k/v, gate/up): the input is
-    /// quantized once for all of them.
+    /// quantized once for all of them. `spans` are the step's sequences' row counts
+    /// (see [`Linear::forward`]).
     pub fn forward_all<const N: usize>(
         layers: [&Linear; N],
         x: &Tensor,
+        spans: &[usize],
     ) -> Result<[Tensor; N], EngineError> {
         let mut acts: Option<(usize, Acts)> = None;
         let mut out = Vec::with_capacity(N);
         for layer in layers {
             let Linear::Packed(p) = layer else {
-                out.push(layer.forward(x)?);
+                out.push(layer.forward(x, spans)?);
                 continue;
             };
             let k = p.0.k;
@@ -241,11 +243,27 @@ impl Linear {
             .map_err(|_| EngineError::Model("forward_all: a layer gave no output".into()))
     }
 
-    /// `x`: `[.., k]` f32 → `[.., n]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor, EngineError> {
+    /// `x`: `[1, rows, k]` f32 → `[1, rows, n]`. `spans` split the rows into the step's
+    /// sequences (their counts, in order). Our kernels are row-independent; candle's
+    /// `QMatMul` (K-quants, Q5_0, ...) picks its kernel by the number of rows, so there
+    /// each sequence's rows go through it on their own: a row's result depends on its
+    /// own sequence's chunk, never on what else shares the step, and equals candle's
+    /// reference fed the same chunk.
+    pub fn forward(&self, x: &Tensor, spans: &[usize]) -> Result<Tensor, EngineError> {
         let p = match self {
             Linear::Packed(p) => &p.0,
-            Linear::Candle(m) => return Ok(m.forward(x)?),
+            Linear::Candle(m) => {
+                if spans.len() <= 1 {
+                    return Ok(m.forward(x)?);
+                }
+                let mut parts = Vec::with_capacity(spans.len());
+                let mut start = 0;
+                for &n in spans {
+                    parts.push(m.forward(&x.narrow(1, start, n)?)?);
+                    start += n;
+                }
+                return Ok(Tensor::cat(&parts, 1)?);
+            }
         };
         p.forward(x, &Acts::from_tensor(x, p.k)?)
     }
@@ -605,7 +623,7 @@ mod tests {
             for m in [1, 3, 8, 9, 17] {
                 let x = input(m, 576);
                 let want = values(candle.forward(&x).unwrap());
-                let got = values(ours.forward(&x).unwrap());
+                let got = values(ours.forward(&x, &[]).unwrap());
                 assert_eq!(want.len(), got.len());
                 for (w, g) in want.iter().zip(&got) {
                     // Bit for bit: last-bit differences grow through the layers.
@@ -619,9 +637,9 @@ mod tests {
     fn a_row_gets_the_same_bits_whatever_else_is_in_the_step() {
         let (_, ours) = weights(130, 576, GgmlDType::Q4_1);
         let x = input(7, 576);
-        let all = values(ours.forward(&x).unwrap());
+        let all = values(ours.forward(&x, &[]).unwrap());
         for r in 0..7 {
-            let one = values(ours.forward(&x.narrow(0, r, 1).unwrap()).unwrap());
+            let one = values(ours.forward(&x.narrow(0, r, 1).unwrap(), &[]).unwrap());
             assert_eq!(one, all[r * 130..(r + 1) * 130], "row {r}");
         }
     }

@@ -24,7 +24,7 @@ use super::types::{
 };
 use super::AppState;
 use crate::engine::{EngineError, Fault};
-use crate::plugins::world::{self, PolicyRequest};
+use crate::plugins::types::{self as world, PolicyRequest};
 use crate::plugins::{PluginError, Session};
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use super::AppState;
 use crate::engine::tokenizer::Tokenizer;
 use crate::engine::{EngineError, Fault, FinishReason, GenEvent, GenerateRequest, Sampling};
 use crate::metrics;
-use crate::plugins::world::PostConfig;
+use crate::plugins::types::PostConfig;
 use crate::plugins::{PluginError, Session};
 use crate::telemetry::{RequestInfo, TokenEvents};
 

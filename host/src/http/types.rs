@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::Limits;
-use crate::plugins::world::ChatMessage;
+use crate::plugins::types::ChatMessage;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]

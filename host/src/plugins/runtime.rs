@@ -19,9 +19,11 @@ use super::files::read_capped;
 use super::probation::{Probation, Verdict};
 use super::session::PluginSession;
 use super::state::{HostState, LogLimiter};
-use super::world::{ChatMessage, Plugin, PluginPre, PolicyRequest, PostConfig, Prompt};
+use super::types::{ChatMessage, ModelInfo, PolicyRequest, PostConfig, Prompt};
+use super::versions::{Pre, SUPPORTED};
 use super::world::{WIT_PACKAGE, WIT_VERSION};
 use super::PluginError;
+use super::{since_v0_1, world};
 use crate::engine::tokenizer::Tokenizer;
 
 /// How often the epoch advances: the granularity of call deadlines.
@@ -144,6 +146,7 @@ pub struct PluginRuntime {
     engine: Engine,
     linker: Linker<HostState>,
     tokenizer: Arc<Tokenizer>,
+    model_info: Arc<ModelInfo>,
     pub limits: PluginLimits,
     /// The model's context (positions per slot): told to policies, and the limit past
     /// which `host.encode` refuses a text unencoded.
@@ -193,7 +196,7 @@ pub struct LoadedPlugin {
     /// Its first requests after a swap, judged for a rollback.
     pub probation: Probation,
     pub(crate) log: Arc<LogLimiter>,
-    pub(crate) pre: PluginPre<HostState>,
+    pub(crate) pre: Pre,
     pub(crate) component: Component,
 }
 
@@ -262,7 +265,10 @@ impl PluginRuntime {
             .map_err(engine_error)?;
 
         let mut linker = Linker::new(&engine);
-        Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+        // Both versions' imports in one linker: their names differ by version.
+        world::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(engine_error)?;
+        since_v0_1::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(engine_error)?;
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_error)?;
         let (verdicts, verdicts_rx) = std::sync::mpsc::channel();
@@ -270,6 +276,7 @@ impl PluginRuntime {
             engine,
             linker,
             tokenizer,
+            model_info: Arc::new(ModelInfo::default()),
             limits,
             context_length,
             cache,
@@ -311,6 +318,16 @@ impl PluginRuntime {
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         PluginSession::new(self, plugin).map(|s| s.judged(self.verdicts.clone()))
+    }
+
+    /// What plugins are told of the served model (none of it until set).
+    pub fn with_model_info(mut self, info: ModelInfo) -> Self {
+        self.model_info = Arc::new(info);
+        self
+    }
+
+    pub fn model_info(&self) -> &Arc<ModelInfo> {
+        &self.model_info
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
@@ -361,7 +378,7 @@ impl PluginRuntime {
         let pre = self
             .linker
             .instantiate_pre(&component)
-            .and_then(PluginPre::new)
+            .and_then(|pre| Pre::new(&wit_version, pre))
             .map_err(|e| PluginError::Invalid {
                 file: file.clone(),
                 detail: format!("{e:#}"),
@@ -388,7 +405,8 @@ impl PluginRuntime {
         Ok(plugin)
     }
 
-    /// The plugin's `lynx:plugin` version: every lynx interface it uses must be ours.
+    /// The plugin's `lynx:plugin` version: every lynx interface it uses must be of one
+    /// version this host loads (the current one or a released older one).
     fn check_version(&self, file: &str, component: &Component) -> Result<String, PluginError> {
         let ty = component.component_type();
         let names: Vec<String> = ty
@@ -396,30 +414,37 @@ impl PluginRuntime {
             .map(|(n, _)| n.to_string())
             .chain(ty.exports(&self.engine).map(|(n, _)| n.to_string()))
             .collect();
-        let ours = major_minor(WIT_VERSION);
-        let mut found = None;
+        let mut found: Option<&str> = None;
         for name in &names {
             let Some(rest) = name.strip_prefix(&format!("{WIT_PACKAGE}/")) else {
                 continue;
             };
             let version = rest.split_once('@').map_or("", |(_, v)| v);
-            if major_minor(version) != ours {
-                return Err(PluginError::IncompatibleVersion {
-                    file: file.to_string(),
-                    found: if version.is_empty() {
-                        "(unversioned)".into()
-                    } else {
-                        version.to_string()
-                    },
-                    expected: WIT_VERSION.to_string(),
-                });
+            let known = SUPPORTED
+                .iter()
+                .find(|v| major_minor(v) == major_minor(version));
+            match (known, found) {
+                (Some(v), None) => found = Some(v),
+                (Some(v), Some(f)) if *v == f => {}
+                _ => {
+                    return Err(PluginError::IncompatibleVersion {
+                        file: file.to_string(),
+                        found: if version.is_empty() {
+                            "(unversioned)".into()
+                        } else {
+                            version.to_string()
+                        },
+                        expected: SUPPORTED.join(" or "),
+                    })
+                }
             }
-            found = Some(version.to_string());
         }
-        found.ok_or_else(|| PluginError::Invalid {
-            file: file.to_string(),
-            detail: format!("it uses no {WIT_PACKAGE}@{WIT_VERSION} interface"),
-        })
+        found
+            .map(str::to_string)
+            .ok_or_else(|| PluginError::Invalid {
+                file: file.to_string(),
+                detail: format!("it uses no {WIT_PACKAGE}@{WIT_VERSION} interface"),
+            })
     }
 
     /// One request's worth of calls on a sample conversation.

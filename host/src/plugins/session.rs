@@ -12,7 +12,8 @@ use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
 
 use super::runtime::{epoch_ticks, LoadedPlugin, PluginRuntime, VerdictReport};
 use super::state::{HostState, PromptTooLong};
-use super::world::{Plugin, PolicyRequest, PostConfig, Rejection, Released};
+use super::types::{PolicyRequest, PostConfig, Rejection, Released};
+use super::versions::Instance;
 use super::PluginError;
 use crate::telemetry::TokenEvents;
 
@@ -43,7 +44,7 @@ impl Drop for InstanceSlot {
 
 pub struct PluginSession {
     store: Store<HostState>,
-    bindings: Plugin,
+    bindings: Instance,
     name: Arc<str>,
     call_timeout: Duration,
     budget: Duration,
@@ -77,7 +78,7 @@ impl PluginSession {
             .ok_or(PluginError::PoolExhausted { instances: max })?;
         let state = HostState::new(
             plugin.name.clone(),
-            runtime.tokenizer().clone(),
+            (runtime.tokenizer().clone(), runtime.model_info().clone()),
             runtime.context_length(),
             runtime.limits.memory_bytes,
             plugin.log.clone(),
@@ -142,7 +143,7 @@ impl PluginSession {
 
     fn call<R>(
         &mut self,
-        f: impl FnOnce(&Plugin, &mut Store<HostState>) -> wasmtime::Result<R>,
+        f: impl FnOnce(&Instance, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         let plugin = self.name.to_string();
         if self.poisoned {
@@ -202,7 +203,7 @@ impl PluginSession {
 
     /// The `endpoint` label of a request.
     pub fn normalize(&mut self, method: &str, path: &str) -> Result<String, PluginError> {
-        self.call(|p, s| p.lynx_plugin_router().call_normalize(s, method, path))
+        self.call(|p, s| p.normalize(s, method, path))
     }
 
     /// The policy's verdict on a prompt. A rejection's code and message are capped.
@@ -210,7 +211,7 @@ impl PluginSession {
         &mut self,
         request: &PolicyRequest,
     ) -> Result<Result<Vec<u32>, Rejection>, PluginError> {
-        let verdict = self.call(|p, s| p.lynx_plugin_policy().call_tokenize(s, request))?;
+        let verdict = self.call(|p, s| p.tokenize(s, request))?;
         if let Err(r) = &verdict {
             if r.code.len() > MAX_REJECTION_CODE || r.message.len() > MAX_REJECTION_MESSAGE {
                 return Err(self.misbehaved(format!(
@@ -224,14 +225,14 @@ impl PluginSession {
     }
 
     pub fn start(&mut self, config: &PostConfig) -> Result<(), PluginError> {
-        self.call(|p, s| p.lynx_plugin_postprocess().call_start(s, config))
+        self.call(|p, s| p.start(s, config))
     }
 
     /// One generated token through post-processing; the events the plugin failed to
     /// report are recorded for it.
     pub fn push(&mut self, token: u32) -> Result<Released, PluginError> {
         self.store.data_mut().ledger.pushed += 1;
-        let released = self.call(|p, s| p.lynx_plugin_postprocess().call_push(s, token));
+        let released = self.call(|p, s| p.push(s, token));
         self.store.data_mut().reconcile_events();
         let released = released?;
         self.check_released(&released.text)?;
@@ -239,7 +240,7 @@ impl PluginSession {
     }
 
     pub fn finish(&mut self) -> Result<String, PluginError> {
-        let text = self.call(|p, s| p.lynx_plugin_postprocess().call_finish(s))?;
+        let text = self.call(|p, s| p.finish(s))?;
         self.check_released(&text)?;
         Ok(text)
     }

@@ -11,8 +11,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::world::lynx::plugin::{events, host, types};
-use super::world::LogLevel;
+use super::types::{LogLevel, ModelInfo};
 use crate::engine::tokenizer::{Tokenizer, TokenizerError};
 use crate::telemetry::TokenEvents;
 
@@ -121,6 +120,8 @@ pub struct Ledger {
 pub struct HostState {
     pub plugin: Arc<str>,
     pub tokenizer: Arc<Tokenizer>,
+    /// What `host.model` answers.
+    pub model: Arc<ModelInfo>,
     /// Positions per slot: a text provably longer is refused unencoded.
     pub context_length: usize,
     pub ledger: Ledger,
@@ -145,7 +146,7 @@ impl WasiView for HostState {
 impl HostState {
     pub fn new(
         plugin: Arc<str>,
-        tokenizer: Arc<Tokenizer>,
+        (tokenizer, model): (Arc<Tokenizer>, Arc<ModelInfo>),
         context_length: usize,
         memory_cap: usize,
         log: Arc<LogLimiter>,
@@ -154,6 +155,7 @@ impl HostState {
         Self {
             plugin,
             tokenizer,
+            model,
             context_length,
             ledger: Ledger::default(),
             sink: None,
@@ -205,10 +207,10 @@ impl HostState {
     }
 }
 
-impl types::Host for HostState {}
-
-impl host::Host for HostState {
-    fn encode(&mut self, text: String, parse_special: bool) -> wasmtime::Result<Vec<u32>> {
+/// What the `host` and `events` imports do, whichever WIT version called them (each
+/// version's bindings module forwards its generated traits here).
+impl HostState {
+    pub fn encode(&mut self, text: String, parse_special: bool) -> wasmtime::Result<Vec<u32>> {
         if text.len() > MAX_ENCODE_BYTES {
             wasmtime::bail!(
                 "encode of {} bytes refused (limit {MAX_ENCODE_BYTES})",
@@ -227,7 +229,7 @@ impl host::Host for HostState {
         }
     }
 
-    fn token_bytes(&mut self, token: u32) -> wasmtime::Result<Vec<u8>> {
+    pub fn token_bytes(&mut self, token: u32) -> wasmtime::Result<Vec<u8>> {
         Ok(self
             .tokenizer
             .piece(token)
@@ -235,19 +237,21 @@ impl host::Host for HostState {
             .unwrap_or_default())
     }
 
-    fn bos_token(&mut self) -> wasmtime::Result<Option<u32>> {
+    pub fn bos_token(&mut self) -> wasmtime::Result<Option<u32>> {
         let t = &self.tokenizer;
         Ok(t.bos_id.filter(|_| t.add_bos))
     }
 
-    fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
+    pub fn model_info(&mut self) -> ModelInfo {
+        ModelInfo::clone(&self.model)
+    }
+
+    pub fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
         write_log(&self.plugin, &self.log, level, &message);
         Ok(())
     }
-}
 
-impl events::Host for HostState {
-    fn prompt_tokens(&mut self, count: u32) -> wasmtime::Result<()> {
+    pub fn prompt_tokens(&mut self, count: u32) -> wasmtime::Result<()> {
         if self.ledger.prompt_tokens.is_some() {
             self.nonsense("a second prompt length");
         } else {
@@ -256,7 +260,7 @@ impl events::Host for HostState {
         Ok(())
     }
 
-    fn completion_token(&mut self) -> wasmtime::Result<()> {
+    pub fn completion_token(&mut self) -> wasmtime::Result<()> {
         if self.ledger.completion_tokens >= self.ledger.pushed {
             self.nonsense("more completion tokens than were generated");
         } else {
@@ -265,7 +269,7 @@ impl events::Host for HostState {
         Ok(())
     }
 
-    fn first_token(&mut self) -> wasmtime::Result<()> {
+    pub fn first_token(&mut self) -> wasmtime::Result<()> {
         if self.ledger.first_token || self.ledger.pushed == 0 {
             self.nonsense("a first token out of place");
         } else {

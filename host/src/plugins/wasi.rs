@@ -16,7 +16,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
 use super::state::{write_log, LogLimiter};
-use super::world::LogLevel;
+use super::types::LogLevel;
 
 /// The longest line kept from a plugin's stdout or stderr before it is written out.
 const MAX_LINE_BYTES: usize = 2000;

@@ -13,14 +13,6 @@ use lynx_host::engine::kv_cache::KvCache;
 /// by requantization.
 pub const TOLERANCE: f32 = 1e-3;
 
-/// The batched tolerance of models with K-quant or Q5_0 weights, which run on candle's
-/// `QMatMul`: candle picks its kernel by the number of rows in the step (gemv for one,
-/// tiled kernels for more), so a row's last bits depend on what shares its step, and
-/// requantization amplifies them. lynx's own kernels (Q4_1, Q8_0) and candle's Q4_0 are
-/// row-independent and held to [`TOLERANCE`]; batch-invariant K-quant kernels are the
-/// next issue's.
-pub const CANDLE_KQUANT_BATCH_TOLERANCE: f32 = 5e-2;
-
 /// A candle reference model: `forward(tokens [1, t], position) -> logits [1, vocab]`.
 pub type Reference = Box<dyn FnMut(&Tensor, usize) -> candle_core::Result<Tensor>>;
 

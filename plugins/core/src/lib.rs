@@ -4,3 +4,4 @@
 pub mod chat;
 pub mod routes;
 pub mod stream;
+pub mod template;
