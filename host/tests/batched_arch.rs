@@ -64,7 +64,7 @@ fn gemma3_matches_the_reference_alone_and_in_a_batch() {
     let tokenizer = Tokenizer::from_gguf(&ct).unwrap();
     // candle's reference gates its MLP with SiLU where Gemma 3 uses GELU: everything
     // else is compared with the same gate (see the gemma3 module).
-    let ours = Gemma3::from_gguf(&ct, &mut file, &Device::Cpu, 512)
+    let ours = Gemma3::from_gguf(&ct, &mut file, 512)
         .unwrap()
         .with_silu_gate();
     let reference = || -> batched::Reference {
@@ -117,7 +117,7 @@ fn gemma3_gelu_gate_predicts_real_text_better_than_candles_silu() {
     let model = Model::load(&path).unwrap();
     assert_eq!(model.arch.name(), "gemma3");
     let (ct, mut file) = content(&path);
-    let silu = Gemma3::from_gguf(&ct, &mut file, &Device::Cpu, 128)
+    let silu = Gemma3::from_gguf(&ct, &mut file, 128)
         .unwrap()
         .with_silu_gate();
     let text = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in \

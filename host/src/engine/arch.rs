@@ -9,7 +9,8 @@
 //! logits can be held to the reference bit for bit.
 
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 use rayon::prelude::*;
 
@@ -31,15 +32,31 @@ pub struct Entry<'a> {
 
 /// A model the scheduler can run: weights, shape and one batched forward pass.
 pub trait Architecture: Send + Sync {
-    /// `general.architecture` of the file it was loaded from.
-    fn name(&self) -> &'static str;
-    /// Layers, KV heads and head size: what one cached position holds.
-    fn kv_shape(&self) -> KvShape;
-    /// Positions the rotary tables cover.
-    fn max_positions(&self) -> usize;
+    /// The embeddings, final norm, output and shape, which every architecture has.
+    fn trunk(&self) -> &Trunk;
     /// Runs one step. Returns, for each entry that asked, the logits after its last
     /// token, in entry order, as `[n, vocab]`.
     fn forward(&self, cache: &KvCache, entries: &[Entry]) -> Result<Option<Tensor>, EngineError>;
+
+    /// `general.architecture` of the file it was loaded from.
+    fn name(&self) -> &'static str {
+        self.trunk().name
+    }
+
+    /// Layers, KV heads and head size: what one cached position holds.
+    fn kv_shape(&self) -> KvShape {
+        let t = self.trunk();
+        KvShape {
+            layers: t.layers,
+            kv_heads: t.n_kv_head,
+            head_dim: t.head_dim,
+        }
+    }
+
+    /// Positions the rotary tables cover.
+    fn max_positions(&self) -> usize {
+        self.trunk().max_positions
+    }
 
     /// Bytes of KV cache one position takes (f32 keys and values, every layer).
     fn kv_bytes_per_position(&self) -> usize {
@@ -67,6 +84,143 @@ pub struct KvShape {
     pub head_dim: usize,
 }
 
+/// What every architecture keeps besides its layers.
+pub struct Trunk {
+    pub name: &'static str,
+    pub embed: Embedding,
+    pub norm: RmsNorm,
+    /// The output matmul: `output.weight`, or the embeddings when they are tied.
+    pub output: Linear,
+    pub hidden: usize,
+    pub layers: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub eps: f64,
+    pub max_positions: usize,
+}
+
+impl Trunk {
+    /// The trunk of a GGUF under `md`'s prefix; the head size is `head_dim_key`'s
+    /// value when given (gemma3's `attention.key_length`), else width / heads.
+    pub fn load<R: std::io::Seek + std::io::Read>(
+        md: &Meta,
+        reader: &mut R,
+        head_dim_key: Option<&str>,
+        max_positions: usize,
+    ) -> Result<Self, EngineError> {
+        let n_head = md.usize("attention.head_count")?;
+        let n_kv_head = md.usize("attention.head_count_kv")?;
+        let hidden = md.usize("embedding_length")?;
+        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
+            return Err(EngineError::Model(format!(
+                "inconsistent {} shape: {n_head} heads over {n_kv_head} KV heads",
+                md.prefix
+            )));
+        }
+        let head_dim = match head_dim_key {
+            Some(key) => md.usize(key)?,
+            None if hidden % n_head == 0 => hidden / n_head,
+            None => {
+                return Err(EngineError::Model(format!(
+                    "inconsistent {} shape: {hidden} wide over {n_head} heads",
+                    md.prefix
+                )))
+            }
+        };
+        let eps = f64::from(md.f32_or("attention.layer_norm_rms_epsilon", 1e-6)?);
+        let device = Device::Cpu;
+        let embed_q = md.ct.tensor(reader, "token_embd.weight", &device)?;
+        let embed = Embedding::new(embed_q.dequantize(&device)?, hidden);
+        let norm =
+            RmsNorm::from_qtensor(md.ct.tensor(reader, "output_norm.weight", &device)?, eps)?;
+        let output = match md.ct.tensor(reader, "output.weight", &device) {
+            Ok(t) => t,
+            Err(_) => embed_q,
+        };
+        Ok(Self {
+            name: md.prefix,
+            embed,
+            norm,
+            output: Linear::from_qtensor(output)?,
+            hidden,
+            layers: md.usize("block_count")?,
+            n_head,
+            n_kv_head,
+            head_dim,
+            eps,
+            max_positions,
+        })
+    }
+
+    /// The step's token embeddings (`[1, n, hidden]`) and each entry's row count,
+    /// after checking the entries fit the cache.
+    pub fn embed(
+        &self,
+        cache: &KvCache,
+        entries: &[Entry],
+    ) -> Result<(Tensor, Vec<usize>), EngineError> {
+        check_entries(cache, entries)?;
+        let spans = entries.iter().map(|e| e.tokens.len()).collect();
+        Ok((self.embed.forward(&step_ids(entries)?)?, spans))
+    }
+
+    /// The logits of the entries that want them, from the last layer's `x`.
+    pub fn logits(&self, x: &Tensor, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
+        let x = self.norm.forward(x)?.squeeze(0)?;
+        logits(&self.output, &x, entries)
+    }
+
+    /// The attention shape of a layer with this trunk's heads.
+    pub fn attn<'a>(
+        &self,
+        rope: &'a Rope,
+        window: Option<usize>,
+        qk_norm: Option<(&'a RmsNorm, &'a RmsNorm)>,
+    ) -> AttnShape<'a> {
+        AttnShape {
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+            rope,
+            window,
+            qk_norm,
+        }
+    }
+}
+
+/// One layer's quantized weights, by their names under `blk.{layer}.`.
+pub struct LayerTensors<'a, R> {
+    pub md: &'a Meta<'a>,
+    pub reader: &'a mut R,
+    pub layer: usize,
+}
+
+impl<R: std::io::Seek + std::io::Read> LayerTensors<'_, R> {
+    pub fn linear(&mut self, part: &str) -> Result<Linear, EngineError> {
+        let name = format!("blk.{}.{part}.weight", self.layer);
+        Linear::from_qtensor(self.md.ct.tensor(self.reader, &name, &Device::Cpu)?)
+    }
+
+    pub fn norm(&mut self, part: &str, eps: f64) -> Result<RmsNorm, EngineError> {
+        let name = format!("blk.{}.{part}.weight", self.layer);
+        Ok(RmsNorm::from_qtensor(
+            self.md.ct.tensor(self.reader, &name, &Device::Cpu)?,
+            eps,
+        )?)
+    }
+
+    /// A tensor dequantized to f32 (biases).
+    pub fn f32(&mut self, name: &str) -> Result<Tensor, EngineError> {
+        let name = format!("blk.{}.{name}", self.layer);
+        Ok(self
+            .md
+            .ct
+            .tensor(self.reader, &name, &Device::Cpu)?
+            .dequantize(&Device::Cpu)?)
+    }
+}
+
 /// Loads the architecture `general.architecture` names, or says which are served.
 pub fn load<R: std::io::Seek + std::io::Read>(
     ct: &gguf_file::Content,
@@ -74,26 +228,10 @@ pub fn load<R: std::io::Seek + std::io::Read>(
     max_positions: usize,
 ) -> Result<Box<dyn Architecture>, EngineError> {
     let arch = architecture(ct);
-    let device = Device::Cpu;
     Ok(match arch.as_str() {
-        "llama" => Box::new(super::llama::Llama::from_gguf(
-            ct,
-            reader,
-            &device,
-            max_positions,
-        )?),
-        "qwen2" => Box::new(super::qwen2::Qwen2::from_gguf(
-            ct,
-            reader,
-            &device,
-            max_positions,
-        )?),
-        "gemma3" => Box::new(super::gemma3::Gemma3::from_gguf(
-            ct,
-            reader,
-            &device,
-            max_positions,
-        )?),
+        "llama" => Box::new(super::llama::Llama::from_gguf(ct, reader, max_positions)?),
+        "qwen2" => Box::new(super::qwen2::Qwen2::from_gguf(ct, reader, max_positions)?),
+        "gemma3" => Box::new(super::gemma3::Gemma3::from_gguf(ct, reader, max_positions)?),
         other => {
             return Err(EngineError::Model(format!(
                 "architecture {other:?} is not served (lynx serves {})",
@@ -337,7 +475,7 @@ pub fn attention(
             let n = q.dim(1)?;
             let norm = |x: &Tensor, heads: usize, norm: &RmsNorm| -> Result<Tensor, EngineError> {
                 let x = x.reshape((1, n, heads, hd))?;
-                Ok(candle_core::Module::forward(norm, &x)?.reshape((1, n, heads * hd))?)
+                Ok(norm.forward(&x)?.reshape((1, n, heads * hd))?)
             };
             (norm(&q, shape.n_head, qn)?, norm(&k, shape.n_kv_head, kn)?)
         }

@@ -12,11 +12,10 @@
 //! the served model to its own greedy output.
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Module, Tensor};
-use candle_nn::Embedding;
+use candle_core::{Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
-use super::arch::{self, Architecture, AttnShape, Entry, KvShape, Meta, Rope};
+use super::arch::{self, Architecture, Entry, LayerTensors, Meta, Rope, Trunk};
 use super::kv_cache::KvCache;
 use super::qmatmul::Linear;
 use super::EngineError;
@@ -40,17 +39,10 @@ struct Layer {
 }
 
 pub struct Gemma3 {
-    embed: Embedding,
-    hidden: usize,
+    trunk: Trunk,
     layers: Vec<Layer>,
-    norm: RmsNorm,
-    output: Linear,
     rope_local: Rope,
     rope_global: Rope,
-    n_head: usize,
-    n_kv_head: usize,
-    head_dim: usize,
-    max_positions: usize,
     silu_gate: bool,
 }
 
@@ -58,32 +50,25 @@ impl Gemma3 {
     pub fn from_gguf<R: std::io::Seek + std::io::Read>(
         ct: &gguf_file::Content,
         reader: &mut R,
-        device: &Device,
         max_positions: usize,
     ) -> Result<Self, EngineError> {
         let md = Meta {
             ct,
             prefix: "gemma3",
         };
-        let n_head = md.usize("attention.head_count")?;
-        let n_kv_head = md.usize("attention.head_count_kv")?;
-        let blocks = md.usize("block_count")?;
-        let hidden = md.usize("embedding_length")?;
-        let head_dim = md.usize("attention.key_length")?;
-        let eps = f64::from(md.f32_or("attention.layer_norm_rms_epsilon", 1e-6)?);
         let window = md.usize("attention.sliding_window")?;
         let pattern = if md.has("attention.sliding_window_type") {
             md.usize("attention.sliding_window_type")?
         } else {
             6
         };
-        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 || pattern == 0 {
-            return Err(EngineError::Model(format!(
-                "inconsistent gemma3 shape: {n_head} heads, {n_kv_head} KV heads, \
-                 window pattern {pattern}"
-            )));
+        if pattern == 0 {
+            return Err(EngineError::Model(
+                "gemma3 with a sliding-window pattern of 0".into(),
+            ));
         }
-        if md.usize("attention.value_length")? != head_dim {
+        let trunk = Trunk::load(&md, reader, Some("attention.key_length"), max_positions)?;
+        if md.usize("attention.value_length")? != trunk.head_dim {
             return Err(EngineError::Model(
                 "gemma3 with values and keys of different sizes is not served".into(),
             ));
@@ -96,60 +81,37 @@ impl Gemma3 {
             Some("linear") => 1.0 / md.f32_or("rope.scaling.factor", 1.0)?,
             _ => 1.0,
         };
-
-        let mut tensor = |name: &str| ct.tensor(reader, name, device);
-        let embed_q = tensor("token_embd.weight")?;
-        let embed = Embedding::new(embed_q.dequantize(device)?, hidden);
-        let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, eps)?;
-        let output = match tensor("output.weight") {
-            Ok(t) => t,
-            Err(_) => embed_q,
-        };
-        let mut layers = Vec::with_capacity(blocks);
-        for i in 0..blocks {
-            let mut t = |part: &str| tensor(&format!("blk.{i}.{part}.weight"));
-            let mut lin =
-                |part: &str| -> Result<Linear, EngineError> { Linear::from_qtensor(t(part)?) };
-            let (wq, wk, wv, wo) = (
-                lin("attn_q")?,
-                lin("attn_k")?,
-                lin("attn_v")?,
-                lin("attn_output")?,
-            );
-            let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
-            let mut t = |part: &str| tensor(&format!("blk.{i}.{part}.weight"));
-            let mut norm = |part: &str| -> Result<RmsNorm, EngineError> {
-                Ok(RmsNorm::from_qtensor(t(part)?, eps)?)
+        let eps = trunk.eps;
+        let mut layers = Vec::with_capacity(trunk.layers);
+        for layer in 0..trunk.layers {
+            let mut t = LayerTensors {
+                md: &md,
+                reader: &mut *reader,
+                layer,
             };
             layers.push(Layer {
-                wq,
-                wk,
-                wv,
-                wo,
-                q_norm: norm("attn_q_norm")?,
-                k_norm: norm("attn_k_norm")?,
-                attn_norm: norm("attn_norm")?,
-                post_attn_norm: norm("post_attention_norm")?,
-                ffn_norm: norm("ffn_norm")?,
-                post_ffn_norm: norm("post_ffw_norm")?,
-                gate,
-                up,
-                down,
-                window: ((i + 1) % pattern != 0).then_some(window),
+                wq: t.linear("attn_q")?,
+                wk: t.linear("attn_k")?,
+                wv: t.linear("attn_v")?,
+                wo: t.linear("attn_output")?,
+                q_norm: t.norm("attn_q_norm", eps)?,
+                k_norm: t.norm("attn_k_norm", eps)?,
+                attn_norm: t.norm("attn_norm", eps)?,
+                post_attn_norm: t.norm("post_attention_norm", eps)?,
+                ffn_norm: t.norm("ffn_norm", eps)?,
+                post_ffn_norm: t.norm("post_ffw_norm", eps)?,
+                gate: t.linear("ffn_gate")?,
+                up: t.linear("ffn_up")?,
+                down: t.linear("ffn_down")?,
+                window: ((layer + 1) % pattern != 0).then_some(window),
             });
         }
+        let hd = trunk.head_dim;
         Ok(Self {
-            embed,
-            hidden,
+            rope_local: Rope::new((hd, base_local), max_positions, None, 1.0, true)?,
+            rope_global: Rope::new((hd, base_global), max_positions, None, scale, true)?,
+            trunk,
             layers,
-            norm,
-            output: Linear::from_qtensor(output)?,
-            rope_local: Rope::new((head_dim, base_local), max_positions, None, 1.0, true)?,
-            rope_global: Rope::new((head_dim, base_global), max_positions, None, scale, true)?,
-            n_head,
-            n_kv_head,
-            head_dim,
-            max_positions,
             silu_gate: false,
         })
     }
@@ -163,40 +125,22 @@ impl Gemma3 {
 }
 
 impl Architecture for Gemma3 {
-    fn name(&self) -> &'static str {
-        "gemma3"
-    }
-
-    fn kv_shape(&self) -> KvShape {
-        KvShape {
-            layers: self.layers.len(),
-            kv_heads: self.n_kv_head,
-            head_dim: self.head_dim,
-        }
-    }
-
-    fn max_positions(&self) -> usize {
-        self.max_positions
+    fn trunk(&self) -> &Trunk {
+        &self.trunk
     }
 
     fn forward(&self, cache: &KvCache, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
-        arch::check_entries(cache, entries)?;
-        let spans: Vec<usize> = entries.iter().map(|e| e.tokens.len()).collect();
-        let mut x = self.embed.forward(&arch::step_ids(entries)?)?;
-        x = (x * (self.hidden as f64).sqrt())?;
+        let (x, spans) = self.trunk.embed(cache, entries)?;
+        let mut x = (x * (self.trunk.hidden as f64).sqrt())?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let shape = AttnShape {
-                n_head: self.n_head,
-                n_kv_head: self.n_kv_head,
-                head_dim: self.head_dim,
-                rope: if layer.window.is_some() {
-                    &self.rope_local
-                } else {
-                    &self.rope_global
-                },
-                window: layer.window,
-                qk_norm: Some((&layer.q_norm, &layer.k_norm)),
+            let rope = if layer.window.is_some() {
+                &self.rope_local
+            } else {
+                &self.rope_global
             };
+            let shape = self
+                .trunk
+                .attn(rope, layer.window, Some((&layer.q_norm, &layer.k_norm)));
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
             let [q, k, v] = Linear::forward_all([&layer.wq, &layer.wk, &layer.wv], &h, &spans)?;
@@ -215,7 +159,6 @@ impl Architecture for Gemma3 {
             let mlp = layer.down.forward(&(gate * up)?, &spans)?;
             x = (layer.post_ffn_norm.forward(&mlp)? + x1)?;
         }
-        let x = self.norm.forward(&x)?.squeeze(0)?;
-        arch::logits(&self.output, &x, entries)
+        self.trunk.logits(&x, entries)
     }
 }

@@ -3,11 +3,10 @@
 //! `quantized_qwen2` op for op, which the tests hold it to.
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Module, Tensor};
-use candle_nn::Embedding;
+use candle_core::{Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
-use super::arch::{self, Architecture, AttnShape, Entry, KvShape, Meta, Rope};
+use super::arch::{self, Architecture, Entry, LayerTensors, Meta, Rope, Trunk};
 use super::kv_cache::KvCache;
 use super::qmatmul::Linear;
 use super::EngineError;
@@ -28,127 +27,62 @@ struct Layer {
 }
 
 pub struct Qwen2 {
-    embed: Embedding,
+    trunk: Trunk,
     layers: Vec<Layer>,
-    norm: RmsNorm,
-    output: Linear,
     rope: Rope,
-    n_head: usize,
-    n_kv_head: usize,
-    head_dim: usize,
-    max_positions: usize,
 }
 
 impl Qwen2 {
     pub fn from_gguf<R: std::io::Seek + std::io::Read>(
         ct: &gguf_file::Content,
         reader: &mut R,
-        device: &Device,
         max_positions: usize,
     ) -> Result<Self, EngineError> {
         let md = Meta {
             ct,
             prefix: "qwen2",
         };
-        let n_head = md.usize("attention.head_count")?;
-        let n_kv_head = md.usize("attention.head_count_kv")?;
-        let blocks = md.usize("block_count")?;
-        let hidden = md.usize("embedding_length")?;
-        let eps = f64::from(md.f32_or("attention.layer_norm_rms_epsilon", 1e-6)?);
+        let trunk = Trunk::load(&md, reader, None, max_positions)?;
         let freq_base = md.f32_or("rope.freq_base", 10_000.0)?;
-        if n_head == 0 || n_kv_head == 0 || hidden % n_head != 0 || n_head % n_kv_head != 0 {
-            return Err(EngineError::Model(format!(
-                "inconsistent qwen2 shape: {hidden} wide, {n_head} heads, {n_kv_head} KV heads"
-            )));
-        }
-        let head_dim = hidden / n_head;
-        let mut tensor = |name: &str| ct.tensor(reader, name, device);
-        let embed_q = tensor("token_embd.weight")?;
-        let embed = Embedding::new(embed_q.dequantize(device)?, hidden);
-        let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, eps)?;
-        let output = match tensor("output.weight") {
-            Ok(t) => t,
-            Err(_) => embed_q,
-        };
-        let mut layers = Vec::with_capacity(blocks);
-        for i in 0..blocks {
-            let mut t = |part: &str| tensor(&format!("blk.{i}.{part}"));
-            let mut lin = |part: &str| -> Result<Linear, EngineError> {
-                Linear::from_qtensor(t(&format!("{part}.weight"))?)
+        let mut layers = Vec::with_capacity(trunk.layers);
+        for layer in 0..trunk.layers {
+            let mut t = LayerTensors {
+                md: &md,
+                reader: &mut *reader,
+                layer,
             };
-            let (wq, wk, wv, wo) = (
-                lin("attn_q")?,
-                lin("attn_k")?,
-                lin("attn_v")?,
-                lin("attn_output")?,
-            );
-            let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
-            let mut t = |part: &str| tensor(&format!("blk.{i}.{part}"));
-            let (bq, bk, bv) = (
-                t("attn_q.bias")?.dequantize(device)?,
-                t("attn_k.bias")?.dequantize(device)?,
-                t("attn_v.bias")?.dequantize(device)?,
-            );
-            let attn_norm = RmsNorm::from_qtensor(t("attn_norm.weight")?, eps)?;
-            let ffn_norm = RmsNorm::from_qtensor(t("ffn_norm.weight")?, eps)?;
             layers.push(Layer {
-                wq,
-                wk,
-                wv,
-                bq,
-                bk,
-                bv,
-                wo,
-                attn_norm,
-                ffn_norm,
-                gate,
-                up,
-                down,
+                wq: t.linear("attn_q")?,
+                wk: t.linear("attn_k")?,
+                wv: t.linear("attn_v")?,
+                bq: t.f32("attn_q.bias")?,
+                bk: t.f32("attn_k.bias")?,
+                bv: t.f32("attn_v.bias")?,
+                wo: t.linear("attn_output")?,
+                attn_norm: t.norm("attn_norm", trunk.eps)?,
+                ffn_norm: t.norm("ffn_norm", trunk.eps)?,
+                gate: t.linear("ffn_gate")?,
+                up: t.linear("ffn_up")?,
+                down: t.linear("ffn_down")?,
             });
         }
+        let rope = Rope::new((trunk.head_dim, freq_base), max_positions, None, 1.0, true)?;
         Ok(Self {
-            embed,
+            trunk,
             layers,
-            norm,
-            output: Linear::from_qtensor(output)?,
-            rope: Rope::new((head_dim, freq_base), max_positions, None, 1.0, true)?,
-            n_head,
-            n_kv_head,
-            head_dim,
-            max_positions,
+            rope,
         })
     }
 }
 
 impl Architecture for Qwen2 {
-    fn name(&self) -> &'static str {
-        "qwen2"
-    }
-
-    fn kv_shape(&self) -> KvShape {
-        KvShape {
-            layers: self.layers.len(),
-            kv_heads: self.n_kv_head,
-            head_dim: self.head_dim,
-        }
-    }
-
-    fn max_positions(&self) -> usize {
-        self.max_positions
+    fn trunk(&self) -> &Trunk {
+        &self.trunk
     }
 
     fn forward(&self, cache: &KvCache, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
-        arch::check_entries(cache, entries)?;
-        let spans: Vec<usize> = entries.iter().map(|e| e.tokens.len()).collect();
-        let shape = AttnShape {
-            n_head: self.n_head,
-            n_kv_head: self.n_kv_head,
-            head_dim: self.head_dim,
-            rope: &self.rope,
-            window: None,
-            qk_norm: None,
-        };
-        let mut x = self.embed.forward(&arch::step_ids(entries)?)?;
+        let (mut x, spans) = self.trunk.embed(cache, entries)?;
+        let shape = self.trunk.attn(&self.rope, None, None);
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
@@ -168,7 +102,6 @@ impl Architecture for Qwen2 {
                 .forward(&(candle_nn::ops::silu(&gate)? * up)?, &spans)?;
             x = (mlp + x1)?;
         }
-        let x = self.norm.forward(&x)?.squeeze(0)?;
-        arch::logits(&self.output, &x, entries)
+        self.trunk.logits(&x, entries)
     }
 }

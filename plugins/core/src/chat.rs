@@ -93,30 +93,7 @@ mod tests {
         }
     }
 
-    /// One "token" per byte, the two ChatML markers one token each when parsed:
-    /// enough to test budgets and which text is parsed.
-    fn bytes(text: &str, special: bool) -> Vec<u32> {
-        let mut ids = Vec::new();
-        let mut rest = text;
-        while !rest.is_empty() {
-            let marker = ["<|im_start|>", "<|im_end|>"]
-                .iter()
-                .enumerate()
-                .find(|(_, m)| special && rest.starts_with(**m));
-            match marker {
-                Some((i, m)) => {
-                    ids.push(1000 + i as u32);
-                    rest = &rest[m.len()..];
-                }
-                None => {
-                    let c = rest.chars().next().unwrap_or_default();
-                    ids.extend(c.to_string().bytes().map(u32::from));
-                    rest = &rest[c.len_utf8()..];
-                }
-            }
-        }
-        ids
-    }
+    use crate::test_support::bytes;
 
     #[test]
     fn renders_chatml() {

@@ -300,29 +300,7 @@ mod tests {
 
     const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
-    /// One id per byte; `<|im_start|>`/`<|im_end|>` one id each when parsed.
-    fn bytes(text: &str, special: bool) -> Vec<u32> {
-        let mut ids = Vec::new();
-        let mut rest = text;
-        while !rest.is_empty() {
-            let marker = ["<|im_start|>", "<|im_end|>"]
-                .iter()
-                .enumerate()
-                .find(|(_, m)| special && rest.starts_with(**m));
-            match marker {
-                Some((i, m)) => {
-                    ids.push(1000 + i as u32);
-                    rest = &rest[m.len()..];
-                }
-                None => {
-                    let c = rest.chars().next().unwrap_or_default();
-                    ids.extend(c.to_string().bytes().map(u32::from));
-                    rest = &rest[c.len_utf8()..];
-                }
-            }
-        }
-        ids
-    }
+    use crate::test_support::bytes;
 
     #[test]
     fn chatml_renders_as_the_model_writes_it() {
