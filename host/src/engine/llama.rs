@@ -24,10 +24,12 @@ use super::kv_cache::KvCache;
 use super::qmatmul::Linear;
 use super::EngineError;
 
-struct Layer {
+pub(super) struct Layer {
     wq: Linear,
     wk: Linear,
     wv: Linear,
+    /// Biases of q, k and v (qwen2).
+    bias: Option<[Tensor; 3]>,
     wo: Linear,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
@@ -41,6 +43,48 @@ pub struct Llama {
     trunk: Trunk,
     layers: Vec<Layer>,
     rope: Rope,
+}
+
+impl Layer {
+    /// Layer `layer`'s weights, with q/k/v biases when `biases`.
+    pub(super) fn load<R: std::io::Seek + std::io::Read>(
+        t: &mut LayerTensors<'_, R>,
+        eps: f64,
+        biases: bool,
+    ) -> Result<Self, EngineError> {
+        let bias = if biases {
+            Some([
+                t.f32("attn_q.bias")?,
+                t.f32("attn_k.bias")?,
+                t.f32("attn_v.bias")?,
+            ])
+        } else {
+            None
+        };
+        Ok(Self {
+            wq: t.linear("attn_q")?,
+            wk: t.linear("attn_k")?,
+            wv: t.linear("attn_v")?,
+            bias,
+            wo: t.linear("attn_output")?,
+            attn_norm: t.norm("attn_norm", eps)?,
+            ffn_norm: t.norm("ffn_norm", eps)?,
+            gate: t.linear("ffn_gate")?,
+            up: t.linear("ffn_up")?,
+            down: t.linear("ffn_down")?,
+        })
+    }
+}
+
+impl Llama {
+    /// A llama block stack over `trunk`, `layers` and `rope` (qwen2 builds one too).
+    pub(super) fn from_parts(trunk: Trunk, layers: Vec<Layer>, rope: Rope) -> Self {
+        Self {
+            trunk,
+            layers,
+            rope,
+        }
+    }
 }
 
 impl Llama {
@@ -79,17 +123,7 @@ impl Llama {
                 reader: &mut *reader,
                 layer,
             };
-            layers.push(Layer {
-                wq: t.linear("attn_q")?,
-                wk: t.linear("attn_k")?,
-                wv: t.linear("attn_v")?,
-                wo: t.linear("attn_output")?,
-                attn_norm: t.norm("attn_norm", trunk.eps)?,
-                ffn_norm: t.norm("ffn_norm", trunk.eps)?,
-                gate: t.linear("ffn_gate")?,
-                up: t.linear("ffn_up")?,
-                down: t.linear("ffn_down")?,
-            });
+            layers.push(Layer::load(&mut t, trunk.eps, false)?);
         }
         let rope = Rope::new(
             (rope_dim, freq_base),
@@ -118,6 +152,14 @@ impl Architecture for Llama {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
             let [q, k, v] = Linear::forward_all([&layer.wq, &layer.wk, &layer.wv], &h, &spans)?;
+            let (q, k, v) = match &layer.bias {
+                Some([bq, bk, bv]) => (
+                    q.broadcast_add(bq)?,
+                    k.broadcast_add(bk)?,
+                    v.broadcast_add(bv)?,
+                ),
+                None => (q, k, v),
+            };
             let attn = arch::attention(cache, li, entries, &shape, (q, k, v))?;
             let attn = layer.wo.forward(&attn, &spans)?;
             let x1 = (attn + residual)?;

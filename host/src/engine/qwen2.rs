@@ -1,36 +1,16 @@
-//! Qwen2 (and Qwen2.5) for many sequences at once: llama's block with biases on the
-//! query, key and value projections and NeoX-style rotation. Follows candle's
+//! Qwen2 (and Qwen2.5): llama's block with biases on the query, key and value
+//! projections and NeoX-style rotation, run by the llama pass. Follows candle's
 //! `quantized_qwen2` op for op, which the tests hold it to.
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Module, Tensor};
-use candle_transformers::quantized_nn::RmsNorm;
+use candle_core::Tensor;
 
-use super::arch::{self, Architecture, Entry, LayerTensors, Meta, Rope, Trunk};
+use super::arch::{Architecture, Entry, LayerTensors, Meta, Rope, Trunk};
 use super::kv_cache::KvCache;
-use super::qmatmul::Linear;
+use super::llama::{Layer, Llama};
 use super::EngineError;
 
-struct Layer {
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    bq: Tensor,
-    bk: Tensor,
-    bv: Tensor,
-    wo: Linear,
-    attn_norm: RmsNorm,
-    ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-}
-
-pub struct Qwen2 {
-    trunk: Trunk,
-    layers: Vec<Layer>,
-    rope: Rope,
-}
+pub struct Qwen2(Llama);
 
 impl Qwen2 {
     pub fn from_gguf<R: std::io::Seek + std::io::Read>(
@@ -51,57 +31,19 @@ impl Qwen2 {
                 reader: &mut *reader,
                 layer,
             };
-            layers.push(Layer {
-                wq: t.linear("attn_q")?,
-                wk: t.linear("attn_k")?,
-                wv: t.linear("attn_v")?,
-                bq: t.f32("attn_q.bias")?,
-                bk: t.f32("attn_k.bias")?,
-                bv: t.f32("attn_v.bias")?,
-                wo: t.linear("attn_output")?,
-                attn_norm: t.norm("attn_norm", trunk.eps)?,
-                ffn_norm: t.norm("ffn_norm", trunk.eps)?,
-                gate: t.linear("ffn_gate")?,
-                up: t.linear("ffn_up")?,
-                down: t.linear("ffn_down")?,
-            });
+            layers.push(Layer::load(&mut t, trunk.eps, true)?);
         }
         let rope = Rope::new((trunk.head_dim, freq_base), max_positions, None, 1.0, true)?;
-        Ok(Self {
-            trunk,
-            layers,
-            rope,
-        })
+        Ok(Self(Llama::from_parts(trunk, layers, rope)))
     }
 }
 
 impl Architecture for Qwen2 {
     fn trunk(&self) -> &Trunk {
-        &self.trunk
+        self.0.trunk()
     }
 
     fn forward(&self, cache: &KvCache, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
-        let (mut x, spans) = self.trunk.embed(cache, entries)?;
-        let shape = self.trunk.attn(&self.rope, None, None);
-        for (li, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
-            let h = layer.attn_norm.forward(&x)?;
-            let [q, k, v] = Linear::forward_all([&layer.wq, &layer.wk, &layer.wv], &h, &spans)?;
-            let (q, k, v) = (
-                q.broadcast_add(&layer.bq)?,
-                k.broadcast_add(&layer.bk)?,
-                v.broadcast_add(&layer.bv)?,
-            );
-            let attn = arch::attention(cache, li, entries, &shape, (q, k, v))?;
-            let attn = layer.wo.forward(&attn, &spans)?;
-            let x1 = (attn + residual)?;
-            let h = layer.ffn_norm.forward(&x1)?;
-            let [gate, up] = Linear::forward_all([&layer.gate, &layer.up], &h, &spans)?;
-            let mlp = layer
-                .down
-                .forward(&(candle_nn::ops::silu(&gate)? * up)?, &spans)?;
-            x = (mlp + x1)?;
-        }
-        self.trunk.logits(&x, entries)
+        self.0.forward(cache, entries)
     }
 }
