@@ -1,8 +1,10 @@
 //! The real binary serving the second model, gemma-3-270m (Q4_K_M; a base model with
 //! no chat template; scripts/fetch-model.sh gemma3): greedy completions, whole and
-//! streamed alike, exact token metrics, the same answers alone and batched, a clear 400
-//! for chat without a template, and chat through `--chat-template`.
+//! streamed alike, exact token metrics, the same answers alone and batched, a stream
+//! whose client left freeing its slot, a clear 400 for chat without a template, and chat
+//! through `--chat-template`.
 
+use futures_util::StreamExt;
 use lynx_tests::{cached_model, Server};
 use serde_json::{json, Value};
 
@@ -154,4 +156,43 @@ async fn gemma_answers_the_same_alone_and_batched() {
         assert_eq!(*status, 200, "{v}");
         assert_eq!(&text(v), want, "batched vs alone");
     }
+}
+
+#[tokio::test]
+async fn a_disconnected_gemma_stream_frees_its_slot_and_stops_generating() {
+    let server = gemma(&[]).await;
+    let response = server
+        .client
+        .post(server.url("/v1/completions"))
+        .json(
+            &json!({"model": NAME, "prompt": "Write a very long essay about the sea.",
+                      "max_tokens": 900, "temperature": 0.8, "stream": true}),
+        )
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let first = body.next().await.expect("a first chunk").expect("chunk");
+    assert!(!first.is_empty());
+    drop(body);
+
+    // Within a moment the slot is free and the completion-token count stops moving.
+    let labels = [("model_name", NAME), ("kind", "completion")];
+    let mut settled = None;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let m = server.metrics().await;
+        if m.value("kv_cache_slots_used", &[]) == 0.0 {
+            settled = Some(m.value("tokens_total", &labels));
+            break;
+        }
+    }
+    let settled = settled.expect("the slot was not freed within 5 s");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        server.metrics().await.value("tokens_total", &labels),
+        settled
+    );
+    assert!(settled < 900.0, "the whole answer was generated: {settled}");
 }
