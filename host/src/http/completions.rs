@@ -24,7 +24,7 @@ use super::types::{
 };
 use super::AppState;
 use crate::engine::{EngineError, Fault};
-use crate::plugins::types::{self as world, PolicyRequest};
+use crate::plugins::types::{self as plugin, PolicyRequest};
 use crate::plugins::{PluginError, Session};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -59,7 +59,7 @@ pub async fn chat_completions(
         let body = parse_body(&b)?;
         let req: ChatRequest = fields(&body)?;
         let params = fields::<CommonParams>(&body)?.validate(&state.model_name, &state.limits)?;
-        Ok((world::Prompt::Chat(req.chat_messages()?), params))
+        Ok((plugin::Prompt::Chat(req.chat_messages()?), params))
     });
     respond(state, info, serving, Api::Chat, parsed).await
 }
@@ -93,7 +93,7 @@ fn is_timeout(rejection: &BytesRejection) -> bool {
 
 /// The client's prompt as the policy plugin receives it. Token ids are checked here:
 /// what the client sent is the client's error, whatever the plugin does with it.
-fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<world::Prompt, ApiError> {
+fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<plugin::Prompt, ApiError> {
     let text = match prompt {
         Prompt::Text(t) => t,
         Prompt::Texts(mut v) if v.len() == 1 => v.remove(0),
@@ -120,7 +120,7 @@ fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<world::Prompt, 
                     Some("prompt"),
                 ));
             }
-            return Ok(world::Prompt::Tokens(ids));
+            return Ok(plugin::Prompt::Tokens(ids));
         }
     };
     if text.is_empty() {
@@ -129,7 +129,7 @@ fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<world::Prompt, 
             Some("prompt"),
         ));
     }
-    Ok(world::Prompt::Text(text))
+    Ok(plugin::Prompt::Text(text))
 }
 
 /// The policy plugin's verdict: the prompt's token ids and the length the plugin
@@ -138,7 +138,7 @@ fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<world::Prompt, 
 async fn apply_policy(
     state: &AppState,
     session: &mut Session,
-    prompt: world::Prompt,
+    prompt: plugin::Prompt,
     params: &Validated,
 ) -> Result<(Vec<u32>, Option<u32>), ApiError> {
     let request = PolicyRequest {
@@ -186,7 +186,7 @@ async fn respond(
     info: Arc<RequestInfo>,
     serving: ServingPlugin,
     api: Api,
-    parsed: Result<(world::Prompt, Validated), ApiError>,
+    parsed: Result<(plugin::Prompt, Validated), ApiError>,
 ) -> Response {
     match start(state.clone(), info, serving, parsed).await {
         Err(e) => e.into_response(),
@@ -201,7 +201,7 @@ async fn start(
     state: Arc<AppState>,
     info: Arc<RequestInfo>,
     serving: ServingPlugin,
-    parsed: Result<(world::Prompt, Validated), ApiError>,
+    parsed: Result<(plugin::Prompt, Validated), ApiError>,
 ) -> Result<(Generation, Validated), ApiError> {
     let (prompt, params) = parsed?;
     if state.draining() {
@@ -223,16 +223,16 @@ async fn start(
 /// Testing only (`--fault-injection`): the prompt `lynx-fault:handler` panics here, in
 /// the handler; `lynx-fault:scheduler` asks the scheduler to panic while sampling it,
 /// `lynx-fault:scheduler-stop` to stop.
-fn fault(state: &AppState, prompt: &world::Prompt) -> Option<Fault> {
+fn fault(state: &AppState, prompt: &plugin::Prompt) -> Option<Fault> {
     if !state.limits.fault_injection {
         return None;
     }
     match prompt {
-        world::Prompt::Text(t) if t == "lynx-fault:handler" => {
+        plugin::Prompt::Text(t) if t == "lynx-fault:handler" => {
             panic!("fault injected by --fault-injection")
         }
-        world::Prompt::Text(t) if t == "lynx-fault:scheduler" => Some(Fault::PanicWhileSampling),
-        world::Prompt::Text(t) if t == "lynx-fault:scheduler-stop" => Some(Fault::StopScheduler),
+        plugin::Prompt::Text(t) if t == "lynx-fault:scheduler" => Some(Fault::PanicWhileSampling),
+        plugin::Prompt::Text(t) if t == "lynx-fault:scheduler-stop" => Some(Fault::StopScheduler),
         _ => None,
     }
 }
