@@ -118,7 +118,21 @@ impl Server {
         Self::start_with(&[]).await
     }
 
+    /// Starts the binary with `args` on free ports. A port taken between `free_port`
+    /// and the bind (by another test running in parallel) is retried on new ports; any
+    /// other start-up failure panics with the log.
     pub async fn start_with(args: &[&str]) -> Server {
+        for _ in 0..3 {
+            match Self::try_start(args).await {
+                Ok(server) => return server,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("lynx-host exited at start-up; its log:\n{log}"),
+            }
+        }
+        panic!("lynx-host found no free port in three tries")
+    }
+
+    async fn try_start(args: &[&str]) -> Result<Server, String> {
         let port = free_port();
         let log = std::env::temp_dir().join(format!("lynx-host-{port}.log"));
         let log_file = std::fs::File::create(&log).expect("log file");
@@ -152,22 +166,20 @@ impl Server {
             client: reqwest::Client::new(),
             log,
         };
-        server.wait_ready().await;
-        server
+        server.wait_ready().await?;
+        Ok(server)
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits for `/health`; the log if the process exited first.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "lynx-host exited ({status}) at start-up; its log:\n{}",
-                    self.log()
-                );
+                return Err(format!("(exit {status})\n{}", self.log()));
             }
             if let Ok(r) = self.client.get(self.url("/health")).send().await {
                 if r.status().is_success() {
-                    return;
+                    return Ok(());
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
