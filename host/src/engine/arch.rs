@@ -294,6 +294,33 @@ impl Meta<'_> {
     pub fn string(&self, key: &str) -> Option<String> {
         self.get(key).ok()?.to_string().ok().cloned()
     }
+
+    /// The position multiplier of linear rope scaling (`rope.scaling.type = linear`):
+    /// 1 / `rope.scaling.factor`, else 1.
+    pub fn rope_scale(&self) -> Result<f32, EngineError> {
+        match self.string("rope.scaling.type").as_deref() {
+            Some("linear") => Ok(1.0 / self.f32_or("rope.scaling.factor", 1.0)?),
+            _ => Ok(1.0),
+        }
+    }
+
+    /// Every layer of `trunk`, each read by `load` from its `blk.{i}.` tensors.
+    pub fn layers<R, L>(
+        &self,
+        reader: &mut R,
+        trunk: &Trunk,
+        mut load: impl FnMut(&mut LayerTensors<'_, R>) -> Result<L, EngineError>,
+    ) -> Result<Vec<L>, EngineError> {
+        (0..trunk.layers)
+            .map(|layer| {
+                load(&mut LayerTensors {
+                    md: self,
+                    reader: &mut *reader,
+                    layer,
+                })
+            })
+            .collect()
+    }
 }
 
 /// Rotary position tables for one base, as candle's quantized models compute them,

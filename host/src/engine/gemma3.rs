@@ -15,7 +15,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
-use super::arch::{self, Architecture, Entry, LayerTensors, Meta, Rope, Trunk};
+use super::arch::{self, Architecture, Entry, Meta, Rope, Trunk};
 use super::kv_cache::KvCache;
 use super::qmatmul::Linear;
 use super::EngineError;
@@ -77,19 +77,10 @@ impl Gemma3 {
         let base_local = md.f32_or("rope.local_freq_base", 10_000.0)?;
         // Linear rope scaling (the larger Gemma 3 models) stretches the global layers'
         // positions only, as llama.cpp applies it.
-        let scale = match md.string("rope.scaling.type").as_deref() {
-            Some("linear") => 1.0 / md.f32_or("rope.scaling.factor", 1.0)?,
-            _ => 1.0,
-        };
+        let scale = md.rope_scale()?;
         let eps = trunk.eps;
-        let mut layers = Vec::with_capacity(trunk.layers);
-        for layer in 0..trunk.layers {
-            let mut t = LayerTensors {
-                md: &md,
-                reader: &mut *reader,
-                layer,
-            };
-            layers.push(Layer {
+        let layers = md.layers(reader, &trunk, |t| {
+            Ok(Layer {
                 wq: t.linear("attn_q")?,
                 wk: t.linear("attn_k")?,
                 wv: t.linear("attn_v")?,
@@ -103,9 +94,9 @@ impl Gemma3 {
                 gate: t.linear("ffn_gate")?,
                 up: t.linear("ffn_up")?,
                 down: t.linear("ffn_down")?,
-                window: ((layer + 1) % pattern != 0).then_some(window),
-            });
-        }
+                window: ((t.layer + 1) % pattern != 0).then_some(window),
+            })
+        })?;
         let hd = trunk.head_dim;
         Ok(Self {
             rope_local: Rope::new((hd, base_local), max_positions, None, 1.0, true)?,

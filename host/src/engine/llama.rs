@@ -107,24 +107,13 @@ impl Llama {
         let freq_base = md.f32_or("rope.freq_base", 10_000.0)?;
         // Linear rope scaling stretches positions; llama 3.1's scaling comes as per-pair
         // frequency divisors (`rope_freqs.weight`), as llama.cpp applies them.
-        let scale = match md.string("rope.scaling.type").as_deref() {
-            Some("linear") => 1.0 / md.f32_or("rope.scaling.factor", 1.0)?,
-            _ => 1.0,
-        };
+        let scale = md.rope_scale()?;
         let freq_factors: Option<Vec<f32>> =
             match ct.tensor(reader, "rope_freqs.weight", &Device::Cpu) {
                 Ok(t) => Some(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?),
                 Err(_) => None,
             };
-        let mut layers = Vec::with_capacity(trunk.layers);
-        for layer in 0..trunk.layers {
-            let mut t = LayerTensors {
-                md: &md,
-                reader: &mut *reader,
-                layer,
-            };
-            layers.push(Layer::load(&mut t, trunk.eps, false)?);
-        }
+        let layers = md.layers(reader, &trunk, |t| Layer::load(t, trunk.eps, false))?;
         let rope = Rope::new(
             (rope_dim, freq_base),
             max_positions,

@@ -5,7 +5,7 @@
 use candle_core::quantized::gguf_file;
 use candle_core::Tensor;
 
-use super::arch::{Architecture, Entry, LayerTensors, Meta, Rope, Trunk};
+use super::arch::{Architecture, Entry, Meta, Rope, Trunk};
 use super::kv_cache::KvCache;
 use super::llama::{Layer, Llama};
 use super::EngineError;
@@ -24,15 +24,7 @@ impl Qwen2 {
         };
         let trunk = Trunk::load(&md, reader, None, max_positions)?;
         let freq_base = md.f32_or("rope.freq_base", 10_000.0)?;
-        let mut layers = Vec::with_capacity(trunk.layers);
-        for layer in 0..trunk.layers {
-            let mut t = LayerTensors {
-                md: &md,
-                reader: &mut *reader,
-                layer,
-            };
-            layers.push(Layer::load(&mut t, trunk.eps, true)?);
-        }
+        let layers = md.layers(reader, &trunk, |t| Layer::load(t, trunk.eps, true))?;
         let rope = Rope::new((trunk.head_dim, freq_base), max_positions, None, 1.0, true)?;
         Ok(Self(Llama::from_parts(trunk, layers, rope)))
     }
