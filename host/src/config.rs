@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use crate::engine::qmatmul::cpu::SimdChoice;
 use clap::{Parser, Subcommand};
 
 /// The file name `scripts/fetch-model.sh` stores the default model under.
@@ -58,6 +59,11 @@ pub struct Config {
     /// `model_name` metric label.
     #[arg(long, env = "LYNX_MODEL_NAME", default_value = "smollm2-135m-instruct")]
     pub model_name: String,
+
+    /// SIMD level of the matmul kernels: `auto` picks AVX2 (with FMA and F16C) where the
+    /// CPU has it and portable kernels elsewhere; `avx2` refuses to start without it.
+    #[arg(long, env = "LYNX_SIMD", value_enum, default_value_t = SimdChoice::Auto)]
+    pub simd: SimdChoice,
 
     /// KV cache slots: how many sequences run at once.
     #[arg(long, env = "LYNX_KV_SLOTS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]

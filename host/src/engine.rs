@@ -11,6 +11,7 @@ pub mod llama;
 pub mod model;
 pub mod qmatmul;
 pub mod qwen2;
+pub mod sampling;
 mod sequence;
 pub mod tokenizer;
 

@@ -130,6 +130,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let cache = ComponentCache::on_disk(&config.plugin_cache_dir(), &config.plugins_dir)
         .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
+    let simd = lynx_host::engine::qmatmul::cpu::init(config.simd)
+        .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
+    tracing::info!(
+        kernels = ?simd,
+        cpu = %lynx_host::engine::qmatmul::cpu::features(),
+        "matmul kernels chosen at run time"
+    );
     let path = model_path(&config)?;
     let t0 = Instant::now();
     let model = tokio::task::spawn_blocking(move || Model::load(&path))

@@ -1,12 +1,12 @@
 //! One running sequence as the scheduler holds it, and its sampling: each sequence has
-//! its own `LogitsProcessor` (temperature, top-p, seed), so what it samples never
-//! depends on what else shares the step.
+//! its own [`Sampler`] (temperature, top-p, seed), so what it samples never depends on
+//! what else shares the step.
 
 use candle_core::Tensor;
-use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
 use tokio::sync::mpsc;
 
 use super::batcher::{BatcherConfig, FinishReason, GenEvent, Sampling};
+use super::sampling::Sampler;
 use super::{EngineError, Model};
 
 pub(super) struct Sequence {
@@ -19,7 +19,7 @@ pub(super) struct Sequence {
     pub(super) next_input: u32,
     pub(super) generated: usize,
     pub(super) max_tokens: usize,
-    pub(super) sampler: LogitsProcessor,
+    pub(super) sampler: Sampler,
     pub(super) events: mpsc::UnboundedSender<GenEvent>,
     /// The sequence's last event (finished or failed), sent only once its slot is
     /// released: a client that has its answer never sees its slot still counted.
@@ -75,18 +75,6 @@ pub(super) fn advance(
     }
 }
 
-pub(super) fn sampler(s: Sampling) -> LogitsProcessor {
-    let sampling = if s.temperature <= 0.0 {
-        CandleSampling::ArgMax
-    } else if s.top_p < 1.0 {
-        CandleSampling::TopP {
-            p: s.top_p,
-            temperature: s.temperature,
-        }
-    } else {
-        CandleSampling::All {
-            temperature: s.temperature,
-        }
-    };
-    LogitsProcessor::from_sampling(s.seed, sampling)
+pub(super) fn sampler(s: Sampling) -> Sampler {
+    Sampler::new(s.seed, s.temperature, s.top_p)
 }

@@ -1,0 +1,164 @@
+//! A step's activations quantized for the weights' integer dot: 8-bit blocks of 32
+//! (what Q4_0/Q4_1/Q5_0/Q8_0 weights are dotted with) or of 256 (Q8_K, for the
+//! K-quants). Each is bit for bit what candle's `from_float` writes, so the integer
+//! dots are candle's.
+
+use half::f16;
+
+use super::{QK, QK_K, TILE_ROWS};
+
+/// Which quantization a weight format is dotted against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActKind {
+    /// Blocks of 32: `x ≈ d * q`, `d` rounded to f16, with `s = d * Σq` (Q8_0 and Q8_1).
+    Q8,
+    /// Blocks of 256: `x ≈ d * q`, f32 `d`, sums of each 16 quants (Q8_K).
+    Q8K,
+}
+
+/// One row's block of 256 as candle's `BlockQ8K`.
+#[derive(Clone)]
+pub struct Q8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+
+/// A step's quantized activations, `m` rows of `k` values.
+pub struct Acts {
+    pub kind: ActKind,
+    pub k: usize,
+    pub m: usize,
+    /// Blocks per row.
+    pub nb: usize,
+    /// Rows rounded up to whole tiles: the `[block][row]` arrays' row stride.
+    pub stride: usize,
+    /// Q8: per block, each row's quants, `[block][row]`, so a tile's eight rows of one
+    /// block sit side by side.
+    pub qs_t: Vec<[i8; QK]>,
+    pub d_t: Vec<f32>,
+    pub s_t: Vec<f32>,
+    /// Q8, eight rows or more: the same quants interleaved for the Q4_1 tile kernel.
+    /// Per block and tile of eight rows, eight vectors `g`; in vector `g`, 128-bit half
+    /// `h` holds each row's pair of values `16h + 2g`, `16h + 2g + 1`, row after row.
+    /// One broadcast weight pair then multiplies eight rows at once.
+    pub qs_x: Vec<[i8; QK]>,
+    /// Q8K: `[row][block]`.
+    pub kb: Vec<Q8K>,
+}
+
+/// Rows from which the Q4_1 matmuls use the interleaved tile kernel: it always
+/// computes eight rows, which costs more than the plain kernel's one or two.
+pub const X8_MIN_ROWS: usize = 3;
+
+/// Quantizes one block of 32 activations as candle's `BlockQ8_1::from_float` does,
+/// values and f16 rounding of the scales included: `(q, d, s)` with `x ≈ d * q` and
+/// `s = d * Σq`. `BlockQ8_0::from_float` writes the same `q` and `d`.
+fn quantize_block(block: &[f32]) -> ([i8; QK], f32, f32) {
+    let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; QK];
+    let mut sum = 0i32;
+    for (q, x) in qs.iter_mut().zip(block) {
+        *q = (x * id).round() as i8;
+        sum += i32::from(*q);
+    }
+    let d16 = f16::from_f32(d);
+    (qs, d16.to_f32(), (f16::from_f32(sum as f32) * d16).to_f32())
+}
+
+/// One block of 256 as candle's `BlockQ8K::from_float`: scaled by the signed value of
+/// largest magnitude, so that one maps to -127.
+fn quantize_block_k(xs: &[f32]) -> Q8K {
+    let mut out = Q8K {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &x in xs {
+        if amax < x.abs() {
+            amax = x.abs();
+            max = x;
+        }
+    }
+    if amax == 0.0 {
+        return out;
+    }
+    let iscale = -127f32 / max;
+    for (q, x) in out.qs.iter_mut().zip(xs) {
+        *q = (iscale * x).round().clamp(-128.0, 127.0) as i8;
+    }
+    for (sum, qs) in out.bsums.iter_mut().zip(out.qs.chunks_exact(16)) {
+        *sum = qs.iter().map(|&q| i16::from(q)).sum();
+    }
+    out.d = 1.0 / iscale;
+    out
+}
+
+impl Acts {
+    /// `xs`: `m` rows of `k` values, `k` a multiple of the kind's block.
+    pub fn quantize(kind: ActKind, xs: &[f32], k: usize) -> Self {
+        let m = xs.len() / k.max(1);
+        let stride = m.div_ceil(TILE_ROWS).max(1) * TILE_ROWS;
+        let mut acts = Self {
+            kind,
+            k,
+            m,
+            nb: 0,
+            stride,
+            qs_t: Vec::new(),
+            d_t: Vec::new(),
+            s_t: Vec::new(),
+            qs_x: Vec::new(),
+            kb: Vec::new(),
+        };
+        match kind {
+            ActKind::Q8 => acts.quantize_32(xs),
+            ActKind::Q8K => {
+                acts.nb = k / QK_K;
+                acts.kb = xs.chunks_exact(QK_K).map(quantize_block_k).collect();
+            }
+        }
+        acts
+    }
+
+    fn quantize_32(&mut self, xs: &[f32]) {
+        let (k, m, stride) = (self.k, self.m, self.stride);
+        let nb = k / QK;
+        self.nb = nb;
+        self.d_t = vec![0f32; nb * stride];
+        self.s_t = vec![0f32; nb * stride];
+        self.qs_t = vec![[0i8; QK]; nb * stride];
+        for (r, row) in xs.chunks_exact(k).enumerate() {
+            for (b, block) in row.chunks_exact(QK).enumerate() {
+                let i = b * stride + r;
+                (self.qs_t[i], self.d_t[i], self.s_t[i]) = quantize_block(block);
+            }
+        }
+        if m < X8_MIN_ROWS {
+            return;
+        }
+        self.qs_x = vec![[0i8; QK]; nb * stride];
+        // A tile of one block: `qs_t[c * 8..][..8]` becomes `qs_x[c * 8..][..8]`.
+        for (c, tile) in self.qs_t.chunks_exact(TILE_ROWS).enumerate() {
+            for (r, qs) in tile.iter().enumerate() {
+                for (g, v) in self.qs_x[c * TILE_ROWS..][..TILE_ROWS]
+                    .iter_mut()
+                    .enumerate()
+                {
+                    for h in 0..2 {
+                        let (dst, src) = (16 * h + 2 * r, 16 * h + 2 * g);
+                        v[dst..dst + 2].copy_from_slice(&qs[src..src + 2]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Row `r`'s Q8K blocks.
+    pub fn row_k(&self, r: usize) -> &[Q8K] {
+        &self.kb[r * self.nb..(r + 1) * self.nb]
+    }
+}

@@ -1,0 +1,387 @@
+//! Kernels for the formats of 32-value blocks: Q4_0, Q4_1, Q5_0 and Q8_0, read straight
+//! from the GGUF's blocks (f16 scales beside the quants, as the file has them).
+//!
+//! Each reproduces the float steps of candle's kernel for its format, so results are
+//! candle's bit for bit: Q4_1 and Q5_0 as candle's scalar kernel (`sum += sumi * d_w *
+//! d_x [+ m_w * s_x]`, block after block), Q4_0 and Q8_0 as its AVX2 kernel (an FMA per
+//! block into eight lanes, one horizontal sum at the end). The integer dot of a block
+//! is exact in any order. The AVX2 versions carry a tile of up to eight rows per weight
+//! block, so one unpacking serves every row of the step.
+
+use candle_core::quantized::GgmlDType;
+
+use super::acts::{ActKind, Acts, X8_MIN_ROWS};
+use super::cpu::Simd;
+use super::{Format, QK};
+
+pub const Q4_0: u8 = 0;
+pub const Q4_1: u8 = 1;
+pub const Q5_0: u8 = 2;
+pub const Q8_0: u8 = 3;
+
+/// One of the four formats; `F` is its constant above.
+pub struct Block32<const F: u8>;
+
+pub static FORMAT_Q4_0: Block32<Q4_0> = Block32;
+pub static FORMAT_Q4_1: Block32<Q4_1> = Block32;
+pub static FORMAT_Q5_0: Block32<Q5_0> = Block32;
+pub static FORMAT_Q8_0: Block32<Q8_0> = Block32;
+
+/// Bytes of one block.
+const fn block_bytes(f: u8) -> usize {
+    match f {
+        Q4_0 => 18,
+        Q4_1 => 20,
+        Q5_0 => 22,
+        _ => 34,
+    }
+}
+
+fn half_at(block: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32()
+}
+
+/// Value `i` of a block, as the integer the dot uses.
+fn value<const F: u8>(block: &[u8], i: usize) -> i32 {
+    let nibble = |qs: &[u8]| {
+        if i < 16 {
+            i32::from(qs[i] & 0x0F)
+        } else {
+            i32::from(qs[i - 16] >> 4)
+        }
+    };
+    match F {
+        Q4_0 => nibble(&block[2..18]) - 8,
+        Q4_1 => nibble(&block[4..20]),
+        Q5_0 => {
+            let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+            (nibble(&block[6..22]) | (((qh >> i) & 1) << 4) as i32) - 16
+        }
+        _ => i32::from(block[2 + i] as i8),
+    }
+}
+
+impl<const F: u8> Format for Block32<F> {
+    fn dtype(&self) -> GgmlDType {
+        match F {
+            Q4_0 => GgmlDType::Q4_0,
+            Q4_1 => GgmlDType::Q4_1,
+            Q5_0 => GgmlDType::Q5_0,
+            _ => GgmlDType::Q8_0,
+        }
+    }
+
+    fn block(&self) -> (usize, usize) {
+        (QK, block_bytes(F))
+    }
+
+    fn acts(&self) -> ActKind {
+        ActKind::Q8
+    }
+
+    fn dot(&self, simd: Simd, col: &[u8], acts: &Acts, r0: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd == Simd::Avx2 {
+            // SAFETY: `Simd::Avx2` is only ever chosen on a CPU with AVX2, FMA and F16C
+            // (`cpu::init`/`cpu::simd` detect them at run time).
+            unsafe {
+                match F {
+                    Q4_1 | Q5_0 if acts.m >= X8_MIN_ROWS => {
+                        by_height!(avx2::lanes_x8::<F>, col, acts, r0, out)
+                    }
+                    Q4_1 | Q5_0 => by_height!(avx2::lanes::<F>, col, acts, r0, out),
+                    _ => by_height!(avx2::fma::<F>, col, acts, r0, out),
+                }
+            }
+            return;
+        }
+        let _ = simd;
+        scalar::<F>(col, acts, r0, out)
+    }
+}
+
+/// The portable kernel, candle's scalar float order for every format; also the
+/// reference the SIMD ones are tested against.
+pub fn scalar<const F: u8>(col: &[u8], acts: &Acts, r0: usize, out: &mut [f32]) {
+    let nb = acts.nb;
+    for (r, o) in out.iter_mut().enumerate() {
+        let mut sum = 0f32;
+        for (b, block) in col.chunks_exact(block_bytes(F)).take(nb).enumerate() {
+            let at = b * acts.stride + r0 + r;
+            let (qs, xd) = (&acts.qs_t[at], acts.d_t[at]);
+            let sumi: i32 = (0..QK)
+                .map(|i| value::<F>(block, i) * i32::from(qs[i]))
+                .sum();
+            let d = half_at(block, 0);
+            sum += if F == Q4_1 {
+                sumi as f32 * d * xd + half_at(block, 2) * acts.s_t[at]
+            } else {
+                sumi as f32 * d * xd
+            };
+        }
+        *o = sum;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! ggml's AVX2 formulation: bytes multiplied and pair-summed with `maddubs`, widened
+    //! with `madd`, scaled per block.
+
+    use std::arch::x86_64::*;
+
+    use super::{block_bytes, Acts, Q4_0, Q4_1, Q8_0};
+    use crate::engine::qmatmul::TILE_ROWS;
+
+    const _: () = assert!(
+        TILE_ROWS == 8,
+        "the lane kernels sum eight rows in AVX lanes"
+    );
+
+    /// The f16 at `at` of `block`, widened (exact).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn half_at(block: &[u8], at: usize) -> f32 {
+        let bits = u16::from_le_bytes([block[at], block[at + 1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn load32(p: &[i8; 32]) -> __m256i {
+        // SAFETY: `p` is 32 readable bytes; the load is unaligned.
+        unsafe { _mm256_loadu_si256(p.as_ptr().cast()) }
+    }
+
+    /// 16 bytes of nibbles as 32 values: low nibbles (values 0..16) in the low half,
+    /// high nibbles (16..32) in the high half.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn nibbles(q: &[u8]) -> __m256i {
+        assert!(q.len() >= 16);
+        // SAFETY: `q` is at least 16 readable bytes; the load is unaligned.
+        let tmp = unsafe { _mm_loadu_si128(q.as_ptr().cast()) };
+        _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp),
+            _mm256_set1_epi8(0x0F),
+        )
+    }
+
+    /// A block's 32 weights as bytes: unsigned 0..16 for Q4_1, signed otherwise.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn weights<const F: u8>(block: &[u8]) -> __m256i {
+        assert!(block.len() >= block_bytes(F));
+        match F {
+            Q4_0 => _mm256_sub_epi8(nibbles(&block[2..18]), _mm256_set1_epi8(8)),
+            Q4_1 => nibbles(&block[4..20]),
+            Q8_0 => {
+                // SAFETY: `block` holds 34 bytes (asserted); the load is unaligned.
+                unsafe { _mm256_loadu_si256(block[2..].as_ptr().cast()) }
+            }
+            _ => {
+                // Q5_0: byte i gets bit i of `qh` as its fifth bit; values are 0..32,
+                // minus 16, so a clear bit leaves the nibble with 0xF0 or-ed in.
+                let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                let spread = _mm256_shuffle_epi8(
+                    _mm256_set1_epi32(qh as i32),
+                    _mm256_set_epi64x(
+                        0x0303030303030303,
+                        0x0202020202020202,
+                        0x0101010101010101,
+                        0,
+                    ),
+                );
+                let bit = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+                let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, bit), _mm256_set1_epi8(-1));
+                let high = _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8));
+                _mm256_or_si256(nibbles(&block[6..22]), high)
+            }
+        }
+    }
+
+    /// The weights as `maddubs` wants its first operand (unsigned) and the sign to carry
+    /// over to the activations (`None`: already unsigned).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn operand<const F: u8>(w: __m256i) -> (__m256i, Option<__m256i>) {
+        if F == Q4_1 {
+            (w, None)
+        } else {
+            (_mm256_sign_epi8(w, w), Some(w))
+        }
+    }
+
+    /// One block's float step for eight rows, in candle's scalar order:
+    /// `sum + (sumi * d * d_x [+ m * s_x])`. `h` holds each row's integer dot as two
+    /// 16-bit halves, lane r of each 128-bit half; `at` is the block's first row.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn add_block(
+        sum: __m256,
+        h: __m256i,
+        d: f32,
+        m: Option<f32>,
+        acts: &Acts,
+        at: usize,
+    ) -> __m256 {
+        let sumi = _mm256_add_epi32(
+            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
+            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)),
+        );
+        let xd = &acts.d_t[at..at + 8];
+        // SAFETY: `xd` is 8 readable f32; the load is unaligned.
+        let xd = unsafe { _mm256_loadu_ps(xd.as_ptr()) };
+        let t = _mm256_mul_ps(
+            _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d)),
+            xd,
+        );
+        match m {
+            Some(m) => {
+                let xs = &acts.s_t[at..at + 8];
+                // SAFETY: `xs` is 8 readable f32; the load is unaligned.
+                let xs = unsafe { _mm256_loadu_ps(xs.as_ptr()) };
+                _mm256_add_ps(sum, _mm256_add_ps(t, _mm256_mul_ps(_mm256_set1_ps(m), xs)))
+            }
+            None => _mm256_add_ps(sum, t),
+        }
+    }
+
+    /// The first `out.len()` lanes of `sum` into `out`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn store_rows(sum: __m256, out: &mut [f32]) {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` is 32 writable bytes; the store is unaligned.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+        out.copy_from_slice(&lanes[..out.len()]);
+    }
+
+    fn check(col: &[u8], bytes: usize, acts: &Acts, r0: usize, n: usize, out: &[f32]) {
+        let (nb, stride) = (acts.nb, acts.stride);
+        assert!(n <= TILE_ROWS && out.len() == n && r0 + TILE_ROWS <= stride);
+        assert!(acts.qs_t.len() >= nb * stride && acts.d_t.len() >= nb * stride);
+        assert!(acts.s_t.len() >= nb * stride && col.len() >= nb * bytes);
+    }
+
+    /// Q4_1 and Q5_0 for up to eight rows, bit for bit candle's scalar kernel: the
+    /// float steps per block run in its order, eight rows at a time in AVX lanes
+    /// (separate multiplies and adds, no FMA, as Rust compiles the scalar).
+    /// Exactness matters: 8-bit requantization of every layer's input turns last-bit
+    /// differences into visibly different logits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn lanes<const F: u8, const N: usize>(col: &[u8], acts: &Acts, r0: usize, out: &mut [f32]) {
+        let bytes = block_bytes(F);
+        check(col, bytes, acts, r0, N, out);
+        let stride = acts.stride;
+        let mut sum = _mm256_setzero_ps();
+        for (b, block) in col.chunks_exact(bytes).take(acts.nb).enumerate() {
+            let (w, sign) = operand::<F>(weights::<F>(block));
+            let rows = &acts.qs_t[b * stride + r0..b * stride + r0 + TILE_ROWS];
+            let mut p = [_mm256_setzero_si256(); TILE_ROWS];
+            for r in 0..N {
+                let y = load32(&rows[r]);
+                let y = match sign {
+                    Some(s) => _mm256_sign_epi8(y, s),
+                    None => y,
+                };
+                p[r] = _mm256_maddubs_epi16(w, y);
+            }
+            // Each 16-bit lane is at most 2 * 16 * 127 = 4064 in size, so three rounds
+            // of pairwise sums (8 lanes: at most 32512) stay exact in 16 bits, and leave
+            // in each half of `h` one partial sum per row, in row order.
+            let h = _mm256_hadd_epi16(
+                _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])),
+                _mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7])),
+            );
+            let m = if F == Q4_1 {
+                Some(half_at(block, 2))
+            } else {
+                None
+            };
+            sum = add_block(sum, h, half_at(block, 0), m, acts, b * stride + r0);
+        }
+        store_rows(sum, out);
+    }
+
+    /// [`lanes`] for a whole tile of eight rows, on the interleaved quants: each weight
+    /// pair is broadcast with one shuffle and multiplies eight rows in one `maddubs`, so
+    /// a block takes eight shuffles, eight multiplies and vertical adds where `lanes`
+    /// needs a tree of seven horizontal adds. Same integer dots, same float steps, same
+    /// bits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn lanes_x8<const F: u8, const N: usize>(
+        col: &[u8],
+        acts: &Acts,
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        let bytes = block_bytes(F);
+        check(col, bytes, acts, r0, N, out);
+        let stride = acts.stride;
+        assert!(r0.is_multiple_of(TILE_ROWS) && acts.qs_x.len() >= acts.nb * stride);
+        let mut sum = _mm256_setzero_ps();
+        for (b, block) in col.chunks_exact(bytes).take(acts.nb).enumerate() {
+            let (w, sign) = operand::<F>(weights::<F>(block));
+            let v = &acts.qs_x[b * stride + r0..b * stride + r0 + TILE_ROWS];
+            let mut p = [_mm256_setzero_si256(); TILE_ROWS];
+            for (g, (p, v)) in p.iter_mut().zip(v).enumerate() {
+                // Bytes 2g and 2g + 1 of each half, repeated over the half.
+                let pair = _mm256_set1_epi16(0x0100 + 0x0202 * g as i16);
+                let y = load32(v);
+                let y = match sign {
+                    Some(s) => _mm256_sign_epi8(y, _mm256_shuffle_epi8(s, pair)),
+                    None => y,
+                };
+                *p = _mm256_maddubs_epi16(_mm256_shuffle_epi8(w, pair), y);
+            }
+            // Each lane is at most 4064 in size, eight of them 32512: exact in 16 bits.
+            // Lane r of each half is row r0 + r's sum over that half.
+            let h = _mm256_add_epi16(
+                _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])),
+                _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7])),
+            );
+            let m = if F == Q4_1 {
+                Some(half_at(block, 2))
+            } else {
+                None
+            };
+            sum = add_block(sum, h, half_at(block, 0), m, acts, b * stride + r0);
+        }
+        store_rows(sum, out);
+    }
+
+    /// Q4_0 and Q8_0 as candle's AVX2 kernel computes them: per block and row, an FMA
+    /// of `d_w * d_x` into eight lanes; one horizontal sum at the end.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn fma<const F: u8, const N: usize>(col: &[u8], acts: &Acts, r0: usize, out: &mut [f32]) {
+        let bytes = block_bytes(F);
+        check(col, bytes, acts, r0, N, out);
+        let stride = acts.stride;
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (b, block) in col.chunks_exact(bytes).take(acts.nb).enumerate() {
+            let w = weights::<F>(block);
+            let aw = _mm256_sign_epi8(w, w);
+            let d = half_at(block, 0);
+            let rows = &acts.qs_t[b * stride + r0..b * stride + r0 + TILE_ROWS];
+            let xd = &acts.d_t[b * stride + r0..b * stride + r0 + TILE_ROWS];
+            for r in 0..N {
+                let p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(load32(&rows[r]), w));
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[r]), p, acc[r]);
+            }
+        }
+        for (o, acc) in out.iter_mut().zip(acc) {
+            *o = hsum(acc);
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The SIMD level the matmul kernels run at, chosen once at start from what the CPU
+//! reports (`is_x86_feature_detected!`), never from how the binary was compiled: the
+//! same build runs its AVX2 kernels where the CPU has them and its portable ones where
+//! it does not, instead of dying with SIGILL.
+
+use std::sync::OnceLock;
+
+/// A kernel family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    /// AVX2 with FMA and F16C (x86-64-v3): lynx's batched kernels for every block format.
+    Avx2,
+    /// Plain Rust: correct everywhere, batched for Q4_1/Q8_0, and candle's own
+    /// (run-time dispatched) kernels one sequence at a time for the other formats.
+    Portable,
+}
+
+/// What the operator asked for (`--simd`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SimdChoice {
+    /// The best level this CPU has.
+    Auto,
+    /// AVX2+FMA+F16C; refused at start on a CPU without them.
+    Avx2,
+    /// The portable kernels, whatever the CPU has.
+    Portable,
+}
+
+static LEVEL: OnceLock<Simd> = OnceLock::new();
+
+/// Whether this CPU can run the AVX2 kernels.
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Fixes the level for the life of the process. Called once by `main` before the model
+/// loads; a later call (tests, benches) cannot change it once a kernel ran.
+pub fn init(choice: SimdChoice) -> Result<Simd, String> {
+    let want = match choice {
+        SimdChoice::Auto if has_avx2() => Simd::Avx2,
+        SimdChoice::Auto | SimdChoice::Portable => Simd::Portable,
+        SimdChoice::Avx2 if has_avx2() => Simd::Avx2,
+        SimdChoice::Avx2 => {
+            return Err(format!(
+                "--simd avx2 asked for, but this CPU lacks it ({})",
+                features()
+            ))
+        }
+    };
+    let got = *LEVEL.get_or_init(|| want);
+    if got != want {
+        return Err(format!("the SIMD level is already {got:?}"));
+    }
+    Ok(got)
+}
+
+/// The level in force: `init`'s, or the best the CPU has if nothing chose.
+pub fn simd() -> Simd {
+    *LEVEL.get_or_init(|| {
+        if has_avx2() {
+            Simd::Avx2
+        } else {
+            Simd::Portable
+        }
+    })
+}
+
+/// The CPU's SIMD features, for the start-up log line.
+pub fn features() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut have = Vec::new();
+        macro_rules! probe {
+            ($($f:tt),*) => {$(
+                if std::is_x86_feature_detected!($f) {
+                    have.push($f);
+                }
+            )*};
+        }
+        probe!(
+            "sse4.2",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vnni"
+        );
+        if have.is_empty() {
+            "x86-64 baseline".into()
+        } else {
+            have.join(",")
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH.to_string()
+    }
+}
