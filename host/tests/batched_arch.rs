@@ -80,7 +80,7 @@ fn gemma3_matches_the_reference_alone_and_in_a_batch() {
         &prompts(&tokenizer),
         4,
         (&[1024], 1024),
-        batched::TOLERANCE,
+        batched::KQUANT_TOLERANCE,
     );
 }
 
@@ -362,6 +362,6 @@ fn llama3_random_weights_match_the_reference() {
                 quantized_llama::ModelWeights::from_gguf(ct, &mut file, &Device::Cpu).unwrap();
             Box::new(move |x, pos| m.forward(x, pos))
         },
-        batched::TOLERANCE,
+        batched::KQUANT_TOLERANCE,
     );
 }
