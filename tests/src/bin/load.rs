@@ -7,13 +7,17 @@
 //! a ratio of concurrency 1's.
 //!
 //! ```text
-//! cargo run --release -p lynx-tests --bin load [-- --requests N] [-- --base URL]
+//! cargo run --release -p lynx-tests --bin load -- [--requests N] [--base URL]
+//!     [--levels 1,8,16,32] [--greedy] [--model NAME]
 //! ```
 //!
 //! Without `--base` it starts `target/release/lynx-host` on the default model with
 //! `--kv-slots 16` (needs the model, the plugins and the built binary: `scripts/test.sh`
 //! leaves all three). `--requests N` (default 3) is how many requests each client sends
-//! back to back.
+//! back to back. `--greedy` sends temperature 0 and counting prompts ("1, 2, 3, ..."),
+//! which no model ends early, so every request runs its full 128 tokens: the form used
+//! to compare servers side by side (any OpenAI-compatible server, llama.cpp's
+//! `llama-server` included; `--model` names the model in the body).
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +27,13 @@ use serde_json::{json, Value};
 
 const LEVELS: [usize; 5] = [1, 2, 4, 8, 16];
 const MAX_TOKENS: u64 = 128;
+/// What a request asks for.
+#[derive(Clone)]
+struct Ask {
+    greedy: bool,
+    model: Option<String>,
+}
+
 const PROMPTS: [&str; 4] = [
     "Once upon a time, in a small village by the sea,",
     "The history of the printing press begins",
@@ -36,15 +47,25 @@ struct Sample {
 }
 
 /// One streamed completion: time to the first token chunk and completion tokens.
-async fn one(client: &reqwest::Client, base: &str, i: usize) -> Result<Sample, String> {
-    let body = json!({
-        "prompt": PROMPTS[i % PROMPTS.len()],
+async fn one(client: &reqwest::Client, base: &str, i: usize, ask: &Ask) -> Result<Sample, String> {
+    let (prompt, temperature) = if ask.greedy {
+        let start = 1 + 7 * i;
+        let counting: Vec<String> = (start..start + 12).map(|n| n.to_string()).collect();
+        (format!("{},", counting.join(", ")), 0.0)
+    } else {
+        (PROMPTS[i % PROMPTS.len()].to_string(), 0.8)
+    };
+    let mut body = json!({
+        "prompt": prompt,
         "max_tokens": MAX_TOKENS,
-        "temperature": 0.8,
+        "temperature": temperature,
         "seed": i,
         "stream": true,
         "stream_options": {"include_usage": true},
     });
+    if let Some(model) = &ask.model {
+        body["model"] = json!(model);
+    }
     let sent = Instant::now();
     let r = client
         .post(format!("{base}/v1/completions"))
@@ -75,9 +96,12 @@ async fn one(client: &reqwest::Client, base: &str, i: usize) -> Result<Sample, S
         }
     }
     let events = sse_data(&String::from_utf8_lossy(&buf));
-    let tokens = events
+    let events: Vec<Value> = events
         .iter()
         .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .collect();
+    let tokens = events
+        .iter()
         .find_map(|e| e["usage"]["completion_tokens"].as_u64())
         .ok_or("no usage in the stream")?;
     Ok(Sample {
@@ -100,15 +124,20 @@ struct Level {
     ttft_p95: Duration,
 }
 
-async fn level(client: &reqwest::Client, base: &str, concurrency: usize, per: usize) -> Level {
+async fn level(
+    client: &reqwest::Client,
+    base: &str,
+    (concurrency, per): (usize, usize),
+    ask: &Ask,
+) -> Level {
     let t0 = Instant::now();
     let mut clients = Vec::new();
     for c in 0..concurrency {
-        let (client, base) = (client.clone(), base.to_string());
+        let (client, base, ask) = (client.clone(), base.to_string(), ask.clone());
         clients.push(tokio::spawn(async move {
             let mut samples = Vec::new();
             for r in 0..per {
-                match one(&client, &base, c * per + r).await {
+                match one(&client, &base, c * per + r, &ask).await {
                     Ok(s) => samples.push(s),
                     Err(e) => panic!("request failed: {e}"),
                 }
@@ -157,6 +186,15 @@ async fn main() {
             .cloned()
     };
     let per: usize = arg("--requests").map_or(3, |n| n.parse().expect("--requests N"));
+    let levels: Vec<usize> = arg("--levels").map_or(LEVELS.to_vec(), |l| {
+        l.split(',')
+            .map(|n| n.trim().parse().expect("--levels 1,8,16"))
+            .collect()
+    });
+    let ask = Ask {
+        greedy: args.iter().any(|a| a == "--greedy"),
+        model: arg("--model"),
+    };
     let server;
     let base = match arg("--base") {
         Some(base) => base,
@@ -165,21 +203,29 @@ async fn main() {
             server.base.clone()
         }
     };
+    // A fresh connection per request: llama-server closes a streamed response's
+    // connection, and a pooled one would then fail the next request.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
+        .pool_max_idle_per_host(0)
         .build()
         .expect("client");
     // Warm-up: the first request pays for page faults and allocator growth.
-    one(&client, &base, 0).await.expect("warm-up");
+    one(&client, &base, 0, &ask).await.expect("warm-up");
 
     println!("machine: {}", machine());
     println!(
-        "{per} streamed requests per client, up to {MAX_TOKENS} completion tokens, temperature 0.8"
+        "{per} streamed requests per client, up to {MAX_TOKENS} completion tokens, {}",
+        if ask.greedy {
+            "greedy, counting prompts"
+        } else {
+            "temperature 0.8"
+        }
     );
     println!("concurrency  requests  tokens  wall s  tok/s  vs c=1  TTFT p50  TTFT p95");
     let mut base_rate = None;
-    for c in LEVELS {
-        let l = level(&client, &base, c, per).await;
+    for c in levels {
+        let l = level(&client, &base, (c, per), &ask).await;
         let rate = l.tokens as f64 / l.wall.as_secs_f64();
         let base_rate = *base_rate.get_or_insert(rate);
         println!(

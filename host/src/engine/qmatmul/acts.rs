@@ -43,6 +43,10 @@ pub struct Acts {
     /// `h` holds each row's pair of values `16h + 2g`, `16h + 2g + 1`, row after row.
     /// One broadcast weight pair then multiplies eight rows at once.
     pub qs_x: Vec<[i8; QK]>,
+    /// Q8: the scales again, `[row][block]`, so one row's scales of consecutive blocks
+    /// load as one vector (the single-row kernels).
+    pub d_r: Vec<f32>,
+    pub s_r: Vec<f32>,
     /// Q8K: `[row][block]`.
     pub kb: Vec<Q8K>,
 }
@@ -112,6 +116,8 @@ impl Acts {
             d_t: Vec::new(),
             s_t: Vec::new(),
             qs_x: Vec::new(),
+            d_r: Vec::new(),
+            s_r: Vec::new(),
             kb: Vec::new(),
         };
         match kind {
@@ -131,10 +137,13 @@ impl Acts {
         self.d_t = vec![0f32; nb * stride];
         self.s_t = vec![0f32; nb * stride];
         self.qs_t = vec![[0i8; QK]; nb * stride];
+        self.d_r = vec![0f32; nb * m];
+        self.s_r = vec![0f32; nb * m];
         for (r, row) in xs.chunks_exact(k).enumerate() {
             for (b, block) in row.chunks_exact(QK).enumerate() {
                 let i = b * stride + r;
                 (self.qs_t[i], self.d_t[i], self.s_t[i]) = quantize_block(block);
+                (self.d_r[r * nb + b], self.s_r[r * nb + b]) = (self.d_t[i], self.s_t[i]);
             }
         }
         if m < X8_MIN_ROWS {
