@@ -67,6 +67,22 @@ pub trait Format: Send + Sync {
     /// One column's blocks (`col`) dotted with activation rows `r0..r0 + out.len()`
     /// (at most [`TILE_ROWS`]).
     fn dot(&self, simd: Simd, col: &[u8], acts: &Acts, r0: usize, out: &mut [f32]);
+    /// Activation row `r` dotted with consecutive columns (`cols`, `row_bytes` each),
+    /// one output per column: the single-sequence step, where a format can work on
+    /// several columns at once.
+    fn dot_row(
+        &self,
+        simd: Simd,
+        (cols, row_bytes): (&[u8], usize),
+        acts: &Acts,
+        r: usize,
+        out: &mut [f32],
+    ) {
+        for (c, o) in out.iter_mut().enumerate() {
+            let col = &cols[c * row_bytes..(c + 1) * row_bytes];
+            self.dot(simd, col, acts, r, std::slice::from_mut(o));
+        }
+    }
 }
 
 /// The kernels for `dtype` at SIMD level `simd`, if lynx has them.
@@ -227,6 +243,18 @@ impl Packed {
 
     /// `[m, k]` activations → `[m, n]` row-major.
     fn matmul(&self, acts: &Acts) -> Vec<f32> {
+        if acts.m == 1 {
+            let mut out = vec![0f32; self.n];
+            let rb = self.row_bytes;
+            out.par_chunks_mut(TILE_COLS)
+                .enumerate()
+                .for_each(|(tile, out)| {
+                    let j0 = tile * TILE_COLS;
+                    let cols = &self.blocks[j0 * rb..(j0 + out.len()) * rb];
+                    self.format.dot_row(self.simd, (cols, rb), acts, 0, out);
+                });
+            return out;
+        }
         let m = acts.m.max(1);
         // Column tiles in parallel, each written column-major, then transposed.
         let mut out_t = vec![0f32; self.n * acts.m];

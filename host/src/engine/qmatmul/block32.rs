@@ -86,7 +86,9 @@ impl<const F: u8> Format for Block32<F> {
             // (`cpu::init`/`cpu::simd` detect them at run time).
             unsafe {
                 match F {
-                    Q4_1 | Q5_0 if out.len() == 1 => out[0] = avx2::lanes_1::<F>(col, acts, r0),
+                    Q4_1 | Q5_0 if out.len() == 1 => {
+                        [out[0]] = avx2::lanes_row::<F, 1>(col, col.len(), acts, r0)
+                    }
                     Q4_1 | Q5_0 if acts.m >= X8_MIN_ROWS => {
                         by_height!(avx2::lanes_x8::<F>, col, acts, r0, out)
                     }
@@ -98,6 +100,52 @@ impl<const F: u8> Format for Block32<F> {
         }
         let _ = simd;
         scalar::<F>(col, acts, r0, out)
+    }
+
+    fn dot_row(
+        &self,
+        simd: Simd,
+        (cols, row_bytes): (&[u8], usize),
+        acts: &Acts,
+        r: usize,
+        out: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        // Q8_0 stays a column at a time: its 34-byte blocks from four rows at once ran
+        // slower than one (`--example kernels`).
+        if simd == Simd::Avx2 && F != Q8_0 {
+            let lanes = matches!(F, Q4_1 | Q5_0);
+            let quads = out.len() / 4 * 4;
+            let (four, rest) = out.split_at_mut(quads);
+            for (q, o) in four.chunks_exact_mut(4).enumerate() {
+                let cols = &cols[4 * q * row_bytes..(4 * q + 4) * row_bytes];
+                // SAFETY: `Simd::Avx2` is only ever chosen on a CPU with AVX2, FMA, F16C.
+                o.copy_from_slice(&unsafe {
+                    if lanes {
+                        avx2::lanes_row::<F, 4>(cols, row_bytes, acts, r)
+                    } else {
+                        avx2::fma_row::<F, 4>(cols, row_bytes, acts, r)
+                    }
+                });
+            }
+            for (c, o) in rest.iter_mut().enumerate() {
+                let at = (quads + c) * row_bytes;
+                let col = &cols[at..at + row_bytes];
+                // SAFETY: as above.
+                [*o] = unsafe {
+                    if lanes {
+                        avx2::lanes_row::<F, 1>(col, row_bytes, acts, r)
+                    } else {
+                        avx2::fma_row::<F, 1>(col, row_bytes, acts, r)
+                    }
+                };
+            }
+            return;
+        }
+        for (c, o) in out.iter_mut().enumerate() {
+            let col = &cols[c * row_bytes..(c + 1) * row_bytes];
+            self.dot(simd, col, acts, r, std::slice::from_mut(o));
+        }
     }
 }
 
@@ -320,81 +368,88 @@ mod avx2 {
         store_rows(sum, out);
     }
 
-    /// [`lanes`] for a single row, where the eight lanes carry eight consecutive
-    /// blocks instead of eight rows: each block's float step `sumi * d * d_x [+ m *
-    /// s_x]` is computed in its lane, and the eight results are then added to the sum
-    /// one after the other, in block order: candle's scalar steps, the same bits, with
-    /// a quarter of the instructions of [`lanes`] for one row.
+    /// [`lanes`] for a single row and `C` consecutive columns (`cols`, `row_bytes`
+    /// each), where the eight lanes carry eight consecutive blocks instead of eight
+    /// rows: each block's float step `sumi * d * d_x [+ m * s_x]` is computed in its
+    /// lane, and the eight results are then added to the column's sum one after the
+    /// other, in block order: candle's scalar steps, the same bits. Those additions are
+    /// a chain of dependent adds; the `C` columns' chains interleave, so the core adds
+    /// every cycle instead of waiting out each add's latency.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn lanes_1<const F: u8>(col: &[u8], acts: &Acts, r: usize) -> f32 {
+    pub fn lanes_row<const F: u8, const C: usize>(
+        cols: &[u8],
+        row_bytes: usize,
+        acts: &Acts,
+        r: usize,
+    ) -> [f32; C] {
         let (bytes, nb, stride) = (block_bytes(F), acts.nb, acts.stride);
-        assert!(col.len() >= nb * bytes && r < acts.m && acts.d_r.len() >= acts.m * nb);
-        assert!(acts.s_r.len() >= acts.m * nb && acts.qs_t.len() >= nb * stride);
+        assert!(row_bytes >= nb * bytes && cols.len() >= C * row_bytes);
+        assert!(r < acts.m && acts.d_r.len() >= acts.m * nb && acts.s_r.len() >= acts.m * nb);
+        assert!(acts.qs_t.len() >= nb * stride);
         let (xd_row, xs_row) = (
             &acts.d_r[r * nb..(r + 1) * nb],
             &acts.s_r[r * nb..(r + 1) * nb],
         );
-        let mut sum = 0f32;
+        let mut sums = [0f32; C];
         for b0 in (0..nb).step_by(8) {
-            // The last group may be short: its missing lanes stay zero and are not added.
+            // The last group may be short: its extra lanes are not added.
             let len = (nb - b0).min(8);
-            let mut p = [_mm256_setzero_si256(); 8];
-            let (mut d16, mut m16) = ([0u16; 8], [0u16; 8]);
             let (mut xd, mut xs) = ([0f32; 8], [0f32; 8]);
             xd[..len].copy_from_slice(&xd_row[b0..b0 + len]);
             if F == Q4_1 {
                 xs[..len].copy_from_slice(&xs_row[b0..b0 + len]);
             }
-            for (i, p) in p.iter_mut().enumerate().take(len) {
-                let block = &col[(b0 + i) * bytes..(b0 + i + 1) * bytes];
-                let (w, sign) = operand::<F>(weights::<F>(block));
-                let y = load32(&acts.qs_t[(b0 + i) * stride + r]);
-                let y = match sign {
-                    Some(s) => _mm256_sign_epi8(y, s),
-                    None => y,
-                };
-                *p = _mm256_maddubs_epi16(w, y);
-                d16[i] = u16::from_le_bytes([block[0], block[1]]);
+            // SAFETY: `xd` and `xs` are 8 readable f32; the loads are unaligned.
+            let (xd, xs) = unsafe { (_mm256_loadu_ps(xd.as_ptr()), _mm256_loadu_ps(xs.as_ptr())) };
+            let mut steps = [[0f32; 8]; C];
+            for (c, steps) in steps.iter_mut().enumerate() {
+                let col = &cols[c * row_bytes..c * row_bytes + nb * bytes];
+                let mut p = [_mm256_setzero_si256(); 8];
+                let (mut d16, mut m16) = ([0u16; 8], [0u16; 8]);
+                // Always eight blocks, so the loop unrolls and `p` stays in registers:
+                // a short group repeats its last block, whose extra lanes are not added.
+                for (i, p) in p.iter_mut().enumerate() {
+                    let b = (b0 + i).min(nb - 1);
+                    let block = &col[b * bytes..(b + 1) * bytes];
+                    let (w, sign) = operand::<F>(weights::<F>(block));
+                    let y = load32(&acts.qs_t[b * stride + r]);
+                    let y = match sign {
+                        Some(s) => _mm256_sign_epi8(y, s),
+                        None => y,
+                    };
+                    *p = _mm256_maddubs_epi16(w, y);
+                    d16[i] = u16::from_le_bytes([block[0], block[1]]);
+                    if F == Q4_1 {
+                        m16[i] = u16::from_le_bytes([block[2], block[3]]);
+                    }
+                }
+                // Lane i of each half: block b0 + i's partial sums (exact, as in `lanes`).
+                let h = _mm256_hadd_epi16(
+                    _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])),
+                    _mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7])),
+                );
+                let sumi = _mm256_add_epi32(
+                    _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
+                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)),
+                );
+                // SAFETY: `d16` is 16 readable bytes; the load is unaligned.
+                let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(d16.as_ptr().cast()) });
+                let mut t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sumi), d), xd);
                 if F == Q4_1 {
-                    m16[i] = u16::from_le_bytes([block[2], block[3]]);
+                    // SAFETY: as above.
+                    let m = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(m16.as_ptr().cast()) });
+                    t = _mm256_add_ps(t, _mm256_mul_ps(m, xs));
+                }
+                // SAFETY: `steps` is 32 writable bytes; the store is unaligned.
+                unsafe { _mm256_storeu_ps(steps.as_mut_ptr(), t) };
+            }
+            for i in 0..len {
+                for (sum, steps) in sums.iter_mut().zip(&steps) {
+                    *sum += steps[i];
                 }
             }
-            // Lane i of each half: block b0 + i's partial sums (exact, as in `lanes`).
-            let h = _mm256_hadd_epi16(
-                _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])),
-                _mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7])),
-            );
-            let sumi = _mm256_add_epi32(
-                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
-                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)),
-            );
-            // SAFETY: the arrays are 16 (u16) and 32 (f32) readable bytes; the loads are
-            // unaligned.
-            let (d, xd) = unsafe {
-                (
-                    _mm256_cvtph_ps(_mm_loadu_si128(d16.as_ptr().cast())),
-                    _mm256_loadu_ps(xd.as_ptr()),
-                )
-            };
-            let mut t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sumi), d), xd);
-            if F == Q4_1 {
-                // SAFETY: as above.
-                let (m, xs) = unsafe {
-                    (
-                        _mm256_cvtph_ps(_mm_loadu_si128(m16.as_ptr().cast())),
-                        _mm256_loadu_ps(xs.as_ptr()),
-                    )
-                };
-                t = _mm256_add_ps(t, _mm256_mul_ps(m, xs));
-            }
-            let mut steps = [0f32; 8];
-            // SAFETY: `steps` is 32 writable bytes; the store is unaligned.
-            unsafe { _mm256_storeu_ps(steps.as_mut_ptr(), t) };
-            for step in &steps[..len] {
-                sum += step;
-            }
         }
-        sum
+        sums
     }
 
     /// [`lanes`] for a whole tile of eight rows, on the interleaved quants: each weight
@@ -442,6 +497,38 @@ mod avx2 {
             sum = add_block(sum, h, half_at(block, 0), m, acts, b * stride + r0);
         }
         store_rows(sum, out);
+    }
+
+    /// [`fma`] for a single row and `C` consecutive columns: each column's chain of
+    /// FMAs is its own (candle's order, the same bits), and the `C` chains interleave
+    /// so the core is not waiting out each FMA's latency.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn fma_row<const F: u8, const C: usize>(
+        cols: &[u8],
+        row_bytes: usize,
+        acts: &Acts,
+        r: usize,
+    ) -> [f32; C] {
+        let (bytes, nb, stride) = (block_bytes(F), acts.nb, acts.stride);
+        assert!(row_bytes >= nb * bytes && cols.len() >= C * row_bytes);
+        assert!(r < acts.m && acts.d_r.len() >= acts.m * nb && acts.qs_t.len() >= nb * stride);
+        let xd_row = &acts.d_r[r * nb..(r + 1) * nb];
+        let mut acc = [_mm256_setzero_ps(); C];
+        for (b, &xd) in xd_row.iter().enumerate() {
+            let y = load32(&acts.qs_t[b * stride + r]);
+            for (c, acc) in acc.iter_mut().enumerate() {
+                let block = &cols[c * row_bytes + b * bytes..c * row_bytes + (b + 1) * bytes];
+                let w = weights::<F>(block);
+                let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+                *acc = _mm256_fmadd_ps(_mm256_set1_ps(half_at(block, 0) * xd), p, *acc);
+            }
+        }
+        let mut out = [0f32; C];
+        for (o, acc) in out.iter_mut().zip(acc) {
+            *o = hsum(acc);
+        }
+        out
     }
 
     /// Q4_0 and Q8_0 as candle's AVX2 kernel computes them: per block and row, an FMA
