@@ -16,6 +16,7 @@ use clap::Parser;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lynx_host::config::Cli;
 use lynx_host::engine::arch::Entry;
+use lynx_host::engine::kv_cache::KvDtype;
 use lynx_host::engine::model::Model;
 
 const HISTORY: usize = 64;
@@ -26,7 +27,11 @@ fn decode_step(c: &mut Criterion) {
     let path = Cli::parse_from(["lynx-host"]).config.model_path();
     let model = Model::load(&path).expect("the default model (scripts/fetch-model.sh)");
     let slots = BATCHES.iter().copied().max().unwrap_or(1);
-    let cache = model.arch.kv_cache(slots, 2 * HISTORY).expect("cache");
+    // The serving default: an f16 cache.
+    let cache = model
+        .arch
+        .kv_cache_as(slots, 2 * HISTORY, KvDtype::F16)
+        .expect("cache");
     // Different prompts per slot, as a real batch has.
     let prompts: Vec<Vec<u32>> = (0..slots)
         .map(|s| {

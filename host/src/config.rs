@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use crate::engine::kv_cache::KvDtype;
 use crate::engine::qmatmul::cpu::SimdChoice;
 use clap::{Parser, Subcommand};
 
@@ -70,9 +71,15 @@ pub struct Config {
     pub kv_slots: u16,
 
     /// Positions per KV slot: the longest prompt + completion served. Default: the
-    /// model's context, at most 4096, and at most what fits in half the available memory.
+    /// model's context, at most 4096, and at most what fits in half the available memory
+    /// at the model's KV shape (layers, KV heads, head size) and `--kv-dtype`.
     #[arg(long, env = "LYNX_MAX_SEQ_LEN", value_parser = clap::value_parser!(u32).range(16..))]
     pub max_seq_len: Option<u32>,
+
+    /// How the KV cache stores keys and values: `f16` (half the memory of `f32`, so twice
+    /// the slots fit) or `f32` (bit for bit candle's reference models).
+    #[arg(long, env = "LYNX_KV_DTYPE", value_enum, default_value_t = KvDtype::F16)]
+    pub kv_dtype: KvDtype,
 
     /// Requests that may wait for a slot; past this, requests get 503 with Retry-After.
     #[arg(long, env = "LYNX_MAX_QUEUE", default_value_t = 64)]

@@ -77,7 +77,8 @@ fn max_seq_len(config: &Config, model: &Model) -> usize {
         return n as usize;
     }
     let mut n = model.context_len.min(DEFAULT_MAX_SEQ_LEN);
-    let per_position = usize::from(config.kv_slots) * model.arch.kv_bytes_per_position();
+    let per_position =
+        usize::from(config.kv_slots) * model.arch.kv_bytes_per_position(config.kv_dtype);
     if let Some(available) = lynx_host::available_memory() {
         let fits = (available / 2) / per_position.max(1);
         if fits < n {
@@ -153,14 +154,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         kv_slots: usize::from(config.kv_slots),
         max_queue: config.max_queue,
         max_seq_len: max_seq_len(&config, &model),
+        kv_dtype: config.kv_dtype,
     };
     let batcher = Batcher::start(model.clone(), batcher_config)?;
     let max_seq_len = batcher.config().max_seq_len;
     tracing::info!(
         kv_slots = config.kv_slots,
         max_seq_len,
-        kv_cache_mib =
-            (config.kv_slots as usize * max_seq_len * model.arch.kv_bytes_per_position()) >> 20,
+        kv_dtype = ?config.kv_dtype,
+        kv_cache_mib = (config.kv_slots as usize
+            * max_seq_len
+            * model.arch.kv_bytes_per_position(config.kv_dtype))
+            >> 20,
         "KV cache allocated"
     );
     let chat_template = match &config.chat_template {

@@ -14,7 +14,7 @@ use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 use rayon::prelude::*;
 
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvDtype};
 use super::qmatmul::Linear;
 use super::EngineError;
 
@@ -58,21 +58,32 @@ pub trait Architecture: Send + Sync {
         self.trunk().max_positions
     }
 
-    /// Bytes of KV cache one position takes (f32 keys and values, every layer).
-    fn kv_bytes_per_position(&self) -> usize {
+    /// Bytes of KV cache one position takes (keys and values, every layer).
+    fn kv_bytes_per_position(&self, dtype: KvDtype) -> usize {
         let s = self.kv_shape();
-        s.layers * 2 * s.kv_heads * s.head_dim * 4
+        s.layers * 2 * s.kv_heads * s.head_dim * dtype.bytes()
     }
 
-    /// A cache of `slots` slots of `capacity` positions each.
+    /// An f32 cache of `slots` slots of `capacity` positions each: bit for bit
+    /// candle's reference.
     fn kv_cache(&self, slots: usize, capacity: usize) -> Result<KvCache, EngineError> {
+        self.kv_cache_as(slots, capacity, KvDtype::F32)
+    }
+
+    /// A cache of `slots` slots of `capacity` positions each, stored as `dtype`.
+    fn kv_cache_as(
+        &self,
+        slots: usize,
+        capacity: usize,
+        dtype: KvDtype,
+    ) -> Result<KvCache, EngineError> {
         let s = self.kv_shape();
         KvCache::new(
             slots,
             s.layers,
             (s.kv_heads, s.head_dim),
             capacity.min(self.max_positions()),
-            &Device::Cpu,
+            dtype,
         )
     }
 }

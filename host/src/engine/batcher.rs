@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::arch::Entry;
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvDtype};
 use super::sequence::{advance, sampler, Sequence, Step};
 use super::{EngineError, Model};
 
@@ -32,6 +32,8 @@ pub struct BatcherConfig {
     pub max_queue: usize,
     /// Positions per slot: the longest prompt + completion served.
     pub max_seq_len: usize,
+    /// How the KV cache stores keys and values.
+    pub kv_dtype: KvDtype,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -120,7 +122,9 @@ impl Batcher {
     pub fn start(model: Arc<Model>, config: BatcherConfig) -> Result<Self, EngineError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(BatcherStats::default());
-        let cache = model.arch.kv_cache(config.kv_slots, config.max_seq_len)?;
+        let cache = model
+            .arch
+            .kv_cache_as(config.kv_slots, config.max_seq_len, config.kv_dtype)?;
         let config = BatcherConfig {
             max_seq_len: cache.capacity,
             ..config

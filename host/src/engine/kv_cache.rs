@@ -1,30 +1,67 @@
 //! The slot KV cache and the attention that reads it.
 //!
-//! Every slot holds, per layer, keys and values `[1, kv_heads, capacity, head_dim]`,
-//! allocated once at start-up. Attention reads a slot's history in place: each query
-//! head is multiplied against a view of its key/value head, never a copy. candle's
-//! llama copies the history twice per layer (contiguous, then repeated for the
-//! grouped-query heads), which at 8 sequences and a few hundred positions was most of
-//! a decode step's attention time. The gemm calls themselves (one per head, same
-//! shapes, same strides) are the ones candle's llama makes, so results stay bit for bit
-//! candle's: 8-bit requantization of each layer's input would turn any last-bit
-//! difference into visibly different logits.
+//! Every slot holds, per layer, keys and values `[kv_heads, capacity, head_dim]`,
+//! allocated once at start-up, in f16 (llama.cpp's default: half the memory, so twice
+//! the slots fit) or f32 (bit for bit candle's reference, which the architecture
+//! tests hold us to).
+//!
+//! Attention reads a slot's history in place. With f32, each query head is multiplied
+//! against a view of its key/value head by the gemm calls candle's llama makes (same
+//! shapes, same strides), so results stay candle's bit for bit: 8-bit requantization
+//! of each layer's input would turn any last-bit difference into visibly different
+//! logits. candle's llama also copies the history twice per layer (contiguous, then
+//! repeated for the grouped-query heads), which at 8 sequences and a few hundred
+//! positions was most of a decode step's attention time; here it is not copied. With
+//! f16, a decoding token (one query) is attended by lynx's own kernel straight from the
+//! f16 rows (`kv_cache/half.rs`); a prompt chunk widens the history it reads to f32
+//! once and takes the gemm path, which many queries amortize.
+
+mod half;
+
+use std::sync::RwLock;
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::utils::build_causal_mask;
 
 use super::EngineError;
 
-struct Slot {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+/// How cached keys and values are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvDtype {
+    /// Half precision: half the memory of f32 (llama.cpp's default).
+    F16,
+    /// Single precision: bit for bit candle's reference models.
+    F32,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+}
+
+/// One layer's keys or values of one slot in f16, `[kv_heads][capacity][head_dim]`.
+type Rows16 = RwLock<Vec<::half::f16>>;
+
+enum Slot {
+    F32 { k: Vec<Tensor>, v: Vec<Tensor> },
+    F16 { k: Vec<Rows16>, v: Vec<Rows16> },
 }
 
 /// Keys and values of `slots` sequences of up to `capacity` positions, every layer.
 pub struct KvCache {
     slots: Vec<Slot>,
     kv_heads: usize,
+    head_dim: usize,
     pub capacity: usize,
+    pub dtype: KvDtype,
+}
+
+fn poisoned<T>(_: T) -> EngineError {
+    EngineError::Model("a KV cache lock was poisoned by a panicked step".into())
 }
 
 impl KvCache {
@@ -33,23 +70,37 @@ impl KvCache {
         layers: usize,
         (kv_heads, head_dim): (usize, usize),
         capacity: usize,
-        device: &Device,
+        dtype: KvDtype,
     ) -> Result<Self, EngineError> {
+        let device = Device::Cpu;
         let shape = (1, kv_heads, capacity, head_dim);
         let mut all = Vec::with_capacity(slots);
         for _ in 0..slots {
-            let mut k = Vec::with_capacity(layers);
-            let mut v = Vec::with_capacity(layers);
-            for _ in 0..layers {
-                k.push(Tensor::zeros(shape, DType::F32, device)?);
-                v.push(Tensor::zeros(shape, DType::F32, device)?);
-            }
-            all.push(Slot { k, v });
+            let slot = match dtype {
+                KvDtype::F32 => {
+                    let zeros = || Tensor::zeros(shape, DType::F32, &device);
+                    Slot::F32 {
+                        k: (0..layers).map(|_| zeros()).collect::<Result<_, _>>()?,
+                        v: (0..layers).map(|_| zeros()).collect::<Result<_, _>>()?,
+                    }
+                }
+                KvDtype::F16 => {
+                    let len = kv_heads * capacity * head_dim;
+                    let zeros = || RwLock::new(vec![::half::f16::ZERO; len]);
+                    Slot::F16 {
+                        k: (0..layers).map(|_| zeros()).collect(),
+                        v: (0..layers).map(|_| zeros()).collect(),
+                    }
+                }
+            };
+            all.push(slot);
         }
         Ok(Self {
             slots: all,
             kv_heads,
+            head_dim,
             capacity,
+            dtype,
         })
     }
 
@@ -64,9 +115,28 @@ impl KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(), EngineError> {
-        let s = &self.slots[slot];
-        s.k[layer].slice_set(k, 2, pos)?;
-        s.v[layer].slice_set(v, 2, pos)?;
+        match &self.slots[slot] {
+            Slot::F32 { k: ks, v: vs } => {
+                ks[layer].slice_set(k, 2, pos)?;
+                vs[layer].slice_set(v, 2, pos)?;
+            }
+            Slot::F16 { k: ks, v: vs } => {
+                let (_, heads, t, hd) = k.dims4()?;
+                if heads != self.kv_heads || hd != self.head_dim || pos + t > self.capacity {
+                    return Err(EngineError::Model(format!(
+                        "KV write of {t} positions at {pos} does not fit the cache"
+                    )));
+                }
+                for (rows, x) in [(&ks[layer], k), (&vs[layer], v)] {
+                    let x = x.flatten_all()?.to_vec1::<f32>()?;
+                    let mut rows = rows.write().map_err(poisoned)?;
+                    for (h, head) in x.chunks_exact(t * hd).enumerate() {
+                        let at = (h * self.capacity + pos) * hd;
+                        half::store(&mut rows[at..at + t * hd], head);
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -81,14 +151,55 @@ impl KvCache {
         q: &Tensor,
         window: Option<usize>,
     ) -> Result<Tensor, EngineError> {
-        let (_, n_head, t, hd) = q.dims4()?;
+        let t = q.dim(2)?;
         let len = pos + t;
         // Keys no query of the chunk can see are left out of the product altogether.
         let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        match &self.slots[slot] {
+            Slot::F32 { k, v } => {
+                let keys = k[layer].narrow(2, first, len - first)?;
+                let values = v[layer].narrow(2, first, len - first)?;
+                self.attend_views((&keys, &values), q, (pos, first), window)
+            }
+            Slot::F16 { k, v } if t == 1 => {
+                let (k, v) = (
+                    k[layer].read().map_err(poisoned)?,
+                    v[layer].read().map_err(poisoned)?,
+                );
+                self.decode16((&k, &v), q, (pos, first))
+            }
+            Slot::F16 { k, v } => {
+                let widen = |rows: &Rows16| -> Result<Tensor, EngineError> {
+                    let rows = rows.read().map_err(poisoned)?;
+                    let hd = self.head_dim;
+                    let mut out = vec![0f32; self.kv_heads * (len - first) * hd];
+                    for (h, dst) in out.chunks_exact_mut((len - first) * hd).enumerate() {
+                        let at = (h * self.capacity + first) * hd;
+                        half::load(dst, &rows[at..at + (len - first) * hd]);
+                    }
+                    Ok(Tensor::from_vec(
+                        out,
+                        (1, self.kv_heads, len - first, hd),
+                        &Device::Cpu,
+                    )?)
+                };
+                let (keys, values) = (widen(&k[layer])?, widen(&v[layer])?);
+                self.attend_views((&keys, &values), q, (pos, first), window)
+            }
+        }
+    }
+
+    /// Attention by candle's gemm over `keys`/`values` `[1, kv_heads, len - first,
+    /// head_dim]`, the positions `first..pos + t`.
+    fn attend_views(
+        &self,
+        (keys, values): (&Tensor, &Tensor),
+        q: &Tensor,
+        (pos, first): (usize, usize),
+        window: Option<usize>,
+    ) -> Result<Tensor, EngineError> {
+        let (_, n_head, t, hd) = q.dims4()?;
         let n_rep = n_head / self.kv_heads.max(1);
-        let s = &self.slots[slot];
-        let keys = s.k[layer].narrow(2, first, len - first)?;
-        let values = s.v[layer].narrow(2, first, len - first)?;
         let per_head = |h: usize| -> candle_core::Result<(Tensor, Tensor)> {
             Ok((
                 keys.narrow(1, h / n_rep, 1)?,
@@ -123,6 +234,41 @@ impl KvCache {
         let y = Tensor::cat(&ys, 1)?; // [1, n_head, t, head_dim]
         Ok(y.transpose(1, 2)?.reshape((1, t, n_head * hd))?)
     }
+
+    /// One decoding query `[1, n_head, 1, head_dim]` over f16 rows, positions
+    /// `first..=pos`: scores, softmax, weighted values, per head.
+    fn decode16(
+        &self,
+        (k, v): (&[::half::f16], &[::half::f16]),
+        q: &Tensor,
+        (pos, first): (usize, usize),
+    ) -> Result<Tensor, EngineError> {
+        let (_, n_head, _, hd) = q.dims4()?;
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let n_rep = n_head / self.kv_heads.max(1);
+        let scale = (hd as f32).sqrt();
+        let mut out = vec![0f32; n_head * hd];
+        let mut scores = Vec::with_capacity(pos + 1 - first);
+        for (h, (q, o)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
+            let base = (h / n_rep.max(1)) * self.capacity * hd;
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for j in first..=pos {
+                let s = half::dot(q, &k[base + j * hd..base + (j + 1) * hd]) / scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            for (s, j) in scores.iter().zip(first..=pos) {
+                half::axpy(s / sum, &v[base + j * hd..base + (j + 1) * hd], o);
+            }
+        }
+        Ok(Tensor::from_vec(out, (1, 1, n_head * hd), &Device::Cpu)?)
+    }
 }
 
 /// `[t, len - first]`, 1 where query `pos + i` must not see key `first + j`: a later
@@ -142,4 +288,68 @@ fn window_mask(
         })
         .collect();
     Tensor::from_slice(&mask, (t, len - first), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values f16 holds exactly, so both caches store the same numbers and only the
+    /// attention code differs.
+    fn exact(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 37 + seed * 101) % 97) as f32 - 48.0) / 32.0)
+            .collect()
+    }
+
+    #[test]
+    fn the_f16_cache_attends_as_the_f32_one_on_values_f16_holds_exactly() {
+        let (kv_heads, hd, n_head, cap) = (2, 64, 6, 40);
+        let caches = [KvDtype::F32, KvDtype::F16]
+            .map(|d| KvCache::new(1, 1, (kv_heads, hd), cap, d).unwrap());
+        // A prompt of 13 positions in one write, then decoding at 13, 14, 15.
+        for (pos, t) in [(0, 13), (13, 1), (14, 1), (15, 1)] {
+            let k = Tensor::from_vec(
+                exact(kv_heads * t * hd, pos),
+                (1, kv_heads, t, hd),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let v = Tensor::from_vec(
+                exact(kv_heads * t * hd, pos + 7),
+                (1, kv_heads, t, hd),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let q = Tensor::from_vec(
+                exact(n_head * t * hd, pos + 3),
+                (1, n_head, t, hd),
+                &Device::Cpu,
+            )
+            .unwrap();
+            for window in [None, Some(4)] {
+                let outs: Vec<Vec<f32>> = caches
+                    .iter()
+                    .map(|c| {
+                        c.write((0, 0, pos), &k, &v).unwrap();
+                        let y = c.attend((0, 0, pos), &q, window).unwrap();
+                        y.flatten_all().unwrap().to_vec1().unwrap()
+                    })
+                    .collect();
+                for (a, b) in outs[0].iter().zip(&outs[1]) {
+                    assert!(
+                        (a - b).abs() < 1e-4,
+                        "pos {pos} window {window:?}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_write_past_the_capacity_is_refused() {
+        let c = KvCache::new(1, 1, (1, 8), 4, KvDtype::F16).unwrap();
+        let x = Tensor::zeros((1, 1, 2, 8), DType::F32, &Device::Cpu).unwrap();
+        assert!(c.write((0, 0, 3), &x, &x).is_err());
+    }
 }
