@@ -15,6 +15,31 @@ fn content(v: &Value) -> &str {
         .unwrap_or_else(|| panic!("no text in {v}"))
 }
 
+/// The kernels are chosen at run time: forced to the portable ones (what a CPU without
+/// AVX2 gets), the same binary serves, says so in its log, and answers the same
+/// question with the same fact.
+#[tokio::test]
+async fn the_portable_kernels_serve_where_a_cpu_lacks_avx2() {
+    let server = Server::start_with(&["--simd", "portable"]).await;
+    let (status, body) = server
+        .post(
+            "/v1/chat/completions",
+            &json!({
+                "messages": [
+                    {"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": "What is the capital of France?"}
+                ],
+                "temperature": 0,
+                "max_tokens": 40
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(content(&body).contains("Paris"), "{body}");
+    let log = server.log();
+    assert!(log.contains("kernels=Portable"), "{log}");
+}
+
 #[tokio::test]
 async fn greedy_chat_answers_the_capital_of_france() {
     let server = Server::start().await;

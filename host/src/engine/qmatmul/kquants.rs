@@ -228,7 +228,7 @@ mod avx2 {
                 *sc =
                     _mm256_set_m128i(_mm_set1_epi16(i16::from(hi)), _mm_set1_epi16(i16::from(lo)));
             }
-            for r in 0..N {
+            for (r, acc) in acc.iter_mut().enumerate() {
                 let y = &acts.row_k(r0 + r)[b];
                 let d = y.d * xd;
                 let mut sumi = _mm256_setzero_si256();
@@ -245,7 +245,7 @@ mod avx2 {
                     sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p[0], p[1]));
                     sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p[2], p[3]));
                 }
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[r]);
+                *acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *acc);
             }
         }
         for (o, acc) in out.iter_mut().zip(acc) {
