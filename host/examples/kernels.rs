@@ -28,6 +28,7 @@ fn main() {
         GgmlDType::Q5_0,
         GgmlDType::Q8_0,
         GgmlDType::Q4K,
+        GgmlDType::Q5K,
         GgmlDType::Q6K,
     ] {
         let q = QTensor::quantize(&t, dtype).unwrap();

@@ -1,6 +1,6 @@
 //! Batched quantized matmul, the kernel continuous batching runs on: one trait
 //! ([`Format`]) with a file per family of block formats (`block32.rs`: Q4_0, Q4_1,
-//! Q5_0, Q8_0; `kquants.rs`: Q4_K, Q6_K), the step's quantized activations
+//! Q5_0, Q8_0; `kquants.rs`: Q4_K, Q5_K, Q6_K), the step's quantized activations
 //! (`acts.rs`), and the SIMD level chosen at run time (`cpu.rs`).
 //!
 //! candle's CPU kernel dots each activation row against the whole weight matrix in
@@ -13,7 +13,7 @@
 //! candle's `from_float` does, the same integer dots, the same float steps. Each output
 //! depends only on its own row and column, never on how many rows share the step.
 //! Weights stay in the GGUF's own block layout, f16 scales included. Other formats
-//! (Q5_K, Q2_K, Q3_K, Q5_1, F16, F32, ...) and the K-quants without AVX2 run through
+//! (Q2_K, Q3_K, Q5_1, F16, F32, ...) and the K-quants without AVX2 run through
 //! candle's `QMatMul`, one sequence at a time so that stays batch invariant too.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -93,6 +93,7 @@ fn format_for(dtype: GgmlDType, simd: Simd) -> Option<&'static dyn Format> {
         (GgmlDType::Q5_0, _) => &block32::FORMAT_Q5_0,
         (GgmlDType::Q8_0, _) => &block32::FORMAT_Q8_0,
         (GgmlDType::Q4K, Simd::Avx2) => &kquants::FORMAT_Q4K,
+        (GgmlDType::Q5K, Simd::Avx2) => &kquants::FORMAT_Q5K,
         (GgmlDType::Q6K, Simd::Avx2) => &kquants::FORMAT_Q6K,
         _ => return None,
     })

@@ -1,5 +1,6 @@
-//! Kernels for the K-quants of Q4_K_M files: Q4_K and Q6_K, super-blocks of 256 values
-//! read straight from the GGUF's blocks, dotted against Q8_K activations.
+//! Kernels for the K-quants of Q4_K_M and Q5_K_M files: Q4_K, Q5_K and Q6_K,
+//! super-blocks of 256 values read straight from the GGUF's blocks, dotted against Q8_K
+//! activations.
 //!
 //! Each reproduces candle's AVX2 kernel for its format (ggml's): the same integer
 //! partial sums in the same eight lanes, the same FMA per super-block, the same final
@@ -17,17 +18,21 @@ use super::{Format, QK_K};
 
 pub const Q4K: u8 = 10;
 pub const Q6K: u8 = 11;
+pub const Q5K: u8 = 12;
 
 /// One of the two formats; `F` is its constant above.
 pub struct KQuant<const F: u8>;
 
 pub static FORMAT_Q4K: KQuant<Q4K> = KQuant;
 pub static FORMAT_Q6K: KQuant<Q6K> = KQuant;
+pub static FORMAT_Q5K: KQuant<Q5K> = KQuant;
 
 const fn block_bytes(f: u8) -> usize {
     match f {
         // d, dmin (f16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles.
         Q4K => 144,
+        // Q4_K's fields, with 32 bytes of fifth bits between the scales and the nibbles.
+        Q5K => 176,
         // 128 bytes of low nibbles, 64 of high bit pairs, 16 i8 scales, d (f16).
         _ => 210,
     }
@@ -37,6 +42,7 @@ impl<const F: u8> Format for KQuant<F> {
     fn dtype(&self) -> GgmlDType {
         match F {
             Q4K => GgmlDType::Q4K,
+            Q5K => GgmlDType::Q5K,
             _ => GgmlDType::Q6K,
         }
     }
@@ -56,6 +62,7 @@ impl<const F: u8> Format for KQuant<F> {
             unsafe {
                 match F {
                     Q4K => by_height!(avx2::q4k::<F>, col, acts, r0, out),
+                    Q5K => by_height!(avx2::q5k::<F>, col, acts, r0, out),
                     _ => by_height!(avx2::q6k::<F>, col, acts, r0, out),
                 }
             }
@@ -190,6 +197,77 @@ mod avx2 {
             let m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r]));
             let m = _mm_add_ss(m, _mm_movehdup_ps(m));
             out[r] = hsum(acc[r]) + _mm_cvtss_f32(m);
+        }
+    }
+
+    /// Bit 0 of each byte of `h` moved to bit 4 (a Q5_K value's fifth bit).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn fifth(h: __m256i, one: __m256i) -> __m256i {
+        _mm256_slli_epi16(_mm256_and_si256(h, one), 4)
+    }
+
+    /// Q5_K × Q8_K for up to eight rows: Q4_K's scales and mins, a fifth bit per value,
+    /// and candle's float steps (the mins' term summed as a scalar per super-block).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn q5k<const F: u8, const N: usize>(col: &[u8], acts: &Acts, r0: usize, out: &mut [f32]) {
+        let bytes = block_bytes(F);
+        check(col, bytes, acts, r0, N, out);
+        let m4 = _mm256_set1_epi8(0xF);
+        let one = _mm256_set1_epi8(1);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut summs = [0f32; N];
+        for (b, block) in col.chunks_exact(bytes).take(acts.nb).enumerate() {
+            let (xd, xdmin) = (half_at(block, 0), half_at(block, 2));
+            let (scales, mins) = q4k_scales(&block[4..16]);
+            let mut mins8 = [0u8; 16];
+            mins8[..8].copy_from_slice(&mins);
+            // SAFETY: `mins8` is 16 readable bytes; the load is unaligned.
+            let mins16 = _mm_cvtepu8_epi16(unsafe { _mm_loadu_si128(mins8.as_ptr().cast()) });
+            let high = load(&block[16..48]);
+            // Sub-block i: nibbles (low for even i, high for odd) plus bit i of `qh`.
+            let mut q = [_mm256_setzero_si256(); 8];
+            let mut sc = [_mm256_setzero_si256(); 8];
+            for j in 0..4 {
+                let bits = load(&block[48 + 32 * j..]);
+                let low = _mm256_and_si256(bits, m4);
+                let up = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+                let (h0, h1) = match j {
+                    0 => (_mm256_srli_epi16(high, 0), _mm256_srli_epi16(high, 1)),
+                    1 => (_mm256_srli_epi16(high, 2), _mm256_srli_epi16(high, 3)),
+                    2 => (_mm256_srli_epi16(high, 4), _mm256_srli_epi16(high, 5)),
+                    _ => (_mm256_srli_epi16(high, 6), _mm256_srli_epi16(high, 7)),
+                };
+                q[2 * j] = _mm256_add_epi8(low, fifth(h0, one));
+                q[2 * j + 1] = _mm256_add_epi8(up, fifth(h1, one));
+            }
+            for (sc, &s) in sc.iter_mut().zip(&scales) {
+                *sc = _mm256_set1_epi16(i16::from(s));
+            }
+            for (r, (acc, summs)) in acc.iter_mut().zip(summs.iter_mut()).enumerate() {
+                let y = &acts.row_k(r0 + r)[b];
+                let d = y.d * xd;
+                let dmin = -y.d * xdmin;
+                // SAFETY: `bsums` is 16 i16, 32 readable bytes; the load is unaligned.
+                let q8sums = unsafe { _mm256_loadu_si256(y.bsums.as_ptr().cast()) };
+                let q8s = _mm_hadd_epi16(
+                    _mm256_extracti128_si256(q8sums, 0),
+                    _mm256_extracti128_si256(q8sums, 1),
+                );
+                let prod = _mm_madd_epi16(mins16, q8s);
+                let zero = _mm_setzero_si128();
+                let total = _mm_hadd_epi32(_mm_hadd_epi32(prod, zero), zero);
+                *summs += dmin * _mm_cvtsi128_si32(total) as f32;
+                let mut sumi = _mm256_setzero_si256();
+                for (i, (q, sc)) in q.iter().zip(&sc).enumerate() {
+                    let p16 = _mm256_maddubs_epi16(*q, load_q8(&y.qs[32 * i..]));
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(*sc, p16));
+                }
+                *acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *acc);
+            }
+        }
+        for ((o, acc), summs) in out.iter_mut().zip(acc).zip(summs) {
+            *o = hsum(acc) + summs;
         }
     }
 

@@ -1,18 +1,19 @@
 //! The kernels against candle's, format by format.
 
 use candle_core::quantized::k_quants::{
-    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8_0, GgmlType,
+    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8_0, GgmlType,
 };
 use candle_core::Device;
 
 use super::*;
 
-const FORMATS: [GgmlDType; 6] = [
+const FORMATS: [GgmlDType; 7] = [
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
     GgmlDType::Q5_0,
     GgmlDType::Q8_0,
     GgmlDType::Q4K,
+    GgmlDType::Q5K,
     GgmlDType::Q6K,
 ];
 
@@ -69,6 +70,7 @@ fn reference(dtype: GgmlDType, w: &[f32], nk: (usize, usize), x: &[f32]) -> Vec<
         GgmlDType::Q5_0 => candle_reference::<BlockQ5_0>(w, nk, x),
         GgmlDType::Q8_0 => candle_reference::<BlockQ8_0>(w, nk, x),
         GgmlDType::Q4K => candle_reference::<BlockQ4K>(w, nk, x),
+        GgmlDType::Q5K => candle_reference::<BlockQ5K>(w, nk, x),
         _ => candle_reference::<BlockQ6K>(w, nk, x),
     }
 }
