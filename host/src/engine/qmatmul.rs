@@ -78,10 +78,23 @@ pub trait Format: Send + Sync {
         r: usize,
         out: &mut [f32],
     ) {
-        for (c, o) in out.iter_mut().enumerate() {
-            let col = &cols[c * row_bytes..(c + 1) * row_bytes];
-            self.dot(simd, col, acts, r, std::slice::from_mut(o));
-        }
+        each_column(self, simd, (cols, row_bytes), acts, r, out)
+    }
+}
+
+/// [`Format::dot_row`] one column at a time through [`Format::dot`]: the default, and
+/// what a format's own `dot_row` falls back to.
+fn each_column<F: Format + ?Sized>(
+    format: &F,
+    simd: Simd,
+    (cols, row_bytes): (&[u8], usize),
+    acts: &Acts,
+    r: usize,
+    out: &mut [f32],
+) {
+    for (c, o) in out.iter_mut().enumerate() {
+        let col = &cols[c * row_bytes..(c + 1) * row_bytes];
+        format.dot(simd, col, acts, r, std::slice::from_mut(o));
     }
 }
 

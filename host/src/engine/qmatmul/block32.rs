@@ -12,7 +12,7 @@ use candle_core::quantized::GgmlDType;
 
 use super::acts::{ActKind, Acts, X8_MIN_ROWS};
 use super::cpu::Simd;
-use super::{Format, QK};
+use super::{each_column, Format, QK};
 
 pub const Q4_0: u8 = 0;
 pub const Q4_1: u8 = 1;
@@ -142,10 +142,7 @@ impl<const F: u8> Format for Block32<F> {
             }
             return;
         }
-        for (c, o) in out.iter_mut().enumerate() {
-            let col = &cols[c * row_bytes..(c + 1) * row_bytes];
-            self.dot(simd, col, acts, r, std::slice::from_mut(o));
-        }
+        each_column(self, simd, (cols, row_bytes), acts, r, out)
     }
 }
 
@@ -277,37 +274,63 @@ mod avx2 {
     }
 
     /// One block's float step for eight rows, in candle's scalar order:
-    /// `sum + (sumi * d * d_x [+ m * s_x])`. `h` holds each row's integer dot as two
-    /// 16-bit halves, lane r of each 128-bit half; `at` is the block's first row.
+    /// `sum + (sumi * d * d_x [+ m * s_x])`, `d` (and Q4_1's `m`) read from `block`.
+    /// `h` holds each row's integer dot as two 16-bit halves, lane r of each 128-bit
+    /// half; `at` is the block's first row.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn add_block(
+    fn add_block<const F: u8>(
         sum: __m256,
         h: __m256i,
-        d: f32,
-        m: Option<f32>,
+        block: &[u8],
         acts: &Acts,
         at: usize,
     ) -> __m256 {
-        let sumi = _mm256_add_epi32(
-            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
-            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)),
-        );
+        let sumi = widen_halves(h);
         let xd = &acts.d_t[at..at + 8];
         // SAFETY: `xd` is 8 readable f32; the load is unaligned.
         let xd = unsafe { _mm256_loadu_ps(xd.as_ptr()) };
-        let t = _mm256_mul_ps(
-            _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d)),
-            xd,
-        );
-        match m {
-            Some(m) => {
-                let xs = &acts.s_t[at..at + 8];
-                // SAFETY: `xs` is 8 readable f32; the load is unaligned.
-                let xs = unsafe { _mm256_loadu_ps(xs.as_ptr()) };
-                _mm256_add_ps(sum, _mm256_add_ps(t, _mm256_mul_ps(_mm256_set1_ps(m), xs)))
-            }
-            None => _mm256_add_ps(sum, t),
+        let d = _mm256_set1_ps(half_at(block, 0));
+        let t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sumi), d), xd);
+        if F != Q4_1 {
+            return _mm256_add_ps(sum, t);
+        }
+        let xs = &acts.s_t[at..at + 8];
+        // SAFETY: `xs` is 8 readable f32; the load is unaligned.
+        let xs = unsafe { _mm256_loadu_ps(xs.as_ptr()) };
+        let m = _mm256_set1_ps(half_at(block, 2));
+        _mm256_add_ps(sum, _mm256_add_ps(t, _mm256_mul_ps(m, xs)))
+    }
+
+    /// Eight vectors of 16-bit partial sums reduced by three rounds of pairwise adds:
+    /// lane i of each 128-bit half of the result is vector i's sum over that half.
+    /// Exact as long as eight lanes' sum fits 16 bits (the callers' bound: 8 * 4064).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hadd8(p: &[__m256i; 8]) -> __m256i {
+        _mm256_hadd_epi16(
+            _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])),
+            _mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7])),
+        )
+    }
+
+    /// The two 16-bit halves of each lane of `h` widened and added: eight i32 sums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn widen_halves(h: __m256i) -> __m256i {
+        _mm256_add_epi32(
+            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
+            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)),
+        )
+    }
+
+    /// `y` carrying the weights' signs (`maddubs` wants unsigned weights), if they have.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn signed(y: __m256i, sign: Option<__m256i>) -> __m256i {
+        match sign {
+            Some(s) => _mm256_sign_epi8(y, s),
+            None => y,
         }
     }
 
@@ -345,25 +368,13 @@ mod avx2 {
             let mut p = [_mm256_setzero_si256(); TILE_ROWS];
             for r in 0..N {
                 let y = load32(&rows[r]);
-                let y = match sign {
-                    Some(s) => _mm256_sign_epi8(y, s),
-                    None => y,
-                };
-                p[r] = _mm256_maddubs_epi16(w, y);
+                p[r] = _mm256_maddubs_epi16(w, signed(y, sign));
             }
             // Each 16-bit lane is at most 2 * 16 * 127 = 4064 in size, so three rounds
             // of pairwise sums (8 lanes: at most 32512) stay exact in 16 bits, and leave
             // in each half of `h` one partial sum per row, in row order.
-            let h = _mm256_hadd_epi16(
-                _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])),
-                _mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7])),
-            );
-            let m = if F == Q4_1 {
-                Some(half_at(block, 2))
-            } else {
-                None
-            };
-            sum = add_block(sum, h, half_at(block, 0), m, acts, b * stride + r0);
+            let h = hadd8(&p);
+            sum = add_block::<F>(sum, h, block, acts, b * stride + r0);
         }
         store_rows(sum, out);
     }
@@ -413,25 +424,15 @@ mod avx2 {
                     let block = &col[b * bytes..(b + 1) * bytes];
                     let (w, sign) = operand::<F>(weights::<F>(block));
                     let y = load32(&acts.qs_t[b * stride + r]);
-                    let y = match sign {
-                        Some(s) => _mm256_sign_epi8(y, s),
-                        None => y,
-                    };
-                    *p = _mm256_maddubs_epi16(w, y);
+                    *p = _mm256_maddubs_epi16(w, signed(y, sign));
                     d16[i] = u16::from_le_bytes([block[0], block[1]]);
                     if F == Q4_1 {
                         m16[i] = u16::from_le_bytes([block[2], block[3]]);
                     }
                 }
                 // Lane i of each half: block b0 + i's partial sums (exact, as in `lanes`).
-                let h = _mm256_hadd_epi16(
-                    _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])),
-                    _mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7])),
-                );
-                let sumi = _mm256_add_epi32(
-                    _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
-                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)),
-                );
+                let h = hadd8(&p);
+                let sumi = widen_halves(h);
                 // SAFETY: `d16` is 16 readable bytes; the load is unaligned.
                 let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(d16.as_ptr().cast()) });
                 let mut t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sumi), d), xd);
@@ -477,11 +478,8 @@ mod avx2 {
                 // Bytes 2g and 2g + 1 of each half, repeated over the half.
                 let pair = _mm256_set1_epi16(0x0100 + 0x0202 * g as i16);
                 let y = load32(v);
-                let y = match sign {
-                    Some(s) => _mm256_sign_epi8(y, _mm256_shuffle_epi8(s, pair)),
-                    None => y,
-                };
-                *p = _mm256_maddubs_epi16(_mm256_shuffle_epi8(w, pair), y);
+                let sign = sign.map(|s| _mm256_shuffle_epi8(s, pair));
+                *p = _mm256_maddubs_epi16(_mm256_shuffle_epi8(w, pair), signed(y, sign));
             }
             // Each lane is at most 4064 in size, eight of them 32512: exact in 16 bits.
             // Lane r of each half is row r0 + r's sum over that half.
@@ -489,12 +487,7 @@ mod avx2 {
                 _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])),
                 _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7])),
             );
-            let m = if F == Q4_1 {
-                Some(half_at(block, 2))
-            } else {
-                None
-            };
-            sum = add_block(sum, h, half_at(block, 0), m, acts, b * stride + r0);
+            sum = add_block::<F>(sum, h, block, acts, b * stride + r0);
         }
         store_rows(sum, out);
     }

@@ -107,6 +107,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{block_bytes, q4k_scales, Acts};
+    use crate::engine::qmatmul::acts::Q8K;
     use crate::engine::qmatmul::TILE_ROWS;
 
     #[inline]
@@ -147,6 +148,30 @@ mod avx2 {
         assert!(acts.kb.len() >= acts.m * acts.nb && col.len() >= acts.nb * bytes);
     }
 
+    /// A K-quant super-block's eight 6-bit mins as 16-bit lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn widen_mins(mins: [u8; 8]) -> __m128i {
+        let mut mins8 = [0u8; 16];
+        mins8[..8].copy_from_slice(&mins);
+        // SAFETY: `mins8` is 16 readable bytes; the load is unaligned.
+        _mm_cvtepu8_epi16(unsafe { _mm_loadu_si128(mins8.as_ptr().cast()) })
+    }
+
+    /// Each sub-block's min times its 32 activations' sum (pairs of `bsums`), as four
+    /// i32 lanes of pair sums: ggml's mins term before scaling.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn mins_dot(mins16: __m128i, y: &Q8K) -> __m128i {
+        // SAFETY: `bsums` is 16 i16, 32 readable bytes; the load is unaligned.
+        let q8sums = unsafe { _mm256_loadu_si256(y.bsums.as_ptr().cast()) };
+        let q8s = _mm_hadd_epi16(
+            _mm256_extracti128_si256(q8sums, 0),
+            _mm256_extracti128_si256(q8sums, 1),
+        );
+        _mm_madd_epi16(mins16, q8s)
+    }
+
     /// Q4_K × Q8_K for up to eight rows.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn q4k<const F: u8, const N: usize>(col: &[u8], acts: &Acts, r0: usize, out: &mut [f32]) {
@@ -158,10 +183,7 @@ mod avx2 {
         for (b, block) in col.chunks_exact(bytes).take(acts.nb).enumerate() {
             let (xd, xdmin) = (half_at(block, 0), half_at(block, 2));
             let (scales, mins) = q4k_scales(&block[4..16]);
-            let mut mins8 = [0u8; 16];
-            mins8[..8].copy_from_slice(&mins);
-            // SAFETY: `mins8` is 16 readable bytes; the load is unaligned.
-            let mins16 = _mm_cvtepu8_epi16(unsafe { _mm_loadu_si128(mins8.as_ptr().cast()) });
+            let mins16 = widen_mins(mins);
             // Sub-block 2j is the low nibbles of bytes 32j.., 2j + 1 the high ones.
             let mut q = [_mm256_setzero_si256(); 8];
             let mut sc = [_mm256_setzero_si256(); 8];
@@ -177,13 +199,7 @@ mod avx2 {
                 let y = &acts.row_k(r0 + r)[b];
                 let d = y.d * xd;
                 let dmin = -y.d * xdmin;
-                // SAFETY: `bsums` is 16 i16, 32 readable bytes; the load is unaligned.
-                let q8sums = unsafe { _mm256_loadu_si256(y.bsums.as_ptr().cast()) };
-                let q8s = _mm_hadd_epi16(
-                    _mm256_extracti128_si256(q8sums, 0),
-                    _mm256_extracti128_si256(q8sums, 1),
-                );
-                let prod = _mm_madd_epi16(mins16, q8s);
+                let prod = mins_dot(mins16, y);
                 acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[r]);
                 let mut sumi = _mm256_setzero_si256();
                 for (i, (q, sc)) in q.iter().zip(&sc).enumerate() {
@@ -220,10 +236,7 @@ mod avx2 {
         for (b, block) in col.chunks_exact(bytes).take(acts.nb).enumerate() {
             let (xd, xdmin) = (half_at(block, 0), half_at(block, 2));
             let (scales, mins) = q4k_scales(&block[4..16]);
-            let mut mins8 = [0u8; 16];
-            mins8[..8].copy_from_slice(&mins);
-            // SAFETY: `mins8` is 16 readable bytes; the load is unaligned.
-            let mins16 = _mm_cvtepu8_epi16(unsafe { _mm_loadu_si128(mins8.as_ptr().cast()) });
+            let mins16 = widen_mins(mins);
             let high = load(&block[16..48]);
             // Sub-block i: nibbles (low for even i, high for odd) plus bit i of `qh`.
             let mut q = [_mm256_setzero_si256(); 8];
@@ -248,13 +261,7 @@ mod avx2 {
                 let y = &acts.row_k(r0 + r)[b];
                 let d = y.d * xd;
                 let dmin = -y.d * xdmin;
-                // SAFETY: `bsums` is 16 i16, 32 readable bytes; the load is unaligned.
-                let q8sums = unsafe { _mm256_loadu_si256(y.bsums.as_ptr().cast()) };
-                let q8s = _mm_hadd_epi16(
-                    _mm256_extracti128_si256(q8sums, 0),
-                    _mm256_extracti128_si256(q8sums, 1),
-                );
-                let prod = _mm_madd_epi16(mins16, q8s);
+                let prod = mins_dot(mins16, y);
                 let zero = _mm_setzero_si128();
                 let total = _mm_hadd_epi32(_mm_hadd_epi32(prod, zero), zero);
                 *summs += dmin * _mm_cvtsi128_si32(total) as f32;
