@@ -5,6 +5,7 @@
 #   plugins/dist/test/swap-{v1,v2,smoke-trap,flaky}.wasm   (the hot-swap tests' versions)
 #   plugins/dist/test/stdlib.wasm                          (ordinary Rust std, for WASI)
 #   plugins/dist/test/legacy.wasm                          (built for lynx:plugin@0.1.0)
+#   plugins/dist/test/legacy2.wasm                         (the same, for lynx:plugin@0.2.0)
 set -euo pipefail
 cd "$(dirname "$0")/../plugins"
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -25,5 +26,8 @@ for version in v2 smoke-trap flaky; do
   cargo build --quiet --target wasm32-wasip2 --release -p lynx-plugin-swap --features "$version"
   put swap "dist/test/swap-$version.wasm"
 done
-# Leave the workspace build's (featureless) artifact as it was.
+cargo build --quiet --target wasm32-wasip2 --release -p lynx-plugin-legacy --features v0_2
+put legacy dist/test/legacy2.wasm
+# Leave the workspace build's (featureless) artifacts as they were.
 cargo build --quiet --target wasm32-wasip2 --release -p lynx-plugin-swap
+cargo build --quiet --target wasm32-wasip2 --release -p lynx-plugin-legacy

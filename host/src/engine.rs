@@ -5,6 +5,7 @@
 
 pub mod arch;
 pub mod batcher;
+pub mod constraint;
 pub mod gemma3;
 pub mod kv_cache;
 pub mod llama;
@@ -44,6 +45,10 @@ pub enum EngineError {
     Model(String),
     #[error(transparent)]
     Tokenizer(#[from] tokenizer::TokenizerError),
+    /// A request's token-level constraint failed (its plugin trapped, missed its
+    /// deadline, or ruled nonsense): that request fails, the others go on.
+    #[error("token constraint: {0}")]
+    Constraint(constraint::ConstraintError),
 }
 
 impl From<candle_core::Error> for EngineError {

@@ -15,6 +15,7 @@
 
 pub mod cache;
 pub mod check;
+pub mod constraint;
 pub mod exec;
 pub mod files;
 pub mod probation;
@@ -22,6 +23,7 @@ pub mod registry;
 pub mod runtime;
 pub mod session;
 pub mod since_v0_1;
+pub mod since_v0_2;
 pub mod state;
 pub mod types;
 pub mod versions;

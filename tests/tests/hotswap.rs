@@ -171,7 +171,7 @@ async fn refused_files_leave_the_serving_version_in_place() {
         (
             "wrong WIT version",
             test_plugin("future.wasm"),
-            "lynx:plugin@0.3.0",
+            "lynx:plugin@0.9.0",
         ),
         ("truncated", truncated, "not a valid WebAssembly component"),
         (
@@ -209,7 +209,7 @@ async fn removing_the_active_plugin_keeps_its_last_good_version() {
     assert_eq!(view["active"], "swap");
     assert_eq!(entry(&view, "swap")["state"], "active");
     assert_eq!(entry(&view, "other")["state"], "standby");
-    assert_eq!(entry(&view, "swap")["wit_version"], "0.2.0");
+    assert_eq!(entry(&view, "swap")["wit_version"], "0.3.0");
 
     dir.remove("swap");
     admin_until(&server, "swap", |e| e["state"] == "removed").await;

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::arch::Entry;
+use super::constraint::TokenConstraint;
 use super::kv_cache::{KvCache, KvDtype};
 use super::sequence::{advance, sampler, Sequence, Step};
 use super::{EngineError, Model};
@@ -51,6 +52,8 @@ pub struct GenerateRequest {
     /// Dropping the receiver cancels the generation: its slot is freed before the next
     /// token is computed.
     pub events: mpsc::UnboundedSender<GenEvent>,
+    /// Rules each next token (structured outputs), when the request has one.
+    pub constraint: Option<Box<dyn TokenConstraint>>,
     /// Testing only (`--fault-injection`).
     pub fault: Option<Fault>,
 }
@@ -302,10 +305,13 @@ impl Scheduler {
                 prompt: req.prompt,
                 prefilled: 0,
                 pos: 0,
-                next_input: 0,
+                input: Vec::new(),
                 generated: 0,
                 max_tokens: req.max_tokens,
                 sampler: sampler(req.sampling),
+                constraint: req.constraint,
+                rule: None,
+                forwards: 0,
                 events: req.events,
                 last: None,
                 inject_panic: req.fault == Some(Fault::PanicWhileSampling),
@@ -322,7 +328,8 @@ impl Scheduler {
         let mut plan: Vec<(usize, usize, bool)> = Vec::new();
         for (i, seq) in self.running.iter().enumerate() {
             if seq.decoding() {
-                plan.push((i, 1, true));
+                // The sampled token, and the tokens a constraint forced after it.
+                plan.push((i, seq.input.len(), true));
                 continue;
             }
             let n = (seq.prompt.len() - seq.prefilled).min(PREFILL_CHUNK);
@@ -337,7 +344,7 @@ impl Scheduler {
             .map(|&(i, n, _)| {
                 let seq = &self.running[i];
                 if seq.decoding() {
-                    vec![seq.next_input]
+                    seq.input.clone()
                 } else {
                     seq.prompt[seq.prefilled..seq.prefilled + n].to_vec()
                 }
@@ -373,6 +380,7 @@ impl Scheduler {
                 seq.prefilled += n;
             }
             seq.pos += n;
+            seq.forwards += 1;
             if wants {
                 rows[i] = Some(row);
                 row += 1;

@@ -1,11 +1,18 @@
-//! One running sequence as the scheduler holds it, and its sampling: each sequence has
-//! its own [`Sampler`] (temperature, top-p, seed), so what it samples never depends on
-//! what else shares the step.
+//! One running sequence as the scheduler holds it, and how it advances after a forward
+//! pass: each sequence has its own [`Sampler`] (temperature, top-p, seed), so what it
+//! samples never depends on what else shares the step, and may have a
+//! [`TokenConstraint`] that rules each next token.
+//!
+//! A constrained sequence asks its constraint for the next rule right after a token is
+//! taken, in the same parallel phase as the sampling: forced tokens are then known
+//! before the next forward and go into it as one chunk (fast-forward), and the mask for
+//! the next sampled token is ready when its logits are.
 
 use candle_core::Tensor;
 use tokio::sync::mpsc;
 
 use super::batcher::{BatcherConfig, FinishReason, GenEvent, Sampling};
+use super::constraint::{self, Rule, TokenConstraint, MAX_FORCED};
 use super::sampling::Sampler;
 use super::{EngineError, Model};
 
@@ -16,10 +23,16 @@ pub(super) struct Sequence {
     pub(super) prefilled: usize,
     /// Tokens in the slot's cache.
     pub(super) pos: usize,
-    pub(super) next_input: u32,
+    /// What the next decode step feeds: the token sampled, and any forced after it.
+    pub(super) input: Vec<u32>,
     pub(super) generated: usize,
     pub(super) max_tokens: usize,
     pub(super) sampler: Sampler,
+    pub(super) constraint: Option<Box<dyn TokenConstraint>>,
+    /// The constraint's rule for the next sampled token, asked for ahead.
+    pub(super) rule: Option<Rule>,
+    /// Forward passes this sequence was part of.
+    pub(super) forwards: usize,
     pub(super) events: mpsc::UnboundedSender<GenEvent>,
     /// The sequence's last event (finished or failed), sent only once its slot is
     /// released: a client that has its answer never sees its slot still counted.
@@ -33,9 +46,33 @@ impl Sequence {
     }
 
     pub(super) fn close(self) {
+        // Forwards per completion token: what fast-forward saves, in the log.
+        tracing::debug!(
+            generated = self.generated,
+            forwards = self.forwards,
+            constrained = self.constraint.is_some(),
+            "sequence ended"
+        );
         if let Some(event) = self.last {
             let _ = self.events.send(event);
         }
+    }
+
+    /// Reports `token` as generated and queues it as input; `Done` when the client left
+    /// or a limit is reached.
+    fn append(&mut self, config: &BatcherConfig, token: u32) -> Option<Step> {
+        if self.events.send(GenEvent::Token(token)).is_err() {
+            return Some(Step::Done);
+        }
+        self.generated += 1;
+        self.input.push(token);
+        (self.generated >= self.max_tokens || self.pos + self.input.len() > config.max_seq_len)
+            .then(|| self.finish(FinishReason::Length))
+    }
+
+    fn finish(&mut self, reason: FinishReason) -> Step {
+        self.last = Some(GenEvent::Finished(reason));
+        Step::Done
     }
 }
 
@@ -44,7 +81,8 @@ pub(super) enum Step {
     Done,
 }
 
-/// Samples the next token of `seq` from its logits and reports it.
+/// Chooses the next token of `seq` from its logits and reports it, with the tokens its
+/// constraint forces after it.
 pub(super) fn advance(
     model: &Model,
     config: &BatcherConfig,
@@ -54,24 +92,99 @@ pub(super) fn advance(
     if seq.inject_panic {
         panic!("fault injected by --fault-injection");
     }
-    let token = seq.sampler.sample(logits)?;
-    let finish = if model.tokenizer.is_end(token) {
-        Some(FinishReason::Stop)
-    } else {
-        if seq.events.send(GenEvent::Token(token)).is_err() {
-            return Ok(Step::Done);
-        }
-        seq.generated += 1;
-        seq.next_input = token;
-        (seq.generated >= seq.max_tokens || seq.pos >= config.max_seq_len)
-            .then_some(FinishReason::Length)
+    seq.input.clear();
+    let rule = match (&mut seq.constraint, seq.rule.take()) {
+        (None, _) => Rule::Any,
+        (Some(_), Some(rule)) => rule,
+        (Some(c), None) => c.next().map_err(EngineError::Constraint)?,
     };
-    match finish {
-        Some(reason) => {
-            seq.last = Some(GenEvent::Finished(reason));
-            Ok(Step::Done)
+    let token = match rule {
+        Rule::Any => seq.sampler.sample(logits)?,
+        Rule::Stop => return Ok(seq.finish(FinishReason::Stop)),
+        Rule::Forced(tokens) => return force(model, config, seq, tokens),
+        rule => {
+            let mut row = logits.to_vec1::<f32>()?;
+            constraint::apply(&rule, &mut row, model.tokenizer.end_ids())
+                .map_err(|e| EngineError::Constraint(e.into()))?;
+            let n = row.len();
+            seq.sampler
+                .sample(&Tensor::from_vec(row, n, logits.device())?)?
+        }
+    };
+    if model.tokenizer.is_end(token) {
+        return Ok(seq.finish(FinishReason::Stop));
+    }
+    if let Some(step) = seq.append(config, token) {
+        return Ok(step);
+    }
+    match &mut seq.constraint {
+        Some(c) => {
+            c.taken(&[token]).map_err(EngineError::Constraint)?;
+            ask_ahead(model, config, seq)
         }
         None => Ok(Step::Continue),
+    }
+}
+
+/// Appends the tokens a constraint forced, then asks it what follows them.
+fn force(
+    model: &Model,
+    config: &BatcherConfig,
+    seq: &mut Sequence,
+    tokens: Vec<u32>,
+) -> Result<Step, EngineError> {
+    if tokens.is_empty() || tokens.len() > MAX_FORCED {
+        return Err(EngineError::Constraint(
+            format!(
+                "the constraint forced {} tokens (1 to {MAX_FORCED} allowed)",
+                tokens.len()
+            )
+            .into(),
+        ));
+    }
+    let vocab = model.tokenizer.vocab_size();
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(EngineError::Constraint(
+            format!("the constraint forced token {bad}, outside the vocabulary of {vocab}").into(),
+        ));
+    }
+    let mut taken = Vec::with_capacity(tokens.len());
+    for &token in &tokens {
+        if model.tokenizer.is_end(token) {
+            return Ok(seq.finish(FinishReason::Stop));
+        }
+        taken.push(token);
+        if let Some(step) = seq.append(config, token) {
+            return Ok(step);
+        }
+    }
+    if let Some(c) = &mut seq.constraint {
+        c.taken(&taken).map_err(EngineError::Constraint)?;
+    }
+    ask_ahead(model, config, seq)
+}
+
+/// Asks the constraint for the next rule now: forced tokens join this step's input,
+/// a stop ends the sequence, any other rule waits for the next logits.
+fn ask_ahead(
+    model: &Model,
+    config: &BatcherConfig,
+    seq: &mut Sequence,
+) -> Result<Step, EngineError> {
+    let Some(c) = &mut seq.constraint else {
+        return Ok(Step::Continue);
+    };
+    if seq.input.len() >= MAX_FORCED {
+        // A long forced run: the rest is asked for after this chunk's forward.
+        return Ok(Step::Continue);
+    }
+    match c.next().map_err(EngineError::Constraint)? {
+        Rule::Stop => Ok(seq.finish(FinishReason::Stop)),
+        Rule::Forced(tokens) => force(model, config, seq, tokens),
+        rule => {
+            seq.rule = Some(rule);
+            Ok(Step::Continue)
+        }
     }
 }
 

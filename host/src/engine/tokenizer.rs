@@ -379,6 +379,11 @@ impl Tokenizer {
         self.end_ids.contains(&id)
     }
 
+    /// The tokens that end a generation: EOS first, then end-of-turn tokens.
+    pub fn end_ids(&self) -> &[u32] {
+        &self.end_ids
+    }
+
     pub fn is_special(&self, id: u32) -> bool {
         self.is_special.get(id as usize).copied().unwrap_or(false)
     }

@@ -23,9 +23,10 @@ use super::types::{
     fields, parse_body, ChatRequest, CommonParams, CompletionRequest, Prompt, Usage, Validated,
 };
 use super::AppState;
+use crate::engine::constraint::TokenConstraint;
 use crate::engine::{EngineError, Fault};
 use crate::plugins::types::{self as plugin, PolicyRequest};
-use crate::plugins::{PluginError, Session};
+use crate::plugins::{LoadedPlugin, PluginError, Session};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Api {
@@ -209,15 +210,61 @@ async fn start(
     }
     let fault = fault(&state, &prompt);
     let deadline = tokio::time::Instant::from_std(info.start) + state.limits.request_timeout;
+    let plugin = serving.0;
+    if let Some((_, param)) = &params.format {
+        if !plugin.has_constraint() {
+            return Err(ApiError::InvalidRequest {
+                message: format!(
+                    "`{param}` needs a plugin with token-level control (lynx:plugin@0.3.0 `constraint`); the active plugin `{}` (lynx:plugin@{}) has none.",
+                    plugin.name, plugin.wit_version
+                ),
+                param: Some((*param).to_string()),
+                code: Some("response_format_unsupported".into()),
+            });
+        }
+    }
     let work = async {
-        let mut session = Session::open(&state.plugins, serving.0).await?;
+        let mut session = Session::open(&state.plugins, plugin.clone()).await?;
         let (ids, reported) = apply_policy(&state, &mut session, prompt, &params).await?;
-        Generation::start(state.clone(), info, session, ids, reported, &params, fault).await
+        let constraint = match &params.format {
+            Some((format, param)) => Some(constrain(&state, &plugin, format, param).await?),
+            None => None,
+        };
+        let start = (ids, reported, constraint);
+        Generation::start(state.clone(), info, session, start, &params, fault).await
     };
     let generation = tokio::time::timeout_at(deadline, work)
         .await
         .map_err(|_| ApiError::Timeout(state.limits.request_timeout.as_secs()))??;
     Ok((generation, params))
+}
+
+/// The request's constraint, started on its format by a warm instance of the plugin;
+/// a format the plugin cannot compile is the client's 400, with the plugin's reason.
+async fn constrain(
+    state: &Arc<AppState>,
+    plugin: &Arc<LoadedPlugin>,
+    format: &plugin::OutputFormat,
+    param: &str,
+) -> Result<Box<dyn TokenConstraint>, ApiError> {
+    let (p, f, plugins) = (plugin.clone(), format.clone(), state.plugins.clone());
+    let verdict = state
+        .plugins
+        .exec
+        .run(move || plugins.runtime.constraint(&p, &f))
+        .await??;
+    match verdict {
+        Ok(constrained) => Ok(Box::new(constrained)),
+        Err(rejection) => Err(ApiError::InvalidRequest {
+            message: format!("{} (plugin `{}`)", rejection.message, plugin.name),
+            param: Some(param.to_string()),
+            code: Some(if rejection.code.is_empty() {
+                "invalid_response_format".to_string()
+            } else {
+                rejection.code
+            }),
+        }),
+    }
 }
 
 /// Testing only (`--fault-injection`): the prompt `lynx-fault:handler` panics here, in

@@ -83,6 +83,9 @@ impl ApiError {
             ApiError::Engine(EngineError::Overloaded(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
             }
+            ApiError::Engine(EngineError::Constraint(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "plugin_error")
+            }
             ApiError::Engine(_) | ApiError::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "server_error")
             }
@@ -126,6 +129,13 @@ impl ApiError {
                 Some("shutting_down".to_string()),
             ),
             ApiError::Timeout(_) => (self.to_string(), Some("request_timeout".to_string())),
+            ApiError::Engine(EngineError::Constraint(e)) => {
+                tracing::error!(error = %e, "a constraint failed a request");
+                (
+                    format!("The request's constraint plugin gave an invalid rule: {e}."),
+                    Some("plugin_invalid_result".to_string()),
+                )
+            }
             _ if status.is_server_error() => {
                 tracing::error!(error = %self, "request failed");
                 (

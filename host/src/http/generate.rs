@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use super::error::ApiError;
 use super::types::{Usage, Validated};
 use super::AppState;
+use crate::engine::constraint::TokenConstraint;
 use crate::engine::tokenizer::Tokenizer;
 use crate::engine::{EngineError, Fault, FinishReason, GenEvent, GenerateRequest, Sampling};
 use crate::metrics;
@@ -80,14 +81,13 @@ impl HostPost {
 }
 
 impl Generation {
-    /// Checks the prompt against the context, then queues it. `reported` is the prompt
-    /// length the plugin reported.
+    /// Checks the prompt against the context, then queues it with its constraint, if
+    /// any. `reported` is the prompt length the plugin reported.
     pub async fn start(
         state: Arc<AppState>,
         info: Arc<RequestInfo>,
         mut session: Session,
-        prompt: Vec<u32>,
-        reported: Option<u32>,
+        (prompt, reported, constraint): (Vec<u32>, Option<u32>, Option<Box<dyn TokenConstraint>>),
         params: &Validated,
         fault: Option<Fault>,
     ) -> Result<Self, ApiError> {
@@ -153,6 +153,7 @@ impl Generation {
             max_tokens,
             sampling,
             events: tx,
+            constraint,
             fault,
         })?;
         if reported != u32::try_from(n).ok() {
@@ -257,7 +258,7 @@ impl Generation {
                 }
             }
             Some(GenEvent::Failed(e)) => {
-                self.ready.push_back(Piece::Failed(e.into()));
+                self.ready.push_back(Piece::Failed(engine_failure(e)));
                 self.done = true;
             }
             None => {
@@ -299,5 +300,17 @@ impl Generation {
         let usage = self.usage();
         self.ready.push_back(Piece::Finished { reason, usage });
         self.done = true;
+    }
+}
+
+/// What the client is told of a failure in the scheduler: a constraint plugin's failure
+/// names the plugin, as any plugin failure does.
+fn engine_failure(e: EngineError) -> ApiError {
+    match e {
+        EngineError::Constraint(e) => match e.downcast::<PluginError>() {
+            Ok(plugin) => ApiError::Plugin(*plugin),
+            Err(other) => ApiError::Engine(EngineError::Constraint(other)),
+        },
+        e => e.into(),
     }
 }

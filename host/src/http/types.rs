@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::Limits;
-use crate::plugins::types::ChatMessage;
+use crate::plugins::types::{ChatMessage, OutputFormat};
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -43,6 +43,27 @@ pub struct CommonParams {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<i64>,
+    /// OpenAI's structured outputs: `{"type": "text" | "json_object" | "json_schema"}`.
+    pub response_format: Option<ResponseFormat>,
+    /// vLLM's extras: a JSON schema (an object, or its JSON text), a regular
+    /// expression, or a list of choices the whole output must be.
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub schema: Option<serde_json::Value>,
+    pub strict: Option<bool>,
 }
 
 /// The completions-only fields; the shared ones are read from the same body into
@@ -114,12 +135,126 @@ pub struct Validated {
     pub stops: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// What the output must be, and the field that asked for it.
+    pub format: Option<(OutputFormat, &'static str)>,
 }
 
 /// The most stop sequences a request may give (as OpenAI).
 pub const MAX_STOPS: usize = 4;
 /// The longest stop sequence, in bytes.
 pub const MAX_STOP_BYTES: usize = 256;
+/// The most choices `guided_choice` may give, and the longest one, in bytes.
+pub const MAX_CHOICES: usize = 1024;
+pub const MAX_CHOICE_BYTES: usize = 4096;
+
+impl CommonParams {
+    /// The one output format the request asks for, if any; asking for two is refused.
+    fn format(&self) -> Result<Option<(OutputFormat, &'static str)>, ApiError> {
+        let mut asked: Vec<(OutputFormat, &'static str)> = Vec::new();
+        if let Some(rf) = &self.response_format {
+            match rf.kind.as_str() {
+                "text" => {}
+                "json_object" => asked.push((OutputFormat::JsonObject, "response_format")),
+                "json_schema" => {
+                    let param = "response_format.json_schema";
+                    let js = rf.json_schema.as_ref().ok_or_else(|| {
+                        ApiError::invalid(
+                            "`response_format.json_schema` is required when its type is `json_schema`.",
+                            Some(param),
+                        )
+                    })?;
+                    let schema = js.schema.as_ref().ok_or_else(|| {
+                        ApiError::invalid(
+                            "`response_format.json_schema.schema` is required.",
+                            Some("response_format.json_schema.schema"),
+                        )
+                    })?;
+                    asked.push((
+                        OutputFormat::JsonSchema {
+                            name: js.name.clone().unwrap_or_else(|| "schema".into()),
+                            schema: schema_text(schema, "response_format.json_schema.schema")?,
+                            strict: js.strict.unwrap_or(false),
+                        },
+                        param,
+                    ));
+                }
+                other => {
+                    return Err(ApiError::invalid(
+                        format!("`response_format.type` must be text, json_object or json_schema (got {other:?})."),
+                        Some("response_format.type"),
+                    ))
+                }
+            }
+        }
+        if let Some(schema) = &self.guided_json {
+            let schema = match schema {
+                serde_json::Value::String(text) => {
+                    let parsed: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+                        ApiError::invalid(
+                            format!("`guided_json` is not valid JSON: {e}"),
+                            Some("guided_json"),
+                        )
+                    })?;
+                    schema_text(&parsed, "guided_json")?
+                }
+                other => schema_text(other, "guided_json")?,
+            };
+            asked.push((
+                OutputFormat::JsonSchema {
+                    name: "guided_json".into(),
+                    schema,
+                    strict: true,
+                },
+                "guided_json",
+            ));
+        }
+        if let Some(regex) = &self.guided_regex {
+            if regex.is_empty() {
+                return Err(ApiError::invalid(
+                    "`guided_regex` must not be empty.",
+                    Some("guided_regex"),
+                ));
+            }
+            asked.push((OutputFormat::Regex(regex.clone()), "guided_regex"));
+        }
+        if let Some(choices) = &self.guided_choice {
+            if choices.is_empty()
+                || choices.len() > MAX_CHOICES
+                || choices
+                    .iter()
+                    .any(|c| c.is_empty() || c.len() > MAX_CHOICE_BYTES)
+            {
+                return Err(ApiError::invalid(
+                    format!("`guided_choice` must hold 1 to {MAX_CHOICES} non-empty strings of at most {MAX_CHOICE_BYTES} bytes."),
+                    Some("guided_choice"),
+                ));
+            }
+            asked.push((OutputFormat::Choice(choices.clone()), "guided_choice"));
+        }
+        if asked.len() > 1 {
+            let fields: Vec<&str> = asked.iter().map(|(_, p)| *p).collect();
+            return Err(ApiError::invalid(
+                format!(
+                    "Only one output format may be asked for (got {}).",
+                    fields.join(", ")
+                ),
+                Some(fields[1]),
+            ));
+        }
+        Ok(asked.pop())
+    }
+}
+
+/// A schema as the JSON text a plugin receives: an object, or `true`/`false`.
+fn schema_text(schema: &serde_json::Value, param: &str) -> Result<String, ApiError> {
+    if !(schema.is_object() || schema.is_boolean()) {
+        return Err(ApiError::invalid(
+            format!("`{param}` must be a JSON schema: an object."),
+            Some(param),
+        ));
+    }
+    Ok(schema.to_string())
+}
 
 impl CommonParams {
     pub fn validate(&self, served_model: &str, limits: &Limits) -> Result<Validated, ApiError> {
@@ -201,7 +336,9 @@ impl CommonParams {
                 Some("stop"),
             ));
         }
+        let format = self.format()?;
         Ok(Validated {
+            format,
             max_tokens,
             temperature,
             top_p,
@@ -309,6 +446,53 @@ mod tests {
             common(r#"{"model":"other"}"#),
             Err(ApiError::ModelNotFound(_))
         ));
+    }
+
+    #[test]
+    fn output_formats_are_read_from_every_field_and_one_at_most() {
+        let v = common(r#"{"response_format":{"type":"json_object"}}"#).unwrap();
+        assert_eq!(
+            v.format,
+            Some((OutputFormat::JsonObject, "response_format"))
+        );
+        let v = common(r#"{"response_format":{"type":"text"}}"#).unwrap();
+        assert_eq!(v.format, None);
+        let v = common(
+            r#"{"response_format":{"type":"json_schema","json_schema":{"name":"n","schema":{"type":"object"},"strict":true}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            v.format,
+            Some((OutputFormat::JsonSchema { ref name, ref schema, strict: true }, _))
+                if name == "n" && schema == r#"{"type":"object"}"#
+        ));
+        let v = common(r#"{"guided_json":"{\"type\":\"integer\"}"}"#).unwrap();
+        assert!(matches!(
+            v.format,
+            Some((OutputFormat::JsonSchema { .. }, "guided_json"))
+        ));
+        let v = common(r#"{"guided_regex":"[a-z]+"}"#).unwrap();
+        assert_eq!(
+            v.format,
+            Some((OutputFormat::Regex("[a-z]+".into()), "guided_regex"))
+        );
+        let v = common(r#"{"guided_choice":["yes","no"]}"#).unwrap();
+        assert!(matches!(v.format, Some((OutputFormat::Choice(ref c), _)) if c.len() == 2));
+
+        for bad in [
+            r#"{"response_format":{"type":"xml"}}"#,
+            r#"{"response_format":{"type":"json_schema"}}"#,
+            r#"{"response_format":{"type":"json_schema","json_schema":{"name":"n"}}}"#,
+            r#"{"response_format":{"type":"json_schema","json_schema":{"schema":3}}}"#,
+            r#"{"guided_json":"{not json"}"#,
+            r#"{"guided_regex":""}"#,
+            r#"{"guided_choice":[]}"#,
+            r#"{"guided_choice":["a",""]}"#,
+            r#"{"guided_regex":"a","guided_choice":["a"]}"#,
+        ] {
+            let err = common(bad).unwrap_err();
+            assert_eq!(err.status(), 400, "{bad}: {err}");
+        }
     }
 
     #[test]

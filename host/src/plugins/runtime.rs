@@ -15,15 +15,18 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::cache::{sha256_hex, ComponentCache, Source};
+use super::constraint::WarmPool;
 use super::files::read_capped;
 use super::probation::{Probation, Verdict};
 use super::session::PluginSession;
 use super::state::{HostState, LogLimiter};
-use super::types::{ChatMessage, ModelInfo, PolicyRequest, PostConfig, Prompt};
+use super::types::{
+    ChatMessage, ModelInfo, OutputFormat, PolicyRequest, PostConfig, Prompt, Vocabulary,
+};
 use super::versions::{Pre, SUPPORTED};
 use super::world::{WIT_PACKAGE, WIT_VERSION};
 use super::PluginError;
-use super::{since_v0_1, world};
+use super::{since_v0_1, since_v0_2, world};
 use crate::engine::tokenizer::Tokenizer;
 
 /// How often the epoch advances: the granularity of call deadlines.
@@ -147,6 +150,9 @@ pub struct PluginRuntime {
     linker: Linker<HostState>,
     tokenizer: Arc<Tokenizer>,
     model_info: Arc<ModelInfo>,
+    vocabulary: Arc<Vocabulary>,
+    /// Constraint instances kept warm between requests.
+    pub(super) warm: Arc<WarmPool>,
     pub limits: PluginLimits,
     /// The model's context (positions per slot): told to policies, and the limit past
     /// which `host.encode` refuses a text unencoded.
@@ -198,6 +204,14 @@ pub struct LoadedPlugin {
     pub(crate) log: Arc<LogLimiter>,
     pub(crate) pre: Pre,
     pub(crate) component: Component,
+}
+
+impl LoadedPlugin {
+    /// Whether it exports token-level control (`constraint`, from 0.3.0): whether it
+    /// can serve structured outputs.
+    pub fn has_constraint(&self) -> bool {
+        self.pre.has_constraint()
+    }
 }
 
 fn engine_error(e: impl std::fmt::Display) -> PluginError {
@@ -265,8 +279,13 @@ impl PluginRuntime {
             .map_err(engine_error)?;
 
         let mut linker = Linker::new(&engine);
-        // Both versions' imports in one linker: their names differ by version.
-        world::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+        // Every version's imports in one linker: their names differ by version.
+        world::ConstrainedPlugin::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(engine_error)?;
+        since_v0_2::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(engine_error)?;
         since_v0_1::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(engine_error)?;
@@ -275,6 +294,8 @@ impl PluginRuntime {
         Ok(Self {
             engine,
             linker,
+            vocabulary: Arc::new(Vocabulary::of(&tokenizer)),
+            warm: Arc::default(),
             tokenizer,
             model_info: Arc::new(ModelInfo::default()),
             limits,
@@ -332,6 +353,10 @@ impl PluginRuntime {
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
+    }
+
+    pub fn vocabulary(&self) -> &Arc<Vocabulary> {
+        &self.vocabulary
     }
 
     /// Loads the plugin at `path` (a regular file within the size cap); its name is
@@ -466,6 +491,20 @@ impl PluginRuntime {
         session.start(&PostConfig { stops: vec![] })?;
         session.push(first)?;
         session.finish()?;
+        if plugin.has_constraint() {
+            self.smoke_constraint(plugin)?;
+        }
+        Ok(())
+    }
+
+    /// Prepares a constraint instance and asks it for a JSON object's first token; a
+    /// plugin that serves JSON keeps the instance warm for its first request.
+    fn smoke_constraint(&self, plugin: &Arc<LoadedPlugin>) -> Result<(), PluginError> {
+        let mut session = self.prepared(plugin)?;
+        if session.constrain(&OutputFormat::JsonObject)?.is_ok() {
+            session.next_token()?;
+            self.keep_warm(plugin, session);
+        }
         Ok(())
     }
 }

@@ -12,9 +12,10 @@ use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
 
 use super::runtime::{epoch_ticks, LoadedPlugin, PluginRuntime, VerdictReport};
 use super::state::{HostState, PromptTooLong};
-use super::types::{PolicyRequest, PostConfig, Rejection, Released};
+use super::types::{OutputFormat, PolicyRequest, PostConfig, Rejection, Released};
 use super::versions::Instance;
 use super::PluginError;
+use crate::engine::constraint::Rule;
 use crate::telemetry::TokenEvents;
 
 /// The most text one `push` or `finish` may release.
@@ -78,7 +79,11 @@ impl PluginSession {
             .ok_or(PluginError::PoolExhausted { instances: max })?;
         let state = HostState::new(
             plugin.name.clone(),
-            (runtime.tokenizer().clone(), runtime.model_info().clone()),
+            (
+                runtime.tokenizer().clone(),
+                runtime.model_info().clone(),
+                runtime.vocabulary().clone(),
+            ),
             runtime.context_length(),
             runtime.limits.memory_bytes,
             plugin.log.clone(),
@@ -145,6 +150,15 @@ impl PluginSession {
         &mut self,
         f: impl FnOnce(&Instance, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
+        self.call_within(self.call_timeout, f)
+    }
+
+    /// A call under its own deadline (`call_timeout` for every ordinary call).
+    fn call_within<R>(
+        &mut self,
+        call_timeout: Duration,
+        f: impl FnOnce(&Instance, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
         let plugin = self.name.to_string();
         if self.poisoned {
             return Err(PluginError::Trap {
@@ -157,8 +171,8 @@ impl PluginSession {
             let millis = self.budget.as_millis() as u64;
             return Err(self.fail(PluginError::BudgetExceeded { plugin, millis }));
         }
-        let by_budget = left < self.call_timeout;
-        let limit = left.min(self.call_timeout);
+        let by_budget = left < call_timeout;
+        let limit = left.min(call_timeout);
         self.store.set_epoch_deadline(epoch_ticks(limit));
         let t0 = Instant::now();
         let result = f(&self.bindings, &mut self.store);
@@ -183,7 +197,7 @@ impl PluginSession {
                 } else {
                     PluginError::Timeout {
                         plugin,
-                        millis: self.call_timeout.as_millis() as u64,
+                        millis: call_timeout.as_millis() as u64,
                     }
                 }
             } else {
@@ -213,13 +227,7 @@ impl PluginSession {
     ) -> Result<Result<Vec<u32>, Rejection>, PluginError> {
         let verdict = self.call(|p, s| p.tokenize(s, request))?;
         if let Err(r) = &verdict {
-            if r.code.len() > MAX_REJECTION_CODE || r.message.len() > MAX_REJECTION_MESSAGE {
-                return Err(self.misbehaved(format!(
-                    "a rejection of {} + {} bytes (caps {MAX_REJECTION_CODE} + {MAX_REJECTION_MESSAGE})",
-                    r.code.len(),
-                    r.message.len()
-                )));
-            }
+            self.check_rejection(r)?;
         }
         Ok(verdict)
     }
@@ -243,6 +251,61 @@ impl PluginSession {
         let text = self.call(|p, s| p.finish(s))?;
         self.check_released(&text)?;
         Ok(text)
+    }
+
+    /// Whether a call of this session failed: a poisoned session is never reused.
+    pub fn poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// A session of token-level calls, which run through a whole generation: each call
+    /// has its deadline, the request its `--request-timeout`, and no budget beyond them.
+    pub(super) fn unbudgeted(mut self) -> Self {
+        self.budget = Duration::MAX;
+        self
+    }
+
+    /// Builds what the plugin's constraint shares between requests, under `deadline`.
+    pub fn prepare(&mut self, deadline: Duration) -> Result<(), PluginError> {
+        self.call_within(deadline, |p, s| p.prepare(s))
+    }
+
+    /// Starts constraining a request's output to `format`; a rejection is the client's.
+    pub fn constrain(
+        &mut self,
+        format: &OutputFormat,
+    ) -> Result<Result<(), Rejection>, PluginError> {
+        self.spent = Duration::ZERO;
+        let verdict = self.call(|p, s| p.constrain(s, format))?;
+        if let Err(r) = &verdict {
+            self.check_rejection(r)?;
+        }
+        Ok(verdict)
+    }
+
+    pub fn next_token(&mut self) -> Result<Rule, PluginError> {
+        self.call(|p, s| p.next_token(s))
+    }
+
+    pub fn taken(&mut self, tokens: &[u32]) -> Result<(), PluginError> {
+        match self.call(|p, s| p.taken(s, tokens))? {
+            Ok(()) => Ok(()),
+            Err(detail) => {
+                let detail: String = detail.chars().take(MAX_REJECTION_MESSAGE).collect();
+                Err(self.misbehaved(format!("its constraint refused a token: {detail}")))
+            }
+        }
+    }
+
+    fn check_rejection(&mut self, r: &Rejection) -> Result<(), PluginError> {
+        if r.code.len() > MAX_REJECTION_CODE || r.message.len() > MAX_REJECTION_MESSAGE {
+            return Err(self.misbehaved(format!(
+                "a rejection of {} + {} bytes (caps {MAX_REJECTION_CODE} + {MAX_REJECTION_MESSAGE})",
+                r.code.len(),
+                r.message.len()
+            )));
+        }
+        Ok(())
     }
 
     fn check_released(&mut self, text: &str) -> Result<(), PluginError> {

@@ -11,7 +11,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::types::{LogLevel, ModelInfo};
+use super::types::{LogLevel, ModelInfo, Vocabulary};
 use crate::engine::tokenizer::{Tokenizer, TokenizerError};
 use crate::telemetry::TokenEvents;
 
@@ -122,6 +122,8 @@ pub struct HostState {
     pub tokenizer: Arc<Tokenizer>,
     /// What `host.model` answers.
     pub model: Arc<ModelInfo>,
+    /// What `host.vocabulary` answers.
+    pub vocabulary: Arc<Vocabulary>,
     /// Positions per slot: a text provably longer is refused unencoded.
     pub context_length: usize,
     pub ledger: Ledger,
@@ -146,7 +148,7 @@ impl WasiView for HostState {
 impl HostState {
     pub fn new(
         plugin: Arc<str>,
-        (tokenizer, model): (Arc<Tokenizer>, Arc<ModelInfo>),
+        (tokenizer, model, vocabulary): (Arc<Tokenizer>, Arc<ModelInfo>, Arc<Vocabulary>),
         context_length: usize,
         memory_cap: usize,
         log: Arc<LogLimiter>,
@@ -156,6 +158,7 @@ impl HostState {
             plugin,
             tokenizer,
             model,
+            vocabulary,
             context_length,
             ledger: Ledger::default(),
             sink: None,
@@ -244,6 +247,10 @@ impl HostState {
 
     pub fn model_info(&mut self) -> ModelInfo {
         ModelInfo::clone(&self.model)
+    }
+
+    pub fn vocabulary(&mut self) -> Arc<Vocabulary> {
+        self.vocabulary.clone()
     }
 
     pub fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {

@@ -67,3 +67,46 @@ pub struct ModelInfo {
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
 }
+
+/// What a request's output must be (from 0.3.0): `response_format` and vLLM's
+/// `guided_*` extras, as the HTTP layer parsed them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputFormat {
+    JsonObject,
+    JsonSchema {
+        name: String,
+        /// The schema as JSON text.
+        schema: String,
+        strict: bool,
+    },
+    Regex(String),
+    Choice(Vec<String>),
+}
+
+/// The model's vocabulary as plugins receive it (from 0.3.0): every token's bytes end
+/// to end, where each ends, the control tokens, and the end-of-turn tokens.
+#[derive(Debug, Clone, Default)]
+pub struct Vocabulary {
+    pub bytes: Vec<u8>,
+    pub ends: Vec<u32>,
+    pub special: Vec<u32>,
+    pub end_tokens: Vec<u32>,
+}
+
+impl Vocabulary {
+    /// Built once per runtime from the tokenizer.
+    pub fn of(tokenizer: &crate::engine::tokenizer::Tokenizer) -> Self {
+        let mut v = Vocabulary::default();
+        for id in 0..tokenizer.vocab_size() as u32 {
+            v.bytes
+                .extend_from_slice(tokenizer.piece(id).unwrap_or_default());
+            v.ends
+                .push(u32::try_from(v.bytes.len()).unwrap_or(u32::MAX));
+            if tokenizer.is_special(id) {
+                v.special.push(id);
+            }
+        }
+        v.end_tokens = tokenizer.end_ids().to_vec();
+        v
+    }
+}

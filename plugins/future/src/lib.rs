@@ -1,4 +1,4 @@
-//! A plugin built against `lynx:plugin@0.3.0`, for the test that the host refuses it.
+//! A plugin built against `lynx:plugin@0.9.0`, for the test that the host refuses it.
 
 wit_bindgen::generate!({ path: "wit", world: "plugin" });
 

@@ -15,11 +15,17 @@
 //! - `HEAVY`: asks the host to encode 300 KB of whitespace again and again, so the
 //!   time goes to host code, not its own;
 //! - `/TRAP` in the path: traps in route normalization.
+//!
+//! Its constraint serves `guided_regex` requests whose regex is a trigger word, and
+//! misbehaves from the third `next` on: `TRAP` traps, `SPIN` loops forever, `JUNK`
+//! forces a token outside the vocabulary, `NOTHING` allows no token; any other regex
+//! lets every token through. Other formats it declines.
 
 use std::cell::Cell;
 
 use lynx_plugin_sdk::{
-    defaults, events, host, LogLevel, Plugin, PolicyRequest, Prompt, Rejection, Released,
+    defaults, events, host, LogLevel, NextToken, OutputFormat, Plugin, PolicyRequest, Prompt,
+    Rejection, Released,
 };
 
 thread_local! {
@@ -28,6 +34,8 @@ thread_local! {
     static FLOOD: Cell<bool> = const { Cell::new(false) };
     static CRAWL: Cell<bool> = const { Cell::new(false) };
     static TOKENS: Cell<u32> = const { Cell::new(0) };
+    static CONSTRAINT: Cell<u8> = const { Cell::new(0) };
+    static NEXT_CALLS: Cell<u32> = const { Cell::new(0) };
 }
 
 fn prompt_text(prompt: &Prompt) -> String {
@@ -103,6 +111,41 @@ impl Plugin for HostilePlugin {
             events::prompt_tokens(12345);
         }
         defaults::tokenize(request)
+    }
+
+    fn constrain(format: OutputFormat) -> Result<(), Rejection> {
+        let OutputFormat::Regex(word) = &format else {
+            return defaults::constrain(format);
+        };
+        let mode = match word.as_str() {
+            "TRAP" => 1,
+            "SPIN" => 2,
+            "JUNK" => 3,
+            "NOTHING" => 4,
+            _ => 0,
+        };
+        CONSTRAINT.set(mode);
+        NEXT_CALLS.set(0);
+        Ok(())
+    }
+
+    fn next_token() -> NextToken {
+        NEXT_CALLS.set(NEXT_CALLS.get() + 1);
+        if NEXT_CALLS.get() < 3 {
+            return NextToken::Any;
+        }
+        match CONSTRAINT.get() {
+            1 => panic!("hostile plugin: trap in the constraint"),
+            2 => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            3 => NextToken::Forced(vec![u32::MAX]),
+            4 => NextToken::Allowed(Vec::new()),
+            _ => NextToken::Any,
+        }
     }
 
     fn push(token: u32) -> Released {

@@ -1,13 +1,18 @@
 //! A plugin built against `lynx:plugin@0.1.0` (`wit/v0.1.0`), behaving as lynx's default
 //! plugin did in that version: ChatML whatever the model, left truncation, stop
-//! sequences. The tests hold a current host to serving it exactly as before.
+//! sequences. The tests hold a current host to serving it exactly as before. With the
+//! `v0_2` feature the same plugin is built against the released `lynx:plugin@0.2.0`
+//! (`wit/v0.2.0`), held to the same.
 
 use std::cell::RefCell;
 
 use lynx_plugin_core::chat::{encode_chat, prompt_budget, Message};
 use lynx_plugin_core::stream::TextStream;
 
+#[cfg(not(feature = "v0_2"))]
 wit_bindgen::generate!({ path: "../../wit/v0.1.0", world: "plugin" });
+#[cfg(feature = "v0_2")]
+wit_bindgen::generate!({ path: "../../wit/v0.2.0", world: "plugin" });
 
 use exports::lynx::plugin::{policy, postprocess, router};
 use lynx::plugin::types::{PolicyRequest, PostConfig, Prompt, Rejection, Released};

@@ -9,7 +9,7 @@ use lynx_plugin_core::routes;
 use lynx_plugin_core::stream::TextStream;
 use lynx_plugin_core::template::{self, Specials};
 
-use crate::{events, host, PolicyRequest, PostConfig, Prompt, Rejection, Released};
+use crate::{events, host, OutputFormat, PolicyRequest, PostConfig, Prompt, Rejection, Released};
 
 pub fn normalize(_method: &str, path: &str) -> String {
     routes::normalize(path).to_string()
@@ -141,4 +141,13 @@ pub fn push(token: u32) -> Released {
 
 pub fn finish() -> String {
     GENERATION.with_borrow_mut(|g| g.text.finish())
+}
+
+/// A plugin that does not constrain outputs says so: the client gets a 400.
+pub fn constrain(_format: OutputFormat) -> Result<(), Rejection> {
+    Err(Rejection {
+        code: "response_format_unsupported".into(),
+        message: "This plugin does not constrain outputs: structured outputs are not served."
+            .into(),
+    })
 }

@@ -1,14 +1,14 @@
-//! The guest side of `lynx:plugin@0.1.0`: the one place that generates the WIT bindings,
-//! the default behaviour of each export ([`Plugin`]'s provided methods), and
-//! [`plugin!`], which exports a plugin type.
+//! The guest side of `lynx:plugin@0.3.0`: the one place that generates the WIT bindings
+//! (of the `constrained-plugin` world), the default behaviour of each export
+//! ([`Plugin`]'s provided methods), and [`plugin!`], which exports a plugin type.
 
 pub use lynx_plugin_core as core;
 
 pub mod bindings {
-    //! The generated bindings of the `plugin` world.
+    //! The generated bindings of the `constrained-plugin` world.
     wit_bindgen::generate!({
         path: "../../wit",
-        world: "plugin",
+        world: "constrained-plugin",
         pub_export_macro: true,
         export_macro_name: "export_plugin",
         default_bindings_module: "lynx_plugin_sdk::bindings",
@@ -18,7 +18,8 @@ pub mod bindings {
 pub mod defaults;
 
 pub use bindings::lynx::plugin::types::{
-    ChatMessage, LogLevel, PolicyRequest, PostConfig, Prompt, Rejection, Released,
+    ChatMessage, JsonSchema, LogLevel, NextToken, OutputFormat, PolicyRequest, PostConfig, Prompt,
+    Rejection, Released, TokenBias, Vocab,
 };
 pub use bindings::lynx::plugin::{events, host};
 
@@ -45,10 +46,25 @@ pub trait Plugin {
     fn finish() -> String {
         defaults::finish()
     }
+    /// Builds what every constrained request shares (once per instance).
+    fn prepare() {}
+    /// Starts constraining a request's output; by default no format is served, and the
+    /// client is told so with a 400.
+    fn constrain(format: OutputFormat) -> Result<(), Rejection> {
+        defaults::constrain(format)
+    }
+    /// What the next token may be.
+    fn next_token() -> NextToken {
+        NextToken::Any
+    }
+    /// The tokens appended since the last call.
+    fn taken(_tokens: Vec<u32>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
-/// Exports a type implementing [`Plugin`] as the component's router, policy and
-/// post-processing.
+/// Exports a type implementing [`Plugin`] as the component's router, policy,
+/// post-processing and constraint.
 ///
 /// ```ignore
 /// struct Strict;
@@ -79,6 +95,21 @@ macro_rules! plugin {
             }
             fn finish() -> String {
                 <$name as $crate::Plugin>::finish()
+            }
+        }
+
+        impl $crate::bindings::exports::lynx::plugin::constraint::Guest for $name {
+            fn prepare() {
+                <$name as $crate::Plugin>::prepare()
+            }
+            fn start(format: $crate::OutputFormat) -> Result<(), $crate::Rejection> {
+                <$name as $crate::Plugin>::constrain(format)
+            }
+            fn next() -> $crate::NextToken {
+                <$name as $crate::Plugin>::next_token()
+            }
+            fn taken(tokens: Vec<u32>) -> Result<(), String> {
+                <$name as $crate::Plugin>::taken(tokens)
             }
         }
 

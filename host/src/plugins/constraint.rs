@@ -1,0 +1,162 @@
+//! Token-level control by a plugin (`lynx:plugin@0.3.0`'s `constraint`): a request's
+//! constraint runs in an instance of its own, apart from the one that tokenizes and
+//! post-processes it, because the scheduler calls it from its step while the HTTP
+//! layer calls the other.
+//!
+//! Instances are kept warm: `prepare` (a plugin indexes the vocabulary there, which
+//! takes far longer than a token's deadline) runs once per instance, when the plugin
+//! loads, and an instance that served a request without fault serves the next one.
+//! A faulted instance is dropped, never reused.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::runtime::{LoadedPlugin, PluginRuntime};
+use super::session::PluginSession;
+use super::types::{OutputFormat, Rejection};
+use super::PluginError;
+use crate::engine::constraint::{ConstraintError, Rule, TokenConstraint};
+
+/// The deadline of `prepare`: once per instance, off every request's path.
+pub const PREPARE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Warm constraint instances, by plugin version (sha256), reused request after
+/// request. At most `max` are kept in all; past it, those of the version used least
+/// recently go first, so a version swapped out loses its instances to the new one.
+#[derive(Default)]
+pub struct WarmPool {
+    /// Most recently used version first.
+    inner: Mutex<Vec<(String, Vec<PluginSession>)>>,
+}
+
+impl WarmPool {
+    fn take(&self, sha256: &str) -> Option<PluginSession> {
+        let mut warm = self.inner.lock().ok()?;
+        let i = warm.iter().position(|(sha, _)| sha == sha256)?;
+        let entry = warm.remove(i);
+        warm.insert(0, entry);
+        warm[0].1.pop()
+    }
+
+    fn give_back(&self, sha256: &str, session: PluginSession, max: usize) {
+        let Ok(mut warm) = self.inner.lock() else {
+            return;
+        };
+        let entry = match warm.iter().position(|(sha, _)| sha == sha256) {
+            Some(i) => warm.remove(i),
+            None => (sha256.to_string(), Vec::new()),
+        };
+        warm.insert(0, entry);
+        warm[0].1.push(session);
+        let mut total: usize = warm.iter().map(|(_, s)| s.len()).sum();
+        while total > max {
+            let Some(last) = warm.last_mut() else { break };
+            if last.1.pop().is_some() {
+                total -= 1;
+            }
+            if last.1.is_empty() {
+                warm.pop();
+            }
+        }
+    }
+
+    /// Warm instances held now, of every version.
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .map_or(0, |w| w.iter().map(|(_, s)| s.len()).sum())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One request's constraint: a plugin instance the scheduler calls at every step.
+pub struct Constrained {
+    session: Option<PluginSession>,
+    sha256: String,
+    pool: Arc<WarmPool>,
+    max_warm: usize,
+}
+
+impl Drop for Constrained {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            if !session.poisoned() {
+                self.pool.give_back(&self.sha256, session, self.max_warm);
+            }
+        }
+    }
+}
+
+impl Constrained {
+    fn session(&mut self) -> Result<&mut PluginSession, ConstraintError> {
+        self.session
+            .as_mut()
+            .ok_or_else(|| "the constraint's instance is gone".into())
+    }
+}
+
+impl TokenConstraint for Constrained {
+    fn next(&mut self) -> Result<Rule, ConstraintError> {
+        Ok(self.session()?.next_token()?)
+    }
+
+    fn taken(&mut self, tokens: &[u32]) -> Result<(), ConstraintError> {
+        Ok(self.session()?.taken(tokens)?)
+    }
+}
+
+impl PluginRuntime {
+    /// Warm constraint instances kept: a share of the instance pool, so requests keep
+    /// the rest.
+    pub fn max_warm(&self) -> usize {
+        (self.limits.instances as usize / 4).clamp(1, 16)
+    }
+
+    /// A new constraint instance of `plugin`, prepared.
+    pub(super) fn prepared(
+        &self,
+        plugin: &Arc<LoadedPlugin>,
+    ) -> Result<PluginSession, PluginError> {
+        let mut session = PluginSession::new(self, plugin)?.unbudgeted();
+        session.prepare(PREPARE_DEADLINE)?;
+        Ok(session)
+    }
+
+    /// Keeps `session` warm for `plugin`'s next constrained request.
+    pub(super) fn keep_warm(&self, plugin: &LoadedPlugin, session: PluginSession) {
+        self.warm
+            .give_back(&plugin.sha256, session, self.max_warm());
+    }
+
+    /// The constraint of one request on `plugin`, started on `format`; a format the
+    /// plugin cannot serve is the client's rejection. The plugin must export the
+    /// interface ([`LoadedPlugin::has_constraint`]).
+    pub fn constraint(
+        &self,
+        plugin: &Arc<LoadedPlugin>,
+        format: &OutputFormat,
+    ) -> Result<Result<Constrained, Rejection>, PluginError> {
+        let mut session = match self.warm.take(&plugin.sha256) {
+            Some(s) => s,
+            None => {
+                tracing::info!(plugin = %plugin.name, "no warm constraint instance; preparing one on the request's path");
+                self.prepared(plugin)?
+            }
+        };
+        if let Err(rejection) = session.constrain(format)? {
+            if !session.poisoned() {
+                self.keep_warm(plugin, session);
+            }
+            return Ok(Err(rejection));
+        }
+        Ok(Ok(Constrained {
+            session: Some(session),
+            sha256: plugin.sha256.clone(),
+            pool: self.warm.clone(),
+            max_warm: self.max_warm(),
+        }))
+    }
+}
