@@ -82,6 +82,8 @@ fn bench(c: &mut Criterion) {
             request_budget: Duration::from_secs(2),
             memory_bytes: 64 << 20,
             instances: 16,
+            constraint_memory_bytes: 256 << 20,
+            warm_constraints: 2,
             max_file_bytes: 32 << 20,
             rollback_window: 0,
             rollback_share: 0.2,

@@ -112,6 +112,18 @@ pub struct Config {
     #[arg(long, env = "LYNX_PLUGIN_INSTANCES", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub plugin_instances: Option<u32>,
 
+    /// The most memory one constraint instance (structured outputs) may use, in MiB. It
+    /// holds an index of the whole vocabulary: about 30 MiB for a 49,152-token
+    /// vocabulary, 150 MiB for gemma's 262,144.
+    #[arg(long, env = "LYNX_PLUGIN_CONSTRAINT_MEMORY_MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub plugin_constraint_memory_mib: u64,
+
+    /// Constraint instances kept prepared between requests: a structured-output request
+    /// that finds none prepares one on its path (0.3 s for SmolLM2's vocabulary, 2 s for
+    /// gemma's). Each holds up to `--plugin-constraint-memory-mib`.
+    #[arg(long, env = "LYNX_PLUGIN_WARM_CONSTRAINTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub plugin_warm_constraints: u32,
+
     /// The largest plugin file loaded, in bytes; larger files in the plugin folder are
     /// refused (the reason shows in `/admin/plugins`).
     #[arg(long, env = "LYNX_PLUGIN_MAX_BYTES", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
@@ -292,6 +304,8 @@ impl Config {
             request_budget: std::time::Duration::from_millis(self.plugin_budget_ms),
             memory_bytes: (self.plugin_memory_mib as usize) << 20,
             instances: self.plugin_instances(),
+            constraint_memory_bytes: (self.plugin_constraint_memory_mib as usize) << 20,
+            warm_constraints: self.plugin_warm_constraints,
             max_file_bytes: self.plugin_max_bytes,
             rollback_window: self.plugin_rollback_window,
             rollback_share: self.plugin_rollback_share,

@@ -3,9 +3,10 @@
 //! from the host before pre/post-processing moved into wasm (commit 6a817e8,
 //! `tests/data/record_golden.py`), for greedy and seeded requests, chat and text, stop
 //! sequences, token prompts, a character cut by `max_tokens`, and rejected requests.
-//! The host then formatted chat as ChatML. Two plugins are held to it: one built for the
-//! released `lynx:plugin@0.1.0` (ChatML built in, as lynx's default was then), and
-//! today's default plugin rendering a ChatML template given with `--chat-template`.
+//! The host then formatted chat as ChatML. Three plugins are held to it: the same plugin
+//! built for the released `lynx:plugin@0.1.0` and for the released 0.2.0 (ChatML built
+//! in, as lynx's default was then), and today's default plugin rendering a ChatML
+//! template given with `--chat-template`.
 
 use std::collections::BTreeMap;
 
@@ -69,6 +70,17 @@ async fn a_plugin_built_for_wit_0_1_0_serves_exactly_as_before() {
     );
     let dir = dir.to_str().expect("utf-8").to_string();
     reproduce(&["--plugins-dir", &dir, "--plugin", "legacy"]).await;
+}
+
+#[tokio::test]
+async fn a_plugin_built_for_wit_0_2_0_serves_exactly_as_before() {
+    let dir = plugins_dist().join("test");
+    assert!(
+        dir.join("legacy2.wasm").is_file(),
+        "scripts/build-plugins.sh"
+    );
+    let dir = dir.to_str().expect("utf-8").to_string();
+    reproduce(&["--plugins-dir", &dir, "--plugin", "legacy2"]).await;
 }
 
 #[tokio::test]

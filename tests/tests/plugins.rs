@@ -371,6 +371,7 @@ fn plugin_check_validates_and_reports_exports() {
         "lynx:plugin/router@0.3.0",
         "lynx:plugin/policy@0.3.0",
         "lynx:plugin/postprocess@0.3.0",
+        "lynx:plugin/constraint@0.3.0",
     ] {
         assert!(out.contains(export), "no {export} in:\n{out}");
     }

@@ -31,6 +31,14 @@ pub struct WarmPool {
 
 impl WarmPool {
     fn take(&self, sha256: &str) -> Option<PluginSession> {
+        let mut session = self.take_any(sha256)?;
+        match session.retake_slot() {
+            Ok(()) => Some(session),
+            Err(_) => None,
+        }
+    }
+
+    fn take_any(&self, sha256: &str) -> Option<PluginSession> {
         let mut warm = self.inner.lock().ok()?;
         let i = warm.iter().position(|(sha, _)| sha == sha256)?;
         let entry = warm.remove(i);
@@ -38,7 +46,8 @@ impl WarmPool {
         warm[0].1.pop()
     }
 
-    fn give_back(&self, sha256: &str, session: PluginSession, max: usize) {
+    fn give_back(&self, sha256: &str, mut session: PluginSession, max: usize) {
+        session.release_slot();
         let Ok(mut warm) = self.inner.lock() else {
             return;
         };
@@ -109,10 +118,9 @@ impl TokenConstraint for Constrained {
 }
 
 impl PluginRuntime {
-    /// Warm constraint instances kept: a share of the instance pool, so requests keep
-    /// the rest.
+    /// Warm constraint instances kept (`--plugin-warm-constraints`).
     pub fn max_warm(&self) -> usize {
-        (self.limits.instances as usize / 4).clamp(1, 16)
+        self.limits.warm_constraints as usize
     }
 
     /// A new constraint instance of `plugin`, prepared.
@@ -120,8 +128,17 @@ impl PluginRuntime {
         &self,
         plugin: &Arc<LoadedPlugin>,
     ) -> Result<PluginSession, PluginError> {
-        let mut session = PluginSession::new(self, plugin)?.unbudgeted();
+        let started = std::time::Instant::now();
+        let mut session =
+            PluginSession::with_memory(self, plugin, self.limits.constraint_memory_bytes)?
+                .unbudgeted();
         session.prepare(PREPARE_DEADLINE)?;
+        tracing::info!(
+            plugin = %plugin.name,
+            ms = started.elapsed().as_millis() as u64,
+            memory_mib = session.state().memory_peak >> 20,
+            "constraint instance prepared"
+        );
         Ok(session)
     }
 

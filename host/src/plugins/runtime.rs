@@ -61,8 +61,14 @@ pub struct PluginLimits {
     pub request_budget: Duration,
     /// The most linear memory one plugin instance may have.
     pub memory_bytes: usize,
-    /// Plugin instances alive at once (one per request being processed).
+    /// Plugin instances alive at once (one per request being processed, and one more
+    /// per request with a constraint).
     pub instances: u32,
+    /// The most linear memory one constraint instance may have: it holds an index of
+    /// the whole vocabulary.
+    pub constraint_memory_bytes: usize,
+    /// Constraint instances kept prepared between requests (beyond `instances`).
+    pub warm_constraints: u32,
     /// The largest plugin file read.
     pub max_file_bytes: u64,
     /// Requests a swapped-in version is judged on, and the share of them that may fail
@@ -73,10 +79,10 @@ pub struct PluginLimits {
 
 /// The address space the instance pool reserves for `limits`, in bytes.
 fn pool_reservation(limits: &PluginLimits) -> u64 {
-    let instances = u64::from(limits.instances.max(1));
+    let instances = u64::from(limits.pool_instances());
     let memories = instances * u64::from(MEMORIES_PER_COMPONENT);
     let tables = instances * u64::from(TABLES_PER_COMPONENT);
-    memories.saturating_mul((limits.memory_bytes + GUARD_BYTES) as u64)
+    memories.saturating_mul((limits.slot_memory_bytes() + GUARD_BYTES) as u64)
         + tables * (TABLE_ELEMENTS * std::mem::size_of::<usize>()) as u64
 }
 
@@ -97,11 +103,11 @@ fn check_reservation(limits: &PluginLimits) -> Result<u64, PluginError> {
     };
     if reserved > cap {
         return Err(PluginError::Engine(format!(
-            "the plugin instance pool would reserve {} GiB of address space ({} instances x {} memories x {} MiB), more than this process can ({} GiB); lower --plugin-instances or --plugin-memory-mib",
+            "the plugin instance pool would reserve {} GiB of address space ({} instances x {} memories x {} MiB), more than this process can ({} GiB); lower --plugin-instances, --plugin-memory-mib or --plugin-constraint-memory-mib",
             reserved >> 30,
-            limits.instances,
+            limits.pool_instances(),
             MEMORIES_PER_COMPONENT,
-            limits.memory_mib(),
+            limits.slot_memory_bytes() >> 20,
             cap >> 30
         )));
     }
@@ -139,6 +145,16 @@ fn compile_apart<T: Send>(f: impl FnOnce() -> wasmtime::Result<T> + Send) -> was
 impl PluginLimits {
     pub fn memory_mib(&self) -> u64 {
         (self.memory_bytes >> 20) as u64
+    }
+
+    /// The largest memory any instance may have: what each pool slot reserves.
+    fn slot_memory_bytes(&self) -> usize {
+        self.memory_bytes.max(self.constraint_memory_bytes)
+    }
+
+    /// Pool slots: the live instances, and the warm constraint instances.
+    fn pool_instances(&self) -> u32 {
+        self.instances.max(1).saturating_add(self.warm_constraints)
     }
 }
 
@@ -228,7 +244,7 @@ impl PluginRuntime {
         cache: ComponentCache,
     ) -> Result<Self, PluginError> {
         let reserved = check_reservation(&limits)?;
-        let instances = limits.instances.max(1);
+        let instances = limits.pool_instances();
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(instances)
             .total_core_instances(instances.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
@@ -238,7 +254,7 @@ impl PluginRuntime {
             .max_tables_per_component(TABLES_PER_COMPONENT)
             .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
             .table_elements(TABLE_ELEMENTS)
-            .max_memory_size(limits.memory_bytes);
+            .max_memory_size(limits.slot_memory_bytes());
         let mut config = Config::new();
         config
             .wasm_component_model(true)
@@ -246,11 +262,12 @@ impl PluginRuntime {
             // Compiles run on the calling (low-priority) thread, not on rayon's global
             // pool, which the model's forward pass uses.
             .parallel_compilation(false)
-            .memory_reservation(limits.memory_bytes as u64)
+            .memory_reservation(limits.slot_memory_bytes() as u64)
             .memory_guard_size(GUARD_BYTES as u64)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(engine_error)?;
-        let worst_case = u64::from(instances) * limits.memory_bytes as u64;
+        let worst_case = u64::from(limits.instances) * limits.memory_bytes as u64
+            + u64::from(limits.warm_constraints) * limits.constraint_memory_bytes as u64;
         tracing::info!(
             instances,
             memories_per_instance = MEMORIES_PER_COMPONENT,

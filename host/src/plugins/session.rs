@@ -58,7 +58,11 @@ pub struct PluginSession {
     /// (not a smoke call's or a router label's): where a verdict is reported.
     verdicts: Option<std::sync::mpsc::Sender<VerdictReport>>,
     plugin: Arc<LoadedPlugin>,
-    _slot: InstanceSlot,
+    /// Held while the session serves a request; a warm constraint instance between
+    /// requests holds none (the pool has room for those beyond `--plugin-instances`).
+    slot: Option<InstanceSlot>,
+    live: Arc<AtomicUsize>,
+    max_live: usize,
 }
 
 impl Drop for PluginSession {
@@ -74,6 +78,15 @@ impl Drop for PluginSession {
 
 impl PluginSession {
     pub fn new(runtime: &PluginRuntime, plugin: &Arc<LoadedPlugin>) -> Result<Self, PluginError> {
+        Self::with_memory(runtime, plugin, runtime.limits.memory_bytes)
+    }
+
+    /// A session whose instance may have `memory_cap` bytes of linear memory.
+    pub(super) fn with_memory(
+        runtime: &PluginRuntime,
+        plugin: &Arc<LoadedPlugin>,
+        memory_cap: usize,
+    ) -> Result<Self, PluginError> {
         let max = runtime.limits.instances as usize;
         let slot = InstanceSlot::take(runtime.live_instances(), max)
             .ok_or(PluginError::PoolExhausted { instances: max })?;
@@ -85,7 +98,7 @@ impl PluginSession {
                 runtime.vocabulary().clone(),
             ),
             runtime.context_length(),
-            runtime.limits.memory_bytes,
+            memory_cap,
             plugin.log.clone(),
         );
         let mut store = Store::new(runtime.engine(), state);
@@ -109,12 +122,14 @@ impl PluginSession {
             call_timeout: runtime.limits.call_timeout,
             budget: runtime.limits.request_budget,
             spent: Duration::ZERO,
-            memory_mib: runtime.limits.memory_mib(),
+            memory_mib: (memory_cap >> 20) as u64,
             poisoned: false,
             faulted: false,
             verdicts: None,
             plugin: plugin.clone(),
-            _slot: slot,
+            slot: Some(slot),
+            live: runtime.live_instances().clone(),
+            max_live: max,
         })
     }
 
@@ -251,6 +266,24 @@ impl PluginSession {
         let text = self.call(|p, s| p.finish(s))?;
         self.check_released(&text)?;
         Ok(text)
+    }
+
+    /// Gives the session's place in the live count back: it waits, warm, for a request.
+    pub(super) fn release_slot(&mut self) {
+        self.slot = None;
+    }
+
+    /// Takes a place in the live count again for a request; refused when every place
+    /// is taken.
+    pub(super) fn retake_slot(&mut self) -> Result<(), PluginError> {
+        if self.slot.is_none() {
+            self.slot = Some(InstanceSlot::take(&self.live, self.max_live).ok_or(
+                PluginError::PoolExhausted {
+                    instances: self.max_live,
+                },
+            )?);
+        }
+        Ok(())
     }
 
     /// Whether a call of this session failed: a poisoned session is never reused.

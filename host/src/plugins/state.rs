@@ -131,6 +131,8 @@ pub struct HostState {
     pub memory_cap: usize,
     /// Set when a memory growth was refused, to tell an out-of-memory trap from others.
     pub memory_refused: bool,
+    /// The most linear memory the instance was granted, in bytes.
+    pub memory_peak: usize,
     pub log: Arc<LogLimiter>,
     wasi: WasiCtx,
     table: ResourceTable,
@@ -164,6 +166,7 @@ impl HostState {
             sink: None,
             memory_cap,
             memory_refused: false,
+            memory_peak: 0,
             log,
             wasi,
             table,
@@ -295,6 +298,9 @@ impl ResourceLimiter for HostState {
     ) -> wasmtime::Result<bool> {
         let ok = desired <= self.memory_cap;
         self.memory_refused |= !ok;
+        if ok {
+            self.memory_peak = self.memory_peak.max(desired);
+        }
         Ok(ok)
     }
 
