@@ -6,7 +6,7 @@
 //! hot-swaps like any other.
 
 use lynx_tests::swap::{admin_until, test_plugin, PluginDir};
-use lynx_tests::{plugins_dist, sse_data, Server};
+use lynx_tests::{plugins_dist, Server};
 use serde_json::{json, Value};
 
 fn chat(content: &str) -> Value {
