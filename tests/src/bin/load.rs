@@ -18,6 +18,12 @@
 //! which no model ends early, so every request runs its full 128 tokens: the form used
 //! to compare servers side by side (any OpenAI-compatible server, llama.cpp's
 //! `llama-server` included; `--model` names the model in the body).
+//!
+//! `--schema FILE` constrains every answer to the JSON schema in FILE (sent both as
+//! OpenAI's `response_format` and as llama-server's `json_schema`; each server reads its
+//! own and ignores the other), and `--max-tokens N` caps answers at N tokens (default
+//! 128): with the same counting prompts, a constrained run and an unconstrained one of
+//! the constrained answers' length compare the cost of the constraint side by side.
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +38,8 @@ const MAX_TOKENS: u64 = 128;
 struct Ask {
     greedy: bool,
     model: Option<String>,
+    schema: Option<Value>,
+    max_tokens: u64,
 }
 
 const PROMPTS: [&str; 4] = [
@@ -57,7 +65,7 @@ async fn one(client: &reqwest::Client, base: &str, i: usize, ask: &Ask) -> Resul
     };
     let mut body = json!({
         "prompt": prompt,
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": ask.max_tokens,
         "temperature": temperature,
         "seed": i,
         "stream": true,
@@ -65,6 +73,11 @@ async fn one(client: &reqwest::Client, base: &str, i: usize, ask: &Ask) -> Resul
     });
     if let Some(model) = &ask.model {
         body["model"] = json!(model);
+    }
+    if let Some(schema) = &ask.schema {
+        body["response_format"] =
+            json!({"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}});
+        body["json_schema"] = schema.clone();
     }
     let sent = Instant::now();
     let r = client
@@ -194,6 +207,11 @@ async fn main() {
     let ask = Ask {
         greedy: args.iter().any(|a| a == "--greedy"),
         model: arg("--model"),
+        schema: arg("--schema").map(|f| {
+            let text = std::fs::read_to_string(&f).expect("--schema FILE");
+            serde_json::from_str(&text).expect("--schema FILE holds JSON")
+        }),
+        max_tokens: arg("--max-tokens").map_or(MAX_TOKENS, |n| n.parse().expect("--max-tokens N")),
     };
     let server;
     let base = match arg("--base") {
@@ -215,24 +233,31 @@ async fn main() {
 
     println!("machine: {}", machine());
     println!(
-        "{per} streamed requests per client, up to {MAX_TOKENS} completion tokens, {}",
+        "{per} streamed requests per client, up to {} completion tokens, {}{}",
+        ask.max_tokens,
         if ask.greedy {
             "greedy, counting prompts"
         } else {
             "temperature 0.8"
+        },
+        if ask.schema.is_some() {
+            ", JSON schema"
+        } else {
+            ""
         }
     );
-    println!("concurrency  requests  tokens  wall s  tok/s  vs c=1  TTFT p50  TTFT p95");
+    println!("concurrency  requests  tokens  tok/req  wall s  tok/s  vs c=1  TTFT p50  TTFT p95");
     let mut base_rate = None;
     for c in levels {
         let l = level(&client, &base, (c, per), &ask).await;
         let rate = l.tokens as f64 / l.wall.as_secs_f64();
         let base_rate = *base_rate.get_or_insert(rate);
         println!(
-            "{:>11}  {:>8}  {:>6}  {:>6.1}  {:>5.1}  {:>5.2}x  {:>6.0}ms  {:>6.0}ms",
+            "{:>11}  {:>8}  {:>6}  {:>7.1}  {:>6.1}  {:>5.1}  {:>5.2}x  {:>6.1}ms  {:>6.1}ms",
             l.concurrency,
             l.requests,
             l.tokens,
+            l.tokens as f64 / l.requests as f64,
             l.wall.as_secs_f64(),
             rate,
             rate / base_rate,
