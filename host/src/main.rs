@@ -214,6 +214,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let plugins = Arc::new(plugins);
     // Kept for the life of the server: dropping it ends the watch.
     let _watcher = armed.start(plugins.clone())?;
+    lynx_host::plugins::constraint::spawn_prewarmer(&plugins)
+        .context("starting the constraint prewarmer")?;
     plugins.guard()?;
     reload_on_sighup(plugins.clone())?;
     metrics::init(&config.model_name);

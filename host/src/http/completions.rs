@@ -225,11 +225,19 @@ async fn start(
     }
     let work = async {
         let mut session = Session::open(&state.plugins, plugin.clone()).await?;
-        let (ids, reported) = apply_policy(&state, &mut session, prompt, &params).await?;
-        let constraint = match &params.format {
-            Some((format, param)) => Some(constrain(&state, &plugin, format, param).await?),
-            None => None,
+        // The constraint starts (its grammar compiles) in its own instance while the
+        // policy tokenizes the prompt: neither waits for the other.
+        let constraint = async {
+            match &params.format {
+                Some((format, param)) => constrain(&state, &plugin, format, param).await.map(Some),
+                None => Ok(None),
+            }
         };
+        let (policy, constraint) = tokio::join!(
+            apply_policy(&state, &mut session, prompt, &params),
+            constraint
+        );
+        let ((ids, reported), constraint) = (policy?, constraint?);
         let start = (ids, reported, constraint);
         Generation::start(state.clone(), info, session, start, &params, fault).await
     };

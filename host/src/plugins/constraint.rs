@@ -11,14 +11,41 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::runtime::{LoadedPlugin, PluginRuntime};
+use super::runtime::{idle_priority, LoadedPlugin, PluginRuntime};
 use super::session::PluginSession;
 use super::types::{OutputFormat, Rejection};
 use super::PluginError;
+use super::Plugins;
 use crate::engine::constraint::{ConstraintError, Rule, TokenConstraint};
 
 /// The deadline of `prepare`: once per instance, off every request's path.
 pub const PREPARE_DEADLINE: Duration = Duration::from_secs(60);
+/// How often the prewarmer looks at the active plugin's warm instances.
+const PREWARM_EVERY: Duration = Duration::from_millis(200);
+
+/// Keeps `--plugin-warm-constraints` instances of the active plugin prepared, on a
+/// thread of its own under `SCHED_IDLE`: it prepares on CPU time the forward pass does
+/// not want, one instance at a time, and tops the pool up again as requests take
+/// instances from it and after a swap. It ends with the plugins.
+pub fn spawn_prewarmer(plugins: &Arc<Plugins>) -> std::io::Result<()> {
+    let plugins = Arc::downgrade(plugins);
+    std::thread::Builder::new()
+        .name("lynx-prewarm".into())
+        .spawn(move || {
+            idle_priority();
+            loop {
+                std::thread::sleep(PREWARM_EVERY);
+                let Some(plugins) = plugins.upgrade() else {
+                    return;
+                };
+                let active = plugins.active();
+                if let Err(e) = plugins.runtime.top_up(&active) {
+                    tracing::warn!(plugin = %active.name, error = %e, "preparing a constraint instance failed");
+                }
+            }
+        })
+        .map(|_| ())
+}
 
 /// Warm constraint instances, by plugin version (sha256), reused request after
 /// request. At most `max` are kept in all; past it, those of the version used least
@@ -27,6 +54,9 @@ pub const PREPARE_DEADLINE: Duration = Duration::from_secs(60);
 pub struct WarmPool {
     /// Most recently used version first.
     inner: Mutex<Vec<(String, Vec<PluginSession>)>>,
+    /// Constraint instances serving requests now: they come back when the requests end,
+    /// so the prewarmer counts them as ready.
+    busy: std::sync::atomic::AtomicUsize,
 }
 
 impl WarmPool {
@@ -69,6 +99,15 @@ impl WarmPool {
         }
     }
 
+    /// Warm instances held now of the version `sha256`.
+    fn len_of(&self, sha256: &str) -> usize {
+        self.inner.lock().map_or(0, |w| {
+            w.iter()
+                .find(|(sha, _)| sha == sha256)
+                .map_or(0, |(_, s)| s.len())
+        })
+    }
+
     /// Warm instances held now, of every version.
     pub fn len(&self) -> usize {
         self.inner
@@ -91,6 +130,9 @@ pub struct Constrained {
 
 impl Drop for Constrained {
     fn drop(&mut self) {
+        self.pool
+            .busy
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         if let Some(session) = self.session.take() {
             if !session.poisoned() {
                 self.pool.give_back(&self.sha256, session, self.max_warm);
@@ -123,14 +165,16 @@ impl PluginRuntime {
         self.limits.warm_constraints as usize
     }
 
-    /// A new constraint instance of `plugin`, prepared.
+    /// A new constraint instance of `plugin`, prepared; `counted` among the live
+    /// instances when it is for a request, not when it is to be kept warm.
     pub(super) fn prepared(
         &self,
         plugin: &Arc<LoadedPlugin>,
+        counted: bool,
     ) -> Result<PluginSession, PluginError> {
         let started = std::time::Instant::now();
         let mut session =
-            PluginSession::with_memory(self, plugin, self.limits.constraint_memory_bytes)?
+            PluginSession::with_memory(self, plugin, self.limits.constraint_memory_bytes, counted)?
                 .unbudgeted();
         session.prepare(PREPARE_DEADLINE)?;
         tracing::info!(
@@ -140,6 +184,20 @@ impl PluginRuntime {
             "constraint instance prepared"
         );
         Ok(session)
+    }
+
+    /// Prepares one more warm instance of `plugin` if it serves structured outputs and
+    /// has fewer than `--plugin-warm-constraints` ready.
+    fn top_up(&self, plugin: &Arc<LoadedPlugin>) -> Result<(), PluginError> {
+        let busy = self.warm.busy.load(std::sync::atomic::Ordering::Acquire);
+        if !plugin.constrains.load(std::sync::atomic::Ordering::Acquire)
+            || self.warm.len_of(&plugin.sha256) + busy >= self.max_warm()
+        {
+            return Ok(());
+        }
+        let session = self.prepared(plugin, false)?;
+        self.keep_warm(plugin, session);
+        Ok(())
     }
 
     /// Keeps `session` warm for `plugin`'s next constrained request.
@@ -160,15 +218,25 @@ impl PluginRuntime {
             Some(s) => s,
             None => {
                 tracing::info!(plugin = %plugin.name, "no warm constraint instance; preparing one on the request's path");
-                self.prepared(plugin)?
+                self.prepared(plugin, true)?
             }
         };
-        if let Err(rejection) = session.constrain(format)? {
+        let started = std::time::Instant::now();
+        let verdict = session.constrain(format)?;
+        tracing::debug!(
+            plugin = %plugin.name,
+            us = started.elapsed().as_micros() as u64,
+            "constraint started"
+        );
+        if let Err(rejection) = verdict {
             if !session.poisoned() {
                 self.keep_warm(plugin, session);
             }
             return Ok(Err(rejection));
         }
+        self.warm
+            .busy
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(Ok(Constrained {
             session: Some(session),
             sha256: plugin.sha256.clone(),

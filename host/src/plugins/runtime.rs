@@ -114,6 +114,20 @@ fn check_reservation(limits: &PluginLimits) -> Result<u64, PluginError> {
     Ok(reserved)
 }
 
+/// Puts the calling thread under `SCHED_IDLE` (nice 19 where that cannot be set).
+pub(crate) fn idle_priority() {
+    // SAFETY: these calls take plain values (and a parameter struct that outlives them)
+    // and only change this thread's scheduling; on Linux, pid 0 and a thread id name
+    // this thread alone.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+        }
+    }
+}
+
 /// Runs a compile on a thread of its own under `SCHED_IDLE`: it runs only on CPU time
 /// that nothing else wants, so the model's forward pass (on its own pool) is never
 /// slowed by it; under full load a compile takes longer instead. Where the policy cannot
@@ -123,16 +137,7 @@ fn compile_apart<T: Send>(f: impl FnOnce() -> wasmtime::Result<T> + Send) -> was
         let handle = std::thread::Builder::new()
             .name("lynx-compile".into())
             .spawn_scoped(scope, || {
-                // SAFETY: these calls take plain values (and a parameter struct that
-                // outlives them) and only change this thread's scheduling; on Linux,
-                // pid 0 and a thread id name this thread alone.
-                unsafe {
-                    let param = libc::sched_param { sched_priority: 0 };
-                    if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
-                        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
-                    }
-                }
+                idle_priority();
                 f()
             })
             .map_err(|e| wasmtime::Error::msg(format!("starting a compile thread: {e}")))?;
@@ -152,9 +157,13 @@ impl PluginLimits {
         self.memory_bytes.max(self.constraint_memory_bytes)
     }
 
-    /// Pool slots: the live instances, and the warm constraint instances.
+    /// Pool slots: the live instances, the warm constraint instances, and the one the
+    /// prewarmer may be preparing.
     fn pool_instances(&self) -> u32 {
-        self.instances.max(1).saturating_add(self.warm_constraints)
+        self.instances
+            .max(1)
+            .saturating_add(self.warm_constraints)
+            .saturating_add(1)
     }
 }
 
@@ -220,6 +229,8 @@ pub struct LoadedPlugin {
     pub(crate) log: Arc<LogLimiter>,
     pub(crate) pre: Pre,
     pub(crate) component: Component,
+    /// Its constraint served the smoke call's JSON: instances are worth keeping warm.
+    pub(crate) constrains: std::sync::atomic::AtomicBool,
 }
 
 impl LoadedPlugin {
@@ -439,6 +450,7 @@ impl PluginRuntime {
             log: Arc::new(LogLimiter::default()),
             pre,
             component,
+            constrains: Default::default(),
         });
         self.smoke(&plugin).map_err(|e| PluginError::SmokeFailed {
             file,
@@ -517,9 +529,12 @@ impl PluginRuntime {
     /// Prepares a constraint instance and asks it for a JSON object's first token; a
     /// plugin that serves JSON keeps the instance warm for its first request.
     fn smoke_constraint(&self, plugin: &Arc<LoadedPlugin>) -> Result<(), PluginError> {
-        let mut session = self.prepared(plugin)?;
+        let mut session = self.prepared(plugin, false)?;
         if session.constrain(&OutputFormat::JsonObject)?.is_ok() {
             session.next_token()?;
+            plugin
+                .constrains
+                .store(true, std::sync::atomic::Ordering::Release);
             self.keep_warm(plugin, session);
         }
         Ok(())

@@ -78,18 +78,25 @@ impl Drop for PluginSession {
 
 impl PluginSession {
     pub fn new(runtime: &PluginRuntime, plugin: &Arc<LoadedPlugin>) -> Result<Self, PluginError> {
-        Self::with_memory(runtime, plugin, runtime.limits.memory_bytes)
+        Self::with_memory(runtime, plugin, runtime.limits.memory_bytes, true)
     }
 
-    /// A session whose instance may have `memory_cap` bytes of linear memory.
+    /// A session whose instance may have `memory_cap` bytes of linear memory, counted
+    /// among the live instances or not (one prepared to be kept warm is not).
     pub(super) fn with_memory(
         runtime: &PluginRuntime,
         plugin: &Arc<LoadedPlugin>,
         memory_cap: usize,
+        counted: bool,
     ) -> Result<Self, PluginError> {
         let max = runtime.limits.instances as usize;
-        let slot = InstanceSlot::take(runtime.live_instances(), max)
-            .ok_or(PluginError::PoolExhausted { instances: max })?;
+        let slot = match counted {
+            true => Some(
+                InstanceSlot::take(runtime.live_instances(), max)
+                    .ok_or(PluginError::PoolExhausted { instances: max })?,
+            ),
+            false => None,
+        };
         let state = HostState::new(
             plugin.name.clone(),
             (
@@ -127,7 +134,7 @@ impl PluginSession {
             faulted: false,
             verdicts: None,
             plugin: plugin.clone(),
-            slot: Some(slot),
+            slot,
             live: runtime.live_instances().clone(),
             max_live: max,
         })
