@@ -93,6 +93,20 @@ async fn streamed_and_whole_answers_are_the_same_and_forced_tokens_are_counted()
 }
 
 #[tokio::test]
+async fn max_tokens_cuts_a_forced_run_at_its_count() {
+    let server = Server::start().await;
+    for max in [1, 2, 3, 5] {
+        let body = with(chat("A person."), "response_format", person_schema());
+        let body = with(body, "max_tokens", json!(max));
+        let (status, answer) = server.post("/v1/chat/completions", &body).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["usage"]["completion_tokens"], max, "{answer}");
+        assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
+        assert!(text_of(&answer).starts_with('{'), "{answer}");
+    }
+}
+
+#[tokio::test]
 async fn constrained_and_unconstrained_requests_batched_leave_each_other_unchanged() {
     let server = Server::start().await;
     let free: Vec<Value> = ["Tell me about Paris.", "Count to ten.", "Name three birds."]
@@ -310,7 +324,18 @@ async fn the_structured_output_plugin_hot_swaps_like_any_other() {
     let default = std::fs::read(plugins_dist().join("default.wasm")).expect("default.wasm");
     let dir = PluginDir::new();
     dir.install("main", &default);
-    let server = Server::start_with(&["--plugins-dir", dir.path(), "--plugin", "main"]).await;
+    let server = Server::start_with(&[
+        "--plugins-dir",
+        dir.path(),
+        "--plugin",
+        "main",
+        "--plugin-warm-constraints",
+        "2",
+    ])
+    .await;
+    // The admin view says it serves structured outputs, and the prewarmer fills its pool.
+    let e = admin_until(&server, "main", |e| e["warm_constraints"] == 2).await;
+    assert_eq!(e["structured_outputs"], true, "{e}");
     let body = with(chat("A person."), "response_format", person_schema());
     let path = "/v1/chat/completions";
     let (status, first) = server.post(path, &body).await;
@@ -320,7 +345,8 @@ async fn the_structured_output_plugin_hot_swaps_like_any_other() {
 
     // Swapped for a 0.2.0 plugin: structured outputs are refused, text still served.
     dir.install("main", &test_plugin("legacy2.wasm"));
-    admin_until(&server, "main", |e| e["wit_version"] == "0.2.0").await;
+    let e = admin_until(&server, "main", |e| e["wit_version"] == "0.2.0").await;
+    assert_eq!(e["structured_outputs"], false, "{e}");
     let (status, answer) = server.post(path, &body).await;
     assert_eq!(status, 400, "{answer}");
     assert_eq!(answer["error"]["code"], "response_format_unsupported");

@@ -53,14 +53,34 @@ pub fn apply(rule: &Rule, logits: &mut [f32], ends: &[u32]) -> Result<(), RuleEr
     match rule {
         Rule::Allowed(mask) => {
             let bit = |t: usize| mask.get(t / 32).is_some_and(|w| w >> (t % 32) & 1 == 1);
-            let end_allowed = ends.iter().any(|&e| bit(e as usize));
-            let mut any = false;
-            for (t, logit) in logits.iter_mut().enumerate() {
-                if bit(t) || (end_allowed && ends.contains(&(t as u32))) {
-                    any = true;
-                } else {
-                    *logit = f32::NEG_INFINITY;
+            // The end tokens keep the model's own logits if any of them is allowed.
+            let kept_ends: Vec<(usize, f32)> = if ends.iter().any(|&e| bit(e as usize)) {
+                ends.iter()
+                    .filter_map(|&e| Some((e as usize, *logits.get(e as usize)?)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let mut any = !kept_ends.is_empty();
+            // A word at a time: most words of a mask are all zero or all one.
+            for (w, chunk) in logits.chunks_mut(32).enumerate() {
+                // Bits past the vocabulary's end allow nothing.
+                let valid = u32::MAX >> (32 - chunk.len());
+                match mask.get(w).copied().unwrap_or(0) & valid {
+                    0 => chunk.fill(f32::NEG_INFINITY),
+                    word if word == valid => any = true,
+                    word => {
+                        any = true;
+                        for (b, logit) in chunk.iter_mut().enumerate() {
+                            if word >> b & 1 == 0 {
+                                *logit = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
                 }
+            }
+            for (e, logit) in kept_ends {
+                logits[e] = logit;
             }
             if any {
                 Ok(())
@@ -124,6 +144,12 @@ mod tests {
         let mut logits = vec![0.0f32; 100];
         assert!(matches!(
             apply(&Rule::Allowed(vec![]), &mut logits, &[]),
+            Err(RuleError::NothingAllowed)
+        ));
+        // Only bits past the vocabulary's end (token 100 of 100) set: nothing allowed.
+        let mut logits = vec![0.0f32; 100];
+        assert!(matches!(
+            apply(&Rule::Allowed(mask(&[100, 101], 128)), &mut logits, &[]),
             Err(RuleError::NothingAllowed)
         ));
     }

@@ -200,6 +200,11 @@ impl PluginRuntime {
         Ok(())
     }
 
+    /// The prepared, idle constraint instances of the version `sha256`.
+    pub fn warm_instances(&self, sha256: &str) -> usize {
+        self.warm.len_of(sha256)
+    }
+
     /// Keeps `session` warm for `plugin`'s next constrained request.
     pub(super) fn keep_warm(&self, plugin: &LoadedPlugin, session: PluginSession) {
         self.warm

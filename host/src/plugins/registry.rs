@@ -76,6 +76,11 @@ pub struct PluginStatus {
     pub probation: Option<ProbationStatus>,
     /// A version that was rolled back, refused until the file changes.
     pub quarantined: Option<Quarantine>,
+    /// Whether it serves structured outputs (its constraint compiled a JSON object at
+    /// load).
+    pub structured_outputs: bool,
+    /// Its constraint instances prepared and idle now.
+    pub warm_constraints: usize,
 }
 
 pub struct Plugins {
@@ -403,6 +408,8 @@ impl Plugins {
                     traps: p.map_or(0, |p| p.traps.load(Ordering::Relaxed)),
                     probation: p.map(|p| p.probation.status()).filter(|s| s.window > 0),
                     quarantined: e.quarantined.clone(),
+                    structured_outputs: p.is_some_and(|p| p.constrains.load(Ordering::Acquire)),
+                    warm_constraints: p.map_or(0, |p| self.runtime.warm_instances(&p.sha256)),
                 }
             })
             .collect()
