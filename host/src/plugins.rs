@@ -18,6 +18,7 @@ pub mod check;
 pub mod constraint;
 pub mod exec;
 pub mod files;
+mod glue;
 pub mod probation;
 pub mod registry;
 pub mod runtime;

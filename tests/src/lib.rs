@@ -327,6 +327,16 @@ impl Drop for Server {
 
 /// Asserts that a stream's `data:` payloads make a complete answer: a final chunk with
 /// a finish reason, then `[DONE]`.
+/// The text of a completion or chat completion answer.
+pub fn answer_text(body: &Value) -> String {
+    let choice = &body["choices"][0];
+    choice["message"]["content"]
+        .as_str()
+        .or_else(|| choice["text"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
 pub fn assert_complete(events: &[String]) {
     assert_eq!(
         events.last().map(String::as_str),

@@ -6,7 +6,7 @@
 //! hot-swaps like any other.
 
 use lynx_tests::swap::{admin_until, test_plugin, PluginDir};
-use lynx_tests::{plugins_dist, Server};
+use lynx_tests::{answer_text, plugins_dist, Server};
 use serde_json::{json, Value};
 
 fn chat(content: &str) -> Value {
@@ -29,15 +29,6 @@ fn person_schema() -> Value {
 fn with(mut body: Value, key: &str, value: Value) -> Value {
     body[key] = value;
     body
-}
-
-fn text_of(body: &Value) -> String {
-    let choice = &body["choices"][0];
-    choice["message"]["content"]
-        .as_str()
-        .or_else(|| choice["text"].as_str())
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// The text of a streamed answer, from its chunks' deltas.
@@ -87,7 +78,7 @@ async fn streamed_and_whole_answers_are_the_same_and_forced_tokens_are_counted()
             let events = server
                 .stream(path, &with(body, "stream", json!(true)))
                 .await;
-            assert_eq!(streamed_text(&events), text_of(&whole), "{path} {key}");
+            assert_eq!(streamed_text(&events), answer_text(&whole), "{path} {key}");
         }
     }
 }
@@ -102,7 +93,7 @@ async fn max_tokens_cuts_a_forced_run_at_its_count() {
         assert_eq!(status, 200, "{answer}");
         assert_eq!(answer["usage"]["completion_tokens"], max, "{answer}");
         assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
-        assert!(text_of(&answer).starts_with('{'), "{answer}");
+        assert!(answer_text(&answer).starts_with('{'), "{answer}");
     }
 }
 
@@ -132,7 +123,7 @@ async fn constrained_and_unconstrained_requests_batched_leave_each_other_unchang
     for body in free.iter().chain(&bound) {
         let (status, answer) = server.post(path, body).await;
         assert_eq!(status, 200, "{answer}");
-        alone.push(text_of(&answer));
+        alone.push(answer_text(&answer));
     }
     let together = futures_util::future::join_all(
         free.iter()
@@ -143,7 +134,7 @@ async fn constrained_and_unconstrained_requests_batched_leave_each_other_unchang
     for (i, (status, answer)) in together.iter().enumerate() {
         assert_eq!(*status, 200, "{answer}");
         assert_eq!(
-            text_of(answer),
+            answer_text(answer),
             alone[i],
             "request {i} changed when batched"
         );
@@ -302,8 +293,8 @@ async fn a_failing_constraint_fails_its_own_request_and_no_other() {
         for (status, answer) in [&a, &c] {
             assert_eq!(*status, 200, "{word}: {answer}");
             assert_eq!(
-                text_of(answer),
-                text_of(&alone),
+                answer_text(answer),
+                answer_text(&alone),
                 "{word} changed another answer"
             );
         }
@@ -340,7 +331,7 @@ async fn the_structured_output_plugin_hot_swaps_like_any_other() {
     let path = "/v1/chat/completions";
     let (status, first) = server.post(path, &body).await;
     assert_eq!(status, 200, "{first}");
-    let person: Value = serde_json::from_str(&text_of(&first)).expect("JSON");
+    let person: Value = serde_json::from_str(&answer_text(&first)).expect("JSON");
     assert!(person["age"].is_u64(), "{person}");
 
     // Swapped for a 0.2.0 plugin: structured outputs are refused, text still served.
@@ -356,5 +347,5 @@ async fn the_structured_output_plugin_hot_swaps_like_any_other() {
     admin_until(&server, "main", |e| e["wit_version"] == "0.3.0").await;
     let (status, again) = server.post(path, &body).await;
     assert_eq!(status, 200, "{again}");
-    assert_eq!(text_of(&again), text_of(&first));
+    assert_eq!(answer_text(&again), answer_text(&first));
 }

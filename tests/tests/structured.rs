@@ -8,7 +8,7 @@
 //! completion tokens.
 
 use futures_util::stream::{self, StreamExt};
-use lynx_tests::{cached_model, workspace_root, Server};
+use lynx_tests::{answer_text, cached_model, workspace_root, Server};
 use serde_json::{json, Value};
 
 /// How many requests run at once: a batch, as clients would send them.
@@ -77,15 +77,6 @@ fn request(route: Route, task: &str, format: Value, sampled: bool) -> (&'static 
     (path, body)
 }
 
-fn text_of(body: &Value) -> String {
-    let choice = &body["choices"][0];
-    choice["message"]["content"]
-        .as_str()
-        .or_else(|| choice["text"].as_str())
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// Runs every request, `CONCURRENCY` at a time; each answer with its label.
 async fn run_all(
     server: &Server,
@@ -115,7 +106,7 @@ fn check(answers: &[(String, u16, Value)], matches: impl Fn(&str, &str) -> Resul
             continue;
         }
         stopped += 1;
-        if let Err(e) = matches(label, &text_of(body)) {
+        if let Err(e) = matches(label, &answer_text(body)) {
             failures.push(format!("{label}: {e}"));
         }
     }

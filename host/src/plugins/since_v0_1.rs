@@ -3,6 +3,7 @@
 //! the same [`HostState`], its types converted to the host's. A 0.1.0 plugin has no
 //! `model` import, so it behaves exactly as it did on a 0.1.0 host.
 
+use super::glue::{host_imports, version_glue};
 use super::state::HostState;
 use super::types;
 
@@ -16,78 +17,8 @@ use lynx::plugin::types as wit;
 
 pub const WIT_VERSION: &str = "0.1.0";
 
-impl wit::Host for HostState {}
-
 impl lynx::plugin::host::Host for HostState {
-    fn encode(&mut self, text: String, parse_special: bool) -> wasmtime::Result<Vec<u32>> {
-        HostState::encode(self, text, parse_special)
-    }
-    fn token_bytes(&mut self, token: u32) -> wasmtime::Result<Vec<u8>> {
-        HostState::token_bytes(self, token)
-    }
-    fn bos_token(&mut self) -> wasmtime::Result<Option<u32>> {
-        HostState::bos_token(self)
-    }
-    fn log(&mut self, level: wit::LogLevel, message: String) -> wasmtime::Result<()> {
-        let level = match level {
-            wit::LogLevel::Trace => types::LogLevel::Trace,
-            wit::LogLevel::Debug => types::LogLevel::Debug,
-            wit::LogLevel::Info => types::LogLevel::Info,
-            wit::LogLevel::Warn => types::LogLevel::Warn,
-            wit::LogLevel::Error => types::LogLevel::Error,
-        };
-        HostState::log(self, level, message)
-    }
+    host_imports!();
 }
 
-impl lynx::plugin::events::Host for HostState {
-    fn prompt_tokens(&mut self, count: u32) -> wasmtime::Result<()> {
-        HostState::prompt_tokens(self, count)
-    }
-    fn completion_token(&mut self) -> wasmtime::Result<()> {
-        HostState::completion_token(self)
-    }
-    fn first_token(&mut self) -> wasmtime::Result<()> {
-        HostState::first_token(self)
-    }
-}
-
-pub(super) fn policy_request(r: &types::PolicyRequest) -> wit::PolicyRequest {
-    wit::PolicyRequest {
-        prompt: match &r.prompt {
-            types::Prompt::Text(t) => wit::Prompt::Text(t.clone()),
-            types::Prompt::Tokens(ids) => wit::Prompt::Tokens(ids.clone()),
-            types::Prompt::Chat(messages) => wit::Prompt::Chat(
-                messages
-                    .iter()
-                    .map(|m| wit::ChatMessage {
-                        role: m.role.clone(),
-                        content: m.content.clone(),
-                    })
-                    .collect(),
-            ),
-        },
-        context_length: r.context_length,
-        max_tokens: r.max_tokens,
-    }
-}
-
-pub(super) fn verdict(v: Result<Vec<u32>, wit::Rejection>) -> Result<Vec<u32>, types::Rejection> {
-    v.map_err(|r| types::Rejection {
-        code: r.code,
-        message: r.message,
-    })
-}
-
-pub(super) fn post_config(c: &types::PostConfig) -> wit::PostConfig {
-    wit::PostConfig {
-        stops: c.stops.clone(),
-    }
-}
-
-pub(super) fn released(r: wit::Released) -> types::Released {
-    types::Released {
-        text: r.text,
-        stop: r.stop,
-    }
-}
+version_glue!();

@@ -10,6 +10,7 @@
 use wasmtime::component::InstancePre;
 use wasmtime::Store;
 
+use super::glue::{host_imports, model_import, version_glue};
 use super::state::HostState;
 use super::types;
 use crate::engine::constraint::Rule;
@@ -76,27 +77,9 @@ impl PluginPre {
     }
 }
 
-impl wit::Host for HostState {}
-
 impl lynx::plugin::host::Host for HostState {
-    fn encode(&mut self, text: String, parse_special: bool) -> wasmtime::Result<Vec<u32>> {
-        HostState::encode(self, text, parse_special)
-    }
-    fn token_bytes(&mut self, token: u32) -> wasmtime::Result<Vec<u8>> {
-        HostState::token_bytes(self, token)
-    }
-    fn bos_token(&mut self) -> wasmtime::Result<Option<u32>> {
-        HostState::bos_token(self)
-    }
-    fn model(&mut self) -> wasmtime::Result<wit::ModelInfo> {
-        let m = HostState::model_info(self);
-        Ok(wit::ModelInfo {
-            architecture: m.architecture,
-            chat_template: m.chat_template,
-            bos_token: m.bos_token,
-            eos_token: m.eos_token,
-        })
-    }
+    host_imports!();
+    model_import!();
     fn vocabulary(&mut self) -> wasmtime::Result<wit::Vocab> {
         let v = HostState::vocabulary(self);
         Ok(wit::Vocab {
@@ -106,76 +89,9 @@ impl lynx::plugin::host::Host for HostState {
             end_tokens: v.end_tokens.clone(),
         })
     }
-    fn log(&mut self, level: wit::LogLevel, message: String) -> wasmtime::Result<()> {
-        HostState::log(self, log_level(level), message)
-    }
 }
 
-impl lynx::plugin::events::Host for HostState {
-    fn prompt_tokens(&mut self, count: u32) -> wasmtime::Result<()> {
-        HostState::prompt_tokens(self, count)
-    }
-    fn completion_token(&mut self) -> wasmtime::Result<()> {
-        HostState::completion_token(self)
-    }
-    fn first_token(&mut self) -> wasmtime::Result<()> {
-        HostState::first_token(self)
-    }
-}
-
-fn log_level(level: wit::LogLevel) -> types::LogLevel {
-    match level {
-        wit::LogLevel::Trace => types::LogLevel::Trace,
-        wit::LogLevel::Debug => types::LogLevel::Debug,
-        wit::LogLevel::Info => types::LogLevel::Info,
-        wit::LogLevel::Warn => types::LogLevel::Warn,
-        wit::LogLevel::Error => types::LogLevel::Error,
-    }
-}
-
-pub(super) fn policy_request(r: &types::PolicyRequest) -> wit::PolicyRequest {
-    wit::PolicyRequest {
-        prompt: match &r.prompt {
-            types::Prompt::Text(t) => wit::Prompt::Text(t.clone()),
-            types::Prompt::Tokens(ids) => wit::Prompt::Tokens(ids.clone()),
-            types::Prompt::Chat(messages) => wit::Prompt::Chat(
-                messages
-                    .iter()
-                    .map(|m| wit::ChatMessage {
-                        role: m.role.clone(),
-                        content: m.content.clone(),
-                    })
-                    .collect(),
-            ),
-        },
-        context_length: r.context_length,
-        max_tokens: r.max_tokens,
-    }
-}
-
-pub(super) fn verdict(v: Result<Vec<u32>, wit::Rejection>) -> Result<Vec<u32>, types::Rejection> {
-    v.map_err(rejection)
-}
-
-pub(super) fn rejection(r: wit::Rejection) -> types::Rejection {
-    types::Rejection {
-        code: r.code,
-        message: r.message,
-    }
-}
-
-pub(super) fn post_config(c: &types::PostConfig) -> wit::PostConfig {
-    wit::PostConfig {
-        stops: c.stops.clone(),
-    }
-}
-
-pub(super) fn released(r: wit::Released) -> types::Released {
-    types::Released {
-        text: r.text,
-        stop: r.stop,
-    }
-}
+version_glue!();
 
 pub(super) fn output_format(f: &types::OutputFormat) -> wit::OutputFormat {
     match f {
