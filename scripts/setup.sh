@@ -5,7 +5,9 @@
 #     and chat-template conformance data (scripts/fetch-conformance.sh),
 #   - Prometheus and promtool from Debian's `prometheus` package (for the infra tests),
 #   - the wasm32-wasip2 Rust target, and the plugins built from source
-#     (scripts/build-plugins.sh).
+#     (scripts/build-plugins.sh),
+#   - for the tests: the official OpenAI Python client, in a virtual environment
+#     (scripts/fetch-clients.sh).
 # `--serve` installs just what running the server needs: the model and the plugins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,7 @@ cd "$(dirname "$0")/.."
 
 ./scripts/fetch-model.sh gemma3 >/dev/null
 ./scripts/fetch-conformance.sh >/dev/null
+./scripts/fetch-clients.sh >/dev/null
 
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
