@@ -14,6 +14,7 @@ pub mod qmatmul;
 pub mod qwen2;
 pub mod sampling;
 mod sequence;
+pub mod shaping;
 pub mod tokenizer;
 
 pub use batcher::{

@@ -9,6 +9,7 @@ pub mod error;
 pub mod generate;
 pub mod observe;
 pub mod serve;
+pub mod tokenize;
 pub mod types;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -94,6 +95,8 @@ pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/health", get(health))

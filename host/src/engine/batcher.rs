@@ -20,6 +20,7 @@ use super::arch::Entry;
 use super::constraint::TokenConstraint;
 use super::kv_cache::{KvCache, KvDtype};
 use super::sequence::{advance, sampler, Sequence, Step};
+use super::shaping::{Seen, Shaping};
 use super::{EngineError, Model};
 
 /// The prompt tokens of one prefill chunk.
@@ -52,6 +53,8 @@ pub struct GenerateRequest {
     /// Dropping the receiver cancels the generation: its slot is freed before the next
     /// token is computed.
     pub events: mpsc::UnboundedSender<GenEvent>,
+    /// The request's own changes to its logits (penalties, bias, top-k, ...).
+    pub shaping: Shaping,
     /// Rules each next token (structured outputs), when the request has one.
     pub constraint: Option<Box<dyn TokenConstraint>>,
     /// Testing only (`--fault-injection`).
@@ -300,7 +303,9 @@ impl Scheduler {
                 self.gone(1);
                 continue;
             }
+            let seen = (!req.shaping.is_identity()).then(|| Seen::new(&req.prompt));
             self.running.push(Sequence {
+                seen,
                 slot,
                 prompt: req.prompt,
                 prefilled: 0,
@@ -309,6 +314,7 @@ impl Scheduler {
                 generated: 0,
                 max_tokens: req.max_tokens,
                 sampler: sampler(req.sampling),
+                shaping: req.shaping,
                 constraint: req.constraint,
                 rule: None,
                 forwards: 0,

@@ -53,6 +53,14 @@ impl Sampler {
         }
     }
 
+    /// The temperature it samples at; 0 when greedy.
+    pub fn temperature(&self) -> f64 {
+        match self.kind {
+            Kind::Greedy => 0.0,
+            Kind::All { temperature } | Kind::TopP { temperature, .. } => temperature,
+        }
+    }
+
     /// The next token from `logits` (`[vocab]`).
     pub fn sample(&mut self, logits: &Tensor) -> Result<u32, EngineError> {
         let logits = logits.to_dtype(DType::F32)?;

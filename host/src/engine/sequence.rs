@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use super::batcher::{BatcherConfig, FinishReason, GenEvent, Sampling};
 use super::constraint::{self, Rule, TokenConstraint, MAX_FORCED};
 use super::sampling::Sampler;
+use super::shaping::{self, Seen, Shaping};
 use super::{EngineError, Model};
 
 pub(super) struct Sequence {
@@ -28,6 +29,10 @@ pub(super) struct Sequence {
     pub(super) generated: usize,
     pub(super) max_tokens: usize,
     pub(super) sampler: Sampler,
+    /// The request's own changes to its logits, and what it has produced so far (only
+    /// when it asked for any).
+    pub(super) shaping: Shaping,
+    pub(super) seen: Option<Seen>,
     pub(super) constraint: Option<Box<dyn TokenConstraint>>,
     /// The constraint's rule for the next sampled token, asked for ahead.
     pub(super) rule: Option<Rule>,
@@ -66,6 +71,9 @@ impl Sequence {
         }
         self.generated += 1;
         self.input.push(token);
+        if let Some(seen) = &mut self.seen {
+            seen.push(token);
+        }
         (self.generated >= self.max_tokens || self.pos + self.input.len() > config.max_seq_len)
             .then(|| self.finish(FinishReason::Length))
     }
@@ -99,13 +107,24 @@ pub(super) fn advance(
         (Some(c), None) => c.next().map_err(EngineError::Constraint)?,
     };
     let token = match rule {
-        Rule::Any => seq.sampler.sample(logits)?,
         Rule::Stop => return Ok(seq.finish(FinishReason::Stop)),
         Rule::Forced(tokens) => return force(model, config, seq, tokens),
+        // Nothing to change: candle's tensor goes straight to the sampler.
+        Rule::Any if seq.seen.is_none() => seq.sampler.sample(logits)?,
         rule => {
+            let ends = model.tokenizer.end_ids();
             let mut row = logits.to_vec1::<f32>()?;
-            constraint::apply(&rule, &mut row, model.tokenizer.end_ids())
+            constraint::apply(&rule, &mut row, ends)
                 .map_err(|e| EngineError::Constraint(e.into()))?;
+            if let Some(seen) = &seq.seen {
+                let temperature = seq.sampler.temperature();
+                shaping::apply(&seq.shaping, &mut row, seen, ends, temperature);
+            }
+            if row.iter().all(|l| *l == f32::NEG_INFINITY) {
+                return Err(EngineError::Model(
+                    "the request's settings allow no token here".into(),
+                ));
+            }
             let n = row.len();
             seq.sampler
                 .sample(&Tensor::from_vec(row, n, logits.device())?)?

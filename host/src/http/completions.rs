@@ -65,7 +65,10 @@ pub async fn chat_completions(
     respond(state, info, serving, Api::Chat, parsed).await
 }
 
-fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(super) fn body_bytes(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(state.limits.max_body_bytes)
@@ -136,7 +139,7 @@ fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<plugin::Prompt,
 /// The policy plugin's verdict: the prompt's token ids and the length the plugin
 /// reported, or its rejection as a 400. Ids outside the vocabulary are the plugin's
 /// fault, not the client's.
-async fn apply_policy(
+pub(super) async fn apply_policy(
     state: &AppState,
     session: &mut Session,
     prompt: plugin::Prompt,

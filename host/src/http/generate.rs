@@ -105,6 +105,18 @@ impl Generation {
                 code: Some("context_length_exceeded".into()),
             });
         }
+        let vocab = state.model.tokenizer.vocab_size();
+        if let Some((bad, _)) = params
+            .shaping
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= vocab)
+        {
+            return Err(ApiError::invalid(
+                format!("`logit_bias` names token {bad}, outside the vocabulary of {vocab}."),
+                Some("logit_bias"),
+            ));
+        }
         let cap = state.limits.max_tokens;
         let max_tokens = match params.max_tokens {
             Some(m) if n.saturating_add(m) > context => {
@@ -153,6 +165,7 @@ impl Generation {
             max_tokens,
             sampling,
             events: tx,
+            shaping: params.shaping.clone(),
             constraint,
             fault,
         })?;

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::Limits;
+use crate::engine::shaping::Shaping;
 use crate::plugins::types::{ChatMessage, OutputFormat};
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +51,16 @@ pub struct CommonParams {
     pub guided_json: Option<serde_json::Value>,
     pub guided_regex: Option<String>,
     pub guided_choice: Option<Vec<String>>,
+    /// OpenAI's: token id (as a string) to a bias from -100 to 100.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    /// vLLM's extras.
+    pub repetition_penalty: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub ignore_eos: Option<bool>,
+    pub min_tokens: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,6 +148,8 @@ pub struct Validated {
     pub include_usage: bool,
     /// What the output must be, and the field that asked for it.
     pub format: Option<(OutputFormat, &'static str)>,
+    /// Penalties, bias, top-k, min-p, end-token rules.
+    pub shaping: Shaping,
 }
 
 /// The most stop sequences a request may give (as OpenAI).
@@ -245,6 +258,90 @@ impl CommonParams {
     }
 }
 
+/// The most entries `logit_bias` may hold.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
+/// `value` unless it is outside `range`: then a 400 naming `param`.
+fn within(
+    value: Option<f64>,
+    range: std::ops::RangeInclusive<f64>,
+    param: &str,
+) -> Result<Option<f64>, ApiError> {
+    match value {
+        Some(v) if !range.contains(&v) => Err(ApiError::invalid(
+            format!(
+                "`{param}` must be between {} and {} (got {v}).",
+                range.start(),
+                range.end()
+            ),
+            Some(param),
+        )),
+        v => Ok(v),
+    }
+}
+
+impl CommonParams {
+    /// The request's changes to its logits; a value out of range is a 400 naming it.
+    fn shaping(&self, max_tokens: Option<usize>) -> Result<Shaping, ApiError> {
+        let mut s = Shaping::none();
+        if let Some(bias) = &self.logit_bias {
+            if bias.len() > MAX_LOGIT_BIAS {
+                return Err(ApiError::invalid(
+                    format!(
+                        "`logit_bias` may hold at most {MAX_LOGIT_BIAS} tokens (got {}).",
+                        bias.len()
+                    ),
+                    Some("logit_bias"),
+                ));
+            }
+            for (token, &b) in bias {
+                let id: u32 = token.parse().map_err(|_| {
+                    ApiError::invalid(
+                        format!("`logit_bias` keys must be token ids (got {token:?})."),
+                        Some("logit_bias"),
+                    )
+                })?;
+                within(Some(b), -100.0..=100.0, "logit_bias")?;
+                s.logit_bias.push((id, b as f32));
+            }
+        }
+        if let Some(p) = within(self.presence_penalty, -2.0..=2.0, "presence_penalty")? {
+            s.presence_penalty = p as f32;
+        }
+        if let Some(p) = within(self.frequency_penalty, -2.0..=2.0, "frequency_penalty")? {
+            s.frequency_penalty = p as f32;
+        }
+        if let Some(p) = within(self.repetition_penalty, 0.01..=10.0, "repetition_penalty")? {
+            s.repetition_penalty = p as f32;
+        }
+        if let Some(p) = within(self.min_p, 0.0..=1.0, "min_p")? {
+            s.min_p = p as f32;
+        }
+        match self.top_k {
+            None | Some(-1) | Some(0) => {}
+            Some(k) if k > 0 => s.top_k = usize::try_from(k).unwrap_or(usize::MAX),
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    format!("`top_k` must be -1 (all tokens) or at least 1 (got {k})."),
+                    Some("top_k"),
+                ))
+            }
+        }
+        s.ignore_eos = self.ignore_eos.unwrap_or(false);
+        if let Some(m) = self.min_tokens {
+            let fits = m >= 0 && max_tokens.is_none_or(|max| m as usize <= max);
+            if !fits {
+                return Err(ApiError::invalid(
+                    format!("`min_tokens` must be between 0 and `max_tokens` (got {m})."),
+                    Some("min_tokens"),
+                ));
+            }
+            s.min_tokens = m as usize;
+        }
+        Ok(s)
+    }
+}
+
 /// A schema as the JSON text a plugin receives: an object, or `true`/`false`.
 fn schema_text(schema: &serde_json::Value, param: &str) -> Result<String, ApiError> {
     if !(schema.is_object() || schema.is_boolean()) {
@@ -337,8 +434,10 @@ impl CommonParams {
             ));
         }
         let format = self.format()?;
+        let shaping = self.shaping(max_tokens)?;
         Ok(Validated {
             format,
+            shaping,
             max_tokens,
             temperature,
             top_p,
@@ -492,6 +591,37 @@ mod tests {
         ] {
             let err = common(bad).unwrap_err();
             assert_eq!(err.status(), 400, "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn sampling_extras_are_read_and_out_of_range_ones_refused_by_name() {
+        let v = common(
+            r#"{"logit_bias":{"42":-100,"7":5},"presence_penalty":0.5,"frequency_penalty":-1,
+                "repetition_penalty":1.2,"top_k":40,"min_p":0.05,"ignore_eos":true,"min_tokens":3,
+                "max_tokens":10}"#,
+        )
+        .unwrap();
+        let s = &v.shaping;
+        assert_eq!(s.logit_bias, vec![(42, -100.0), (7, 5.0)]);
+        assert_eq!((s.presence_penalty, s.frequency_penalty), (0.5, -1.0));
+        assert_eq!((s.top_k, s.min_tokens, s.ignore_eos), (40, 3, true));
+        assert!(common("{}").unwrap().shaping.is_identity());
+        assert!(common(r#"{"top_k":-1}"#).unwrap().shaping.is_identity());
+        for (bad, param) in [
+            (r#"{"logit_bias":{"x":1}}"#, "logit_bias"),
+            (r#"{"logit_bias":{"1":101}}"#, "logit_bias"),
+            (r#"{"presence_penalty":2.5}"#, "presence_penalty"),
+            (r#"{"frequency_penalty":-3}"#, "frequency_penalty"),
+            (r#"{"repetition_penalty":0}"#, "repetition_penalty"),
+            (r#"{"top_k":-2}"#, "top_k"),
+            (r#"{"min_p":1.5}"#, "min_p"),
+            (r#"{"min_tokens":5,"max_tokens":4}"#, "min_tokens"),
+            (r#"{"min_tokens":-1}"#, "min_tokens"),
+        ] {
+            let err = common(bad).unwrap_err();
+            assert_eq!(err.status(), 400, "{bad}");
+            assert_eq!(err.body().error.param.as_deref(), Some(param), "{bad}");
         }
     }
 

@@ -10,6 +10,8 @@ const ROUTES: &[&str] = &[
     "/v1/chat/completions",
     "/v1/models",
     "/v1/models/{id}",
+    "/tokenize",
+    "/detokenize",
     "/health",
     "/metrics",
 ];
@@ -55,6 +57,8 @@ mod tests {
     fn known_routes_parameters_and_everything_else() {
         assert_eq!(normalize("/v1/completions"), "/v1/completions");
         assert_eq!(normalize("/v1/models?x=1"), "/v1/models");
+        assert_eq!(normalize("/tokenize"), "/tokenize");
+        assert_eq!(normalize("/detokenize"), "/detokenize");
         assert_eq!(normalize("/v1/models/smollm2"), "/v1/models/{id}");
         assert_eq!(normalize("/v1/models/"), UNMATCHED);
         assert_eq!(normalize("/v1/completions/extra"), UNMATCHED);
