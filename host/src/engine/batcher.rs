@@ -303,9 +303,11 @@ impl Scheduler {
                 self.gone(1);
                 continue;
             }
-            let seen = (!req.shaping.is_identity()).then(|| Seen::new(&req.prompt));
+            let shaping = (!req.shaping.is_identity()).then(|| {
+                let seen = Seen::new(&req.prompt);
+                (req.shaping, seen)
+            });
             self.running.push(Sequence {
-                seen,
                 slot,
                 prompt: req.prompt,
                 prefilled: 0,
@@ -314,7 +316,7 @@ impl Scheduler {
                 generated: 0,
                 max_tokens: req.max_tokens,
                 sampler: sampler(req.sampling),
-                shaping: req.shaping,
+                shaping,
                 constraint: req.constraint,
                 rule: None,
                 forwards: 0,

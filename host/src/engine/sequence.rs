@@ -29,10 +29,9 @@ pub(super) struct Sequence {
     pub(super) generated: usize,
     pub(super) max_tokens: usize,
     pub(super) sampler: Sampler,
-    /// The request's own changes to its logits, and what it has produced so far (only
-    /// when it asked for any).
-    pub(super) shaping: Shaping,
-    pub(super) seen: Option<Seen>,
+    /// The request's own changes to its logits, and what it has produced so far: only
+    /// when it asked for any.
+    pub(super) shaping: Option<(Shaping, Seen)>,
     pub(super) constraint: Option<Box<dyn TokenConstraint>>,
     /// The constraint's rule for the next sampled token, asked for ahead.
     pub(super) rule: Option<Rule>,
@@ -71,7 +70,7 @@ impl Sequence {
         }
         self.generated += 1;
         self.input.push(token);
-        if let Some(seen) = &mut self.seen {
+        if let Some((_, seen)) = &mut self.shaping {
             seen.push(token);
         }
         (self.generated >= self.max_tokens || self.pos + self.input.len() > config.max_seq_len)
@@ -110,15 +109,15 @@ pub(super) fn advance(
         Rule::Stop => return Ok(seq.finish(FinishReason::Stop)),
         Rule::Forced(tokens) => return force(model, config, seq, tokens),
         // Nothing to change: candle's tensor goes straight to the sampler.
-        Rule::Any if seq.seen.is_none() => seq.sampler.sample(logits)?,
+        Rule::Any if seq.shaping.is_none() => seq.sampler.sample(logits)?,
         rule => {
             let ends = model.tokenizer.end_ids();
             let mut row = logits.to_vec1::<f32>()?;
             constraint::apply(&rule, &mut row, ends)
                 .map_err(|e| EngineError::Constraint(e.into()))?;
-            if let Some(seen) = &seq.seen {
-                let temperature = seq.sampler.temperature();
-                shaping::apply(&seq.shaping, &mut row, seen, ends, temperature);
+            if let Some((shaping, seen)) = &seq.shaping {
+                let (temperature, generated) = (seq.sampler.temperature(), seq.generated);
+                shaping::apply(shaping, &mut row, (seen, generated), ends, temperature);
             }
             if row.iter().all(|l| *l == f32::NEG_INFINITY) {
                 return Err(EngineError::Model(

@@ -59,7 +59,6 @@ pub struct Seen {
     output: HashMap<u32, u32>,
     /// Every token of the prompt.
     prompt: std::collections::HashSet<u32>,
-    generated: usize,
 }
 
 impl Seen {
@@ -72,14 +71,19 @@ impl Seen {
 
     pub fn push(&mut self, token: u32) {
         *self.output.entry(token).or_default() += 1;
-        self.generated += 1;
     }
 }
 
-/// Applies `s` to one row of logits, at `temperature` (0: greedy), the end tokens being
-/// `ends`.
-pub fn apply(s: &Shaping, logits: &mut [f32], seen: &Seen, ends: &[u32], temperature: f64) {
-    if s.ignore_eos || seen.generated < s.min_tokens {
+/// Applies `s` to one row of logits, `generated` tokens into the answer, at
+/// `temperature` (0: greedy), the end tokens being `ends`.
+pub fn apply(
+    s: &Shaping,
+    logits: &mut [f32],
+    (seen, generated): (&Seen, usize),
+    ends: &[u32],
+    temperature: f64,
+) {
+    if s.ignore_eos || generated < s.min_tokens {
         for &e in ends {
             if let Some(l) = logits.get_mut(e as usize) {
                 *l = f32::NEG_INFINITY;
@@ -93,12 +97,9 @@ pub fn apply(s: &Shaping, logits: &mut [f32], seen: &Seen, ends: &[u32], tempera
     }
     if s.repetition_penalty != 1.0 {
         let p = s.repetition_penalty;
-        let seen_tokens = seen.prompt.iter().chain(seen.output.keys());
-        let mut done = std::collections::HashSet::new();
-        for &t in seen_tokens {
-            if !done.insert(t) {
-                continue;
-            }
+        // Each token once: the prompt's, then the output's not in the prompt.
+        let fresh = seen.output.keys().filter(|t| !seen.prompt.contains(t));
+        for &t in seen.prompt.iter().chain(fresh) {
             if let Some(l) = logits.get_mut(t as usize) {
                 *l = if *l > 0.0 { *l / p } else { *l * p };
             }
@@ -152,20 +153,19 @@ mod tests {
 
     #[test]
     fn end_tokens_are_held_back_until_min_tokens_and_always_with_ignore_eos() {
-        let mut seen = Seen::new(&[]);
+        let seen = Seen::new(&[]);
         let s = shaping(|s| s.min_tokens = 1);
         let mut l = vec![1.0f32; 4];
-        apply(&s, &mut l, &seen, &[2], 1.0);
+        apply(&s, &mut l, (&seen, 0), &[2], 1.0);
         assert_eq!(l[2], f32::NEG_INFINITY);
-        seen.push(0);
         let mut l = vec![1.0f32; 4];
-        apply(&s, &mut l, &seen, &[2], 1.0);
+        apply(&s, &mut l, (&seen, 1), &[2], 1.0);
         assert_eq!(l[2], 1.0);
         let mut l = vec![1.0f32; 4];
         apply(
             &shaping(|s| s.ignore_eos = true),
             &mut l,
-            &seen,
+            (&seen, 1),
             &[2, 3],
             1.0,
         );
@@ -183,14 +183,14 @@ mod tests {
             s.presence_penalty = 0.25;
         });
         let mut l = vec![1.0f32; 5];
-        apply(&s, &mut l, &seen, &[], 1.0);
+        apply(&s, &mut l, (&seen, 3), &[], 1.0);
         // Token 2 twice: 1 - 2*0.5 - 0.25; token 3 once: 1 - 0.5 - 0.25; the prompt's
         // token 1 is not in the output.
         assert_eq!(l, vec![1.0, 1.0, -0.25, 0.25, 1.0]);
 
         let s = shaping(|s| s.repetition_penalty = 2.0);
         let mut l = vec![4.0f32, 4.0, -4.0, 4.0, 4.0];
-        apply(&s, &mut l, &seen, &[], 1.0);
+        apply(&s, &mut l, (&seen, 3), &[], 1.0);
         // The prompt's and the output's tokens: positive logits halved, negative doubled.
         assert_eq!(l, vec![4.0, 2.0, -8.0, 2.0, 4.0]);
     }
@@ -202,23 +202,23 @@ mod tests {
         apply(
             &shaping(|s| s.logit_bias = vec![(0, 10.0)]),
             &mut l,
-            &seen,
+            (&seen, 0),
             &[],
             1.0,
         );
         assert_eq!(l[0], 10.0);
 
         let mut l = vec![0.0f32, 1.0, 2.0, 3.0];
-        apply(&shaping(|s| s.top_k = 2), &mut l, &seen, &[], 1.0);
+        apply(&shaping(|s| s.top_k = 2), &mut l, (&seen, 0), &[], 1.0);
         assert_eq!(l, vec![f32::NEG_INFINITY, f32::NEG_INFINITY, 2.0, 3.0]);
 
         // At T=1, min_p 0.3 keeps tokens with p >= 0.3 p_max: logit >= 3 + ln 0.3 = 1.80.
         let mut l = vec![0.0f32, 1.0, 2.0, 3.0];
-        apply(&shaping(|s| s.min_p = 0.3), &mut l, &seen, &[], 1.0);
+        apply(&shaping(|s| s.min_p = 0.3), &mut l, (&seen, 0), &[], 1.0);
         assert_eq!(l, vec![f32::NEG_INFINITY, f32::NEG_INFINITY, 2.0, 3.0]);
         // Greedy: min_p cannot change the choice and is not applied.
         let mut l = vec![0.0f32, 1.0, 2.0, 3.0];
-        apply(&shaping(|s| s.min_p = 0.3), &mut l, &seen, &[], 0.0);
+        apply(&shaping(|s| s.min_p = 0.3), &mut l, (&seen, 0), &[], 0.0);
         assert_eq!(l, vec![0.0, 1.0, 2.0, 3.0]);
     }
 }

@@ -143,14 +143,12 @@ pub(super) async fn apply_policy(
     state: &AppState,
     session: &mut Session,
     prompt: plugin::Prompt,
-    params: &Validated,
+    max_tokens: Option<usize>,
 ) -> Result<(Vec<u32>, Option<u32>), ApiError> {
     let request = PolicyRequest {
         prompt,
         context_length: u32::try_from(state.batcher.config().max_seq_len).unwrap_or(u32::MAX),
-        max_tokens: params
-            .max_tokens
-            .map(|m| u32::try_from(m).unwrap_or(u32::MAX)),
+        max_tokens: max_tokens.map(|m| u32::try_from(m).unwrap_or(u32::MAX)),
     };
     let (verdict, reported) = session
         .call(move |s| {
@@ -237,7 +235,7 @@ async fn start(
             }
         };
         let (policy, constraint) = tokio::join!(
-            apply_policy(&state, &mut session, prompt, &params),
+            apply_policy(&state, &mut session, prompt, params.max_tokens),
             constraint
         );
         let ((ids, reported), constraint) = (policy?, constraint?);

@@ -17,9 +17,8 @@ use serde_json::json;
 use super::completions::{apply_policy, body_bytes};
 use super::error::ApiError;
 use super::observe::ServingPlugin;
-use super::types::{fields, parse_body, ChatRequest, Validated, WireMessage};
+use super::types::{check_model, fields, parse_body, ChatRequest, WireMessage};
 use super::AppState;
-use crate::engine::shaping::Shaping;
 use crate::plugins::types::{PostConfig, Prompt};
 use crate::plugins::Session;
 
@@ -36,28 +35,6 @@ struct TokenizeRequest {
 struct DetokenizeRequest {
     model: Option<String>,
     tokens: Vec<u32>,
-}
-
-fn check_model(state: &AppState, model: &Option<String>) -> Result<(), ApiError> {
-    match model {
-        Some(m) if m.as_str() != &*state.model_name => Err(ApiError::ModelNotFound(m.clone())),
-        _ => Ok(()),
-    }
-}
-
-/// The settings a policy call is made with: no completion is asked for.
-fn no_completion() -> Validated {
-    Validated {
-        max_tokens: None,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: None,
-        stops: Vec::new(),
-        stream: false,
-        include_usage: false,
-        format: None,
-        shaping: Shaping::none(),
-    }
 }
 
 pub async fn tokenize(
@@ -83,7 +60,7 @@ async fn run_tokenize(
 ) -> Result<Vec<u32>, ApiError> {
     let body = parse_body(&body_bytes(state, body)?)?;
     let req: TokenizeRequest = fields(&body)?;
-    check_model(state, &req.model)?;
+    check_model(req.model.as_deref(), &state.model_name)?;
     let prompt = match (req.prompt, req.messages) {
         (Some(text), None) => Prompt::Text(text),
         (None, Some(messages)) => Prompt::Chat(ChatRequest { messages }.chat_messages()?),
@@ -96,7 +73,7 @@ async fn run_tokenize(
     };
     let text = matches!(prompt, Prompt::Text(_));
     let mut session = Session::open(&state.plugins, serving.0).await?;
-    let (mut ids, _) = apply_policy(state, &mut session, prompt, &no_completion()).await?;
+    let (mut ids, _) = apply_policy(state, &mut session, prompt, None).await?;
     let tokenizer = &state.model.tokenizer;
     if text && req.add_special_tokens == Some(false) && ids.first() == tokenizer.bos_id.as_ref() {
         ids.remove(0);
@@ -122,7 +99,7 @@ async fn run_detokenize(
 ) -> Result<String, ApiError> {
     let body = parse_body(&body_bytes(state, body)?)?;
     let req: DetokenizeRequest = fields(&body)?;
-    check_model(state, &req.model)?;
+    check_model(req.model.as_deref(), &state.model_name)?;
     let vocab = state.model.tokenizer.vocab_size();
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(ApiError::invalid(

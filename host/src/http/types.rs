@@ -258,6 +258,14 @@ impl CommonParams {
     }
 }
 
+/// A request naming a model other than the one served is a 404.
+pub fn check_model(asked: Option<&str>, served: &str) -> Result<(), ApiError> {
+    match asked {
+        Some(m) if m != served => Err(ApiError::ModelNotFound(m.to_string())),
+        _ => Ok(()),
+    }
+}
+
 /// The most entries `logit_bias` may hold.
 pub const MAX_LOGIT_BIAS: usize = 1024;
 
@@ -355,11 +363,7 @@ fn schema_text(schema: &serde_json::Value, param: &str) -> Result<String, ApiErr
 
 impl CommonParams {
     pub fn validate(&self, served_model: &str, limits: &Limits) -> Result<Validated, ApiError> {
-        if let Some(model) = &self.model {
-            if model != served_model {
-                return Err(ApiError::ModelNotFound(model.clone()));
-            }
-        }
+        check_model(self.model.as_deref(), served_model)?;
         if let Some(n) = self.n {
             if n != 1 {
                 return Err(ApiError::invalid(

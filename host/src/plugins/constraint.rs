@@ -60,33 +60,35 @@ pub struct WarmPool {
 }
 
 impl WarmPool {
+    /// A warm instance of the version `sha256`, with its place in the live count.
     fn take(&self, sha256: &str) -> Option<PluginSession> {
-        let mut session = self.take_any(sha256)?;
-        match session.retake_slot() {
-            Ok(()) => Some(session),
-            Err(_) => None,
-        }
+        let mut session = {
+            let mut warm = self.inner.lock().ok()?;
+            let i = warm.iter().position(|(sha, _)| sha == sha256)?;
+            front(&mut warm, i).pop()?
+        };
+        session.retake_slot().ok()?;
+        Some(session)
     }
 
-    fn take_any(&self, sha256: &str) -> Option<PluginSession> {
-        let mut warm = self.inner.lock().ok()?;
-        let i = warm.iter().position(|(sha, _)| sha == sha256)?;
-        let entry = warm.remove(i);
-        warm.insert(0, entry);
-        warm[0].1.pop()
-    }
-
+    /// Keeps `session` for the version `sha256`, unless a call of it failed; past `max`
+    /// in all, the least recently used version's go first.
     fn give_back(&self, sha256: &str, mut session: PluginSession, max: usize) {
+        if session.poisoned() {
+            return;
+        }
         session.release_slot();
         let Ok(mut warm) = self.inner.lock() else {
             return;
         };
-        let entry = match warm.iter().position(|(sha, _)| sha == sha256) {
-            Some(i) => warm.remove(i),
-            None => (sha256.to_string(), Vec::new()),
+        let i = match warm.iter().position(|(sha, _)| sha == sha256) {
+            Some(i) => i,
+            None => {
+                warm.push((sha256.to_string(), Vec::new()));
+                warm.len() - 1
+            }
         };
-        warm.insert(0, entry);
-        warm[0].1.push(session);
+        front(&mut warm, i).push(session);
         let mut total: usize = warm.iter().map(|(_, s)| s.len()).sum();
         while total > max {
             let Some(last) = warm.last_mut() else { break };
@@ -107,17 +109,13 @@ impl WarmPool {
                 .map_or(0, |(_, s)| s.len())
         })
     }
+}
 
-    /// Warm instances held now, of every version.
-    pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .map_or(0, |w| w.iter().map(|(_, s)| s.len()).sum())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+/// Moves the `i`th version to the front (most recently used) and gives its sessions.
+fn front(warm: &mut Vec<(String, Vec<PluginSession>)>, i: usize) -> &mut Vec<PluginSession> {
+    let entry = warm.remove(i);
+    warm.insert(0, entry);
+    &mut warm[0].1
 }
 
 /// One request's constraint: a plugin instance the scheduler calls at every step.
@@ -134,9 +132,7 @@ impl Drop for Constrained {
             .busy
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         if let Some(session) = self.session.take() {
-            if !session.poisoned() {
-                self.pool.give_back(&self.sha256, session, self.max_warm);
-            }
+            self.pool.give_back(&self.sha256, session, self.max_warm);
         }
     }
 }
@@ -234,9 +230,7 @@ impl PluginRuntime {
             "constraint started"
         );
         if let Err(rejection) = verdict {
-            if !session.poisoned() {
-                self.keep_warm(plugin, session);
-            }
+            self.keep_warm(plugin, session);
             return Ok(Err(rejection));
         }
         self.warm
