@@ -15,7 +15,7 @@ use std::time::Duration;
 use clap::Parser;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lynx_host::config::Cli;
-use lynx_host::engine::arch::Entry;
+use lynx_host::engine::arch::{Entry, Logits};
 use lynx_host::engine::kv_cache::KvDtype;
 use lynx_host::engine::model::Model;
 
@@ -47,7 +47,7 @@ fn decode_step(c: &mut Criterion) {
             slot,
             pos: 0,
             tokens,
-            logits: false,
+            logits: Logits::None,
         })
         .collect();
     model.arch.forward(&cache, &prefill).expect("prefill");
@@ -66,7 +66,7 @@ fn decode_step(c: &mut Criterion) {
                 slot,
                 pos: HISTORY,
                 tokens,
-                logits: true,
+                logits: Logits::Last,
             })
             .collect();
         group.throughput(Throughput::Elements(n as u64));

@@ -81,6 +81,12 @@ pub struct Config {
     #[arg(long, env = "LYNX_KV_DTYPE", value_enum, default_value_t = KvDtype::F16)]
     pub kv_dtype: KvDtype,
 
+    /// Automatic prefix caching: a prompt reuses the keys and values of the longest
+    /// prefix a slot holds from earlier requests and prefills only the rest (reported
+    /// as `usage.prompt_tokens_details.cached_tokens`). Results are the same either way.
+    #[arg(long, env = "LYNX_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
+
     /// Requests that may wait for a slot; past this, requests get 503 with Retry-After.
     #[arg(long, env = "LYNX_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,

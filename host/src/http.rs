@@ -2,6 +2,7 @@
 //! state handlers reach through `State<Arc<AppState>>`.
 
 pub mod admin;
+pub mod answer;
 pub mod body;
 pub mod completions;
 pub mod conn;

@@ -155,6 +155,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         max_queue: config.max_queue,
         max_seq_len: max_seq_len(&config, &model),
         kv_dtype: config.kv_dtype,
+        prefix_cache: config.prefix_cache,
     };
     let batcher = Batcher::start(model.clone(), batcher_config)?;
     let max_seq_len = batcher.config().max_seq_len;

@@ -14,6 +14,8 @@ use crate::metrics;
 pub struct RequestInfo {
     pub start: Instant,
     prompt_tokens: AtomicUsize,
+    /// Prompt tokens the prefix cache gave (the first choice's).
+    cached_tokens: AtomicUsize,
     completion_tokens: AtomicUsize,
     /// Microseconds; 0 until the first token.
     ttft_us: AtomicU64,
@@ -24,6 +26,7 @@ impl RequestInfo {
         Self {
             start,
             prompt_tokens: AtomicUsize::new(0),
+            cached_tokens: AtomicUsize::new(0),
             completion_tokens: AtomicUsize::new(0),
             ttft_us: AtomicU64::new(0),
         }
@@ -31,8 +34,15 @@ impl RequestInfo {
     pub fn set_prompt_tokens(&self, n: usize) {
         self.prompt_tokens.store(n, Ordering::Relaxed);
     }
-    pub fn set_completion_tokens(&self, n: usize) {
-        self.completion_tokens.store(n, Ordering::Relaxed);
+    /// One more completion token, of any of the request's choices.
+    pub fn add_completion_token(&self) {
+        self.completion_tokens.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn set_cached_tokens(&self, n: usize) {
+        self.cached_tokens.store(n, Ordering::Relaxed);
+    }
+    pub fn cached_tokens(&self) -> usize {
+        self.cached_tokens.load(Ordering::Relaxed)
     }
     pub fn prompt_tokens(&self) -> usize {
         self.prompt_tokens.load(Ordering::Relaxed)
@@ -47,9 +57,13 @@ impl RequestInfo {
             us => Some(Duration::from_micros(us)),
         }
     }
-    fn set_ttft(&self, d: Duration) {
+    /// Records the time to first token; false when the request already had one (its
+    /// `n` choices each report a first token, and the request has one).
+    fn set_ttft(&self, d: Duration) -> bool {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
-        self.ttft_us.store(us, Ordering::Relaxed);
+        self.ttft_us
+            .compare_exchange(0, us, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 }
 
@@ -69,7 +83,8 @@ impl TokenEvents {
     /// The first token reached the client: time to first token, from arrival.
     pub fn first_token(&self) {
         let ttft = self.info.start.elapsed();
-        self.info.set_ttft(ttft);
-        metrics::record_ttft(&self.model_name, ttft.as_secs_f64());
+        if self.info.set_ttft(ttft) {
+            metrics::record_ttft(&self.model_name, ttft.as_secs_f64());
+        }
     }
 }

@@ -15,7 +15,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen2};
-use lynx_host::engine::arch::{self, Architecture};
+use lynx_host::engine::arch::{self, Architecture, Logits};
 use lynx_host::engine::gemma3::Gemma3;
 use lynx_host::engine::{tokenizer::Tokenizer, Model};
 
@@ -95,7 +95,7 @@ fn nll(model: &dyn Architecture, tokenizer: &Tokenizer, text: &str) -> f32 {
             slot: 0,
             pos,
             tokens: &pair[..1],
-            logits: true,
+            logits: Logits::Last,
         }];
         let logits = model.forward(&cache, &entry).unwrap().unwrap();
         let row: Vec<f32> = logits.get(0).unwrap().to_vec1().unwrap();

@@ -12,7 +12,7 @@ use candle_core::Device;
 use candle_transformers::models::quantized_llama::ModelWeights;
 use clap::Parser;
 use lynx_host::config::Cli;
-use lynx_host::engine::arch::{self, Architecture, Entry};
+use lynx_host::engine::arch::{self, Architecture, Entry, Logits};
 use lynx_host::engine::kv_cache::KvDtype;
 use lynx_host::engine::tokenizer::Tokenizer;
 
@@ -63,14 +63,14 @@ fn out_of_bounds_entries_are_refused_not_panicked() {
         slot: 0,
         pos: 0,
         tokens: &tokens,
-        logits: true,
+        logits: Logits::Last,
     }];
     assert!(ours.forward(&cache, &too_long).is_err());
     let bad_slot = [Entry {
         slot: 1,
         pos: 0,
         tokens: &tokens[..2],
-        logits: true,
+        logits: Logits::Last,
     }];
     assert!(ours.forward(&cache, &bad_slot).is_err());
 }

@@ -23,7 +23,8 @@ fn scrub(value: Value) -> Value {
     match value {
         Value::Object(map) => Value::Object(
             map.into_iter()
-                .filter(|(k, _)| k != "id" && k != "created")
+                // `prompt_tokens_details` (cached tokens) came after the recording.
+                .filter(|(k, _)| k != "id" && k != "created" && k != "prompt_tokens_details")
                 .map(|(k, v)| (k, scrub(v)))
                 .collect(),
         ),

@@ -26,16 +26,27 @@ pub struct Entry<'a> {
     pub slot: usize,
     pub pos: usize,
     pub tokens: &'a [u32],
-    /// Whether the logits after the last token are wanted.
-    pub logits: bool,
+    /// Which of its rows' logits are wanted.
+    pub logits: Logits,
+}
+
+/// The logits an entry wants from a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None: a prompt chunk before the last.
+    None,
+    /// After its last token: what the next token is sampled from.
+    Last,
+    /// After each of its tokens: a prompt's own log-probabilities (`echo`).
+    Every,
 }
 
 /// A model the scheduler can run: weights, shape and one batched forward pass.
 pub trait Architecture: Send + Sync {
     /// The embeddings, final norm, output and shape, which every architecture has.
     fn trunk(&self) -> &Trunk;
-    /// Runs one step. Returns, for each entry that asked, the logits after its last
-    /// token, in entry order, as `[n, vocab]`.
+    /// Runs one step. Returns the logits the entries asked for (see [`Logits`]), in
+    /// entry order and token order, as `[rows, vocab]`.
     fn forward(&self, cache: &KvCache, entries: &[Entry]) -> Result<Option<Tensor>, EngineError>;
 
     /// `general.architecture` of the file it was loaded from.
@@ -460,15 +471,15 @@ pub fn step_ids(entries: &[Entry]) -> Result<Tensor, EngineError> {
     Ok(Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)
 }
 
-/// The logits (`[rows, vocab]`) after each entry's last token, for the entries that
-/// want them, from the final hidden states `x` (`[n, hidden]`); `None` when none does.
-/// Each row goes through the output matmul as a sequence of its own.
+/// The logits (`[rows, vocab]`) the entries asked for, from the final hidden states
+/// `x` (`[n, hidden]`); `None` when none did. Each row goes through the output matmul as
+/// a sequence of its own.
 pub fn logits(
     output: &Linear,
     x: &Tensor,
     entries: &[Entry],
 ) -> Result<Option<Tensor>, EngineError> {
-    let Some(rows) = last_rows(x, entries)? else {
+    let Some(rows) = wanted_rows(x, entries)? else {
         return Ok(None);
     };
     let spans = vec![1; rows.dim(0)?];
@@ -477,22 +488,24 @@ pub fn logits(
     ))
 }
 
-/// The rows of `x` (`[n, hidden]`) after each entry's last token, for the entries that
-/// want logits; `None` when none does.
-fn last_rows(x: &Tensor, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
-    let mut last = Vec::new();
-    let mut end = 0;
+/// The rows of `x` (`[n, hidden]`) whose logits the entries want; `None` when none does.
+fn wanted_rows(x: &Tensor, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
+    let mut wanted = Vec::new();
+    let mut start = 0;
     for e in entries {
-        end += e.tokens.len();
-        if e.logits {
-            last.push((end - 1) as u32);
+        let end = start + e.tokens.len();
+        match e.logits {
+            Logits::None => {}
+            Logits::Last => wanted.push((end - 1) as u32),
+            Logits::Every => wanted.extend(start as u32..end as u32),
         }
+        start = end;
     }
-    if last.is_empty() {
+    if wanted.is_empty() {
         return Ok(None);
     }
     Ok(Some(x.index_select(
-        &Tensor::new(last.as_slice(), &Device::Cpu)?,
+        &Tensor::new(wanted.as_slice(), &Device::Cpu)?,
         0,
     )?))
 }

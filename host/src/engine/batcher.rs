@@ -7,6 +7,11 @@
 //! prompt never stalls the streams already running. A prompt is always split into
 //! [`PREFILL_CHUNK`]-token chunks from its start, whatever else runs, and each sequence
 //! samples with its own RNG: its output does not depend on what else is in the batch.
+//!
+//! Slots keep their keys and values after their sequence ends (automatic prefix
+//! caching, `prefix.rs`): a new request starts in the slot that shares the longest
+//! prefix with its prompt, or gets that prefix copied from a running one, and prefills
+//! only the rest. A request's `n` choices fork the same way from the first.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -16,9 +21,11 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use tokio::sync::mpsc;
 
-use super::arch::Entry;
+use super::arch::{Entry, Logits};
 use super::constraint::TokenConstraint;
 use super::kv_cache::{KvCache, KvDtype};
+use super::logprobs::{self, Logprob};
+use super::prefix::PrefixCache;
 use super::sequence::{advance, sampler, Sequence, Step};
 use super::shaping::{Seen, Shaping};
 use super::{EngineError, Model};
@@ -36,6 +43,8 @@ pub struct BatcherConfig {
     pub max_seq_len: usize,
     /// How the KV cache stores keys and values.
     pub kv_dtype: KvDtype,
+    /// Prompts reuse prefixes that earlier requests left in the slots.
+    pub prefix_cache: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,6 +66,14 @@ pub struct GenerateRequest {
     pub shaping: Shaping,
     /// Rules each next token (structured outputs), when the request has one.
     pub constraint: Option<Box<dyn TokenConstraint>>,
+    /// Each generated token's log-probability, with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// The prompt's own log-probabilities too (`echo`): such a prompt is prefilled
+    /// whole, since a cached prefix has no logits.
+    pub echo: bool,
+    /// `(group, index)` when the request is one of `n` choices: the choices after the
+    /// first start once the first has prefilled the prompt, and copy its keys and values.
+    pub choice: Option<(u64, usize)>,
     /// Testing only (`--fault-injection`).
     pub fault: Option<Fault>,
 }
@@ -89,7 +106,14 @@ impl FinishReason {
 
 #[derive(Debug)]
 pub enum GenEvent {
-    Token(u32),
+    /// The request has a slot; `cached` prompt tokens were found in the prefix cache.
+    Started {
+        cached: usize,
+    },
+    /// Log-probabilities of prompt tokens (`echo`), from the second on, a chunk at a time.
+    Prompt(Vec<Logprob>),
+    /// A generated token, with its log-probability when asked for.
+    Token(u32, Option<Logprob>),
     Finished(FinishReason),
     Failed(EngineError),
 }
@@ -144,6 +168,7 @@ impl Batcher {
             waiting: VecDeque::new(),
             running: Vec::new(),
             free: (0..config.kv_slots).rev().collect(),
+            prefix: PrefixCache::new(config.kv_slots, config.kv_dtype),
         };
         std::thread::Builder::new()
             .name("lynx-scheduler".into())
@@ -157,20 +182,29 @@ impl Batcher {
     /// that arrives while the scheduler is mid-step waits for a free slot for a moment,
     /// and must not be refused for it.
     pub fn submit(&self, req: GenerateRequest) -> Result<(), EngineError> {
+        self.submit_all(vec![req])
+    }
+
+    /// Queues a request's choices together: all of them, or none when they do not fit.
+    pub fn submit_all(&self, reqs: Vec<GenerateRequest>) -> Result<(), EngineError> {
         if self.stats.closing.load(Ordering::Acquire) {
             return Err(EngineError::ShuttingDown);
         }
+        let k = reqs.len();
         let capacity = self.config.kv_slots + self.config.max_queue;
         self.stats
             .in_system
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < capacity).then_some(n + 1)
+                (n + k <= capacity).then_some(n + k)
             })
             .map_err(|n| EngineError::Overloaded(n.saturating_sub(self.config.kv_slots)))?;
-        self.tx.send(req).map_err(|_| {
-            self.stats.in_system.fetch_sub(1, Ordering::AcqRel);
-            EngineError::Stopped
-        })
+        for (sent, req) in reqs.into_iter().enumerate() {
+            if self.tx.send(req).is_err() {
+                self.stats.in_system.fetch_sub(k - sent, Ordering::AcqRel);
+                return Err(EngineError::Stopped);
+            }
+        }
+        Ok(())
     }
 
     /// Ends every request held (running or waiting) with an error, and refuses new ones:
@@ -205,6 +239,8 @@ struct Scheduler {
     waiting: VecDeque<GenerateRequest>,
     running: Vec<Sequence>,
     free: Vec<usize>,
+    /// What each slot's cache holds, for reuse by the next prompts.
+    prefix: PrefixCache,
 }
 
 impl Scheduler {
@@ -292,26 +328,41 @@ impl Scheduler {
         }
     }
 
+    /// Starts waiting requests while slots are free, in arrival order, each in the slot
+    /// that gives it the longest cached prefix. A choice after a request's first waits
+    /// (without holding up the others) until the first has prefilled the prompt.
     fn admit(&mut self) {
-        while let Some(slot) = self.free.pop() {
-            let Some(req) = self.waiting.pop_front() else {
-                self.free.push(slot);
-                break;
-            };
-            if req.events.is_closed() {
-                self.free.push(slot);
+        let mut i = 0;
+        while !self.free.is_empty() && i < self.waiting.len() {
+            if self.waiting[i].events.is_closed() {
+                self.waiting.remove(i);
                 self.gone(1);
                 continue;
             }
+            if !self.may_start(&self.waiting[i]) {
+                i += 1;
+                continue;
+            }
+            let Some(req) = self.waiting.remove(i) else {
+                break;
+            };
+            let running: Vec<usize> = self.running.iter().map(|s| s.slot).collect();
+            let place =
+                self.prefix
+                    .place(&self.cache, (&req.prompt, req.echo), (&self.free, &running));
+            self.free.retain(|&s| s != place.slot);
+            let _ = req.events.send(GenEvent::Started {
+                cached: place.reused,
+            });
             let shaping = (!req.shaping.is_identity()).then(|| {
                 let seen = Seen::new(&req.prompt);
                 (req.shaping, seen)
             });
             self.running.push(Sequence {
-                slot,
+                slot: place.slot,
                 prompt: req.prompt,
-                prefilled: 0,
-                pos: 0,
+                prefilled: place.reused,
+                pos: place.reused,
                 input: Vec::new(),
                 generated: 0,
                 max_tokens: req.max_tokens,
@@ -319,6 +370,10 @@ impl Scheduler {
                 shaping,
                 constraint: req.constraint,
                 rule: None,
+                logprobs: req.logprobs,
+                echo: req.echo,
+                echoed: None,
+                choice: req.choice,
                 forwards: 0,
                 events: req.events,
                 last: None,
@@ -328,23 +383,47 @@ impl Scheduler {
         self.publish_slots();
     }
 
+    /// Whether a waiting request may start: a choice after its request's first only
+    /// once the first has its prompt in the cache (or is gone).
+    fn may_start(&self, req: &GenerateRequest) -> bool {
+        let Some((group, index)) = req.choice else {
+            return true;
+        };
+        if index == 0 {
+            return true;
+        }
+        let first_waits = self.waiting.iter().any(|r| r.choice == Some((group, 0)));
+        let first_prefills = self
+            .running
+            .iter()
+            .any(|s| s.choice == Some((group, 0)) && !s.decoding());
+        !first_waits && !first_prefills
+    }
+
     /// One batched forward pass for every running sequence; returns those that ended.
     fn step(&mut self) -> Vec<Sequence> {
         let mut budget = PREFILL_BUDGET;
         let mut prefilling = 0;
-        // (index into running, tokens this step, wants logits)
-        let mut plan: Vec<(usize, usize, bool)> = Vec::new();
+        // (index into running, tokens this step, logits wanted)
+        let mut plan: Vec<(usize, usize, Logits)> = Vec::new();
         for (i, seq) in self.running.iter().enumerate() {
             if seq.decoding() {
                 // The sampled token, and the tokens a constraint forced after it.
-                plan.push((i, seq.input.len(), true));
+                plan.push((i, seq.input.len(), Logits::Last));
                 continue;
             }
             let n = (seq.prompt.len() - seq.prefilled).min(PREFILL_CHUNK);
             if prefilling == 0 || n <= budget {
                 budget = budget.saturating_sub(n);
                 prefilling += 1;
-                plan.push((i, n, seq.prefilled + n == seq.prompt.len()));
+                let logits = if seq.echo {
+                    Logits::Every
+                } else if seq.prefilled + n == seq.prompt.len() {
+                    Logits::Last
+                } else {
+                    Logits::None
+                };
+                plan.push((i, n, logits));
             }
         }
         let inputs: Vec<Vec<u32>> = plan
@@ -372,26 +451,52 @@ impl Scheduler {
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
             self.model.arch.forward(&self.cache, &entries)
         }));
+        let chunks: Vec<bool> = plan
+            .iter()
+            .map(|&(i, _, _)| !self.running[i].decoding())
+            .collect();
+        let wrote = |prefix: &mut PrefixCache, ok: bool| {
+            for (e, &chunk) in entries.iter().zip(&chunks) {
+                prefix.wrote(e.slot, e.pos, ok.then_some(e.tokens), chunk);
+            }
+        };
         let logits = match outcome {
             Ok(Ok(logits)) => logits,
-            Ok(Err(e)) => return self.fail_batch(&plan, &e.to_string()),
-            Err(_) => return self.fail_batch(&plan, "the forward pass panicked"),
+            Ok(Err(e)) => {
+                wrote(&mut self.prefix, false);
+                return self.fail_batch(&plan, &e.to_string());
+            }
+            Err(_) => {
+                wrote(&mut self.prefix, false);
+                return self.fail_batch(&plan, "the forward pass panicked");
+            }
         };
+        wrote(&mut self.prefix, true);
         let forward = started.elapsed();
-        // Each sequence that asked for logits gets its row; sampling (a softmax over the
-        // vocabulary each) runs in parallel, every sequence with its own RNG.
-        let mut rows: Vec<Option<usize>> = vec![None; self.running.len()];
+        // Each sequence that asked for logits gets its rows; sampling (a softmax over
+        // the vocabulary each) runs in parallel, every sequence with its own RNG.
+        let mut rows: Vec<Option<(usize, usize)>> = vec![None; self.running.len()];
         let mut row = 0;
         for &(i, n, wants) in &plan {
             let seq = &mut self.running[i];
+            let first = seq.pos;
             if !seq.decoding() {
                 seq.prefilled += n;
             }
             seq.pos += n;
             seq.forwards += 1;
-            if wants {
-                rows[i] = Some(row);
-                row += 1;
+            let count = match wants {
+                Logits::None => 0,
+                Logits::Last => 1,
+                Logits::Every => n,
+            };
+            if count > 0 {
+                rows[i] = Some((row, count));
+                row += count;
+            }
+            if wants == Logits::Every {
+                // Rows of a prompt chunk: each predicts the prompt token after it.
+                seq.echoed = Some(first);
             }
         }
         let (model, config) = (&self.model, &self.config);
@@ -399,14 +504,21 @@ impl Scheduler {
             .running
             .par_iter_mut()
             .zip(rows)
-            .map(|(seq, row)| {
-                let Some(row) = row else { return false };
+            .map(|(seq, rows)| {
+                let Some((start, count)) = rows else {
+                    return false;
+                };
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    logits
+                    let logits = logits
                         .as_ref()
-                        .ok_or_else(|| EngineError::Model("no logits".into()))
-                        .and_then(|l| Ok(l.get(row)?))
-                        .and_then(|l| advance(model, config, seq, &l))
+                        .ok_or_else(|| EngineError::Model("no logits".into()))?;
+                    if let Some(first) = seq.echoed.take() {
+                        echo(seq, &logits.narrow(0, start, count)?, first)?;
+                        if !seq.decoding() {
+                            return Ok(Step::Continue);
+                        }
+                    }
+                    advance(model, config, seq, &logits.get(start + count - 1)?)
                 }))
                 .unwrap_or_else(|_| Err(EngineError::Model("sampling panicked".into())));
                 match result {
@@ -428,6 +540,7 @@ impl Scheduler {
             sample_us = (started.elapsed() - forward).as_micros() as u64,
             "step"
         );
+        self.prefix.tick();
         self.take_done(&done)
     }
 
@@ -442,7 +555,7 @@ impl Scheduler {
     }
 
     /// A failed forward pass fails the sequences that were in it; the scheduler goes on.
-    fn fail_batch(&mut self, plan: &[(usize, usize, bool)], message: &str) -> Vec<Sequence> {
+    fn fail_batch(&mut self, plan: &[(usize, usize, Logits)], message: &str) -> Vec<Sequence> {
         tracing::error!(
             error = message,
             sequences = plan.len(),
@@ -476,4 +589,23 @@ impl Scheduler {
         let ended = self.fail(&all, || EngineError::ShuttingDown);
         self.release(ended);
     }
+}
+
+/// Sends the log-probabilities of the prompt tokens that the rows of a prompt chunk
+/// starting at `first` predict: row `j` predicts the token at `first + j + 1`.
+fn echo(seq: &Sequence, rows: &candle_core::Tensor, first: usize) -> Result<(), EngineError> {
+    let top = seq.logprobs.unwrap_or(0);
+    let rows = rows.to_vec2::<f32>()?;
+    let values: Vec<Logprob> = rows
+        .iter()
+        .enumerate()
+        .filter_map(|(j, row)| {
+            let token = *seq.prompt.get(first + j + 1)?;
+            Some(logprobs::of(row, token, top))
+        })
+        .collect();
+    if !values.is_empty() {
+        let _ = seq.events.send(GenEvent::Prompt(values));
+    }
+    Ok(())
 }

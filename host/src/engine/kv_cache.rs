@@ -22,6 +22,7 @@ use std::sync::RwLock;
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::utils::build_causal_mask;
+use rayon::prelude::*;
 
 use super::EngineError;
 
@@ -140,6 +141,39 @@ impl KvCache {
         Ok(())
     }
 
+    /// Copies the first `len` positions of slot `from` into slot `to`, every layer: a
+    /// cached prefix reused in another slot (prefix caching, `n` > 1).
+    pub fn copy_prefix(&self, from: usize, to: usize, len: usize) -> Result<(), EngineError> {
+        if from == to || len == 0 {
+            return Ok(());
+        }
+        if len > self.capacity || from.max(to) >= self.slots.len() {
+            return Err(EngineError::Model(format!(
+                "KV copy of {len} positions from slot {from} to {to} does not fit the cache"
+            )));
+        }
+        match (&self.slots[from], &self.slots[to]) {
+            (Slot::F32 { k: fk, v: fv }, Slot::F32 { k: tk, v: tv }) => {
+                for (src, dst) in fk.iter().zip(tk).chain(fv.iter().zip(tv)) {
+                    dst.slice_set(&src.narrow(2, 0, len)?, 2, 0)?;
+                }
+            }
+            (Slot::F16 { k: fk, v: fv }, Slot::F16 { k: tk, v: tv }) => {
+                let span = len * self.head_dim;
+                for (src, dst) in fk.iter().zip(tk).chain(fv.iter().zip(tv)) {
+                    let src = src.read().map_err(poisoned)?;
+                    let mut dst = dst.write().map_err(poisoned)?;
+                    for h in 0..self.kv_heads {
+                        let at = h * self.capacity * self.head_dim;
+                        dst[at..at + span].copy_from_slice(&src[at..at + span]);
+                    }
+                }
+            }
+            _ => return Err(EngineError::Model("slots of mixed KV types".into())),
+        }
+        Ok(())
+    }
+
     /// One sequence's attention at one layer, over its slot's first `pos + t`
     /// positions: `q` holds its `t` new roped queries, `[1, n_head, t, head_dim]`, whose
     /// keys and values are already written. With a `window`, a query sees only the
@@ -161,30 +195,12 @@ impl KvCache {
                 let values = v[layer].narrow(2, first, len - first)?;
                 self.attend_views((&keys, &values), q, (pos, first), window)
             }
-            Slot::F16 { k, v } if t == 1 => {
+            Slot::F16 { k, v } => {
                 let (k, v) = (
                     k[layer].read().map_err(poisoned)?,
                     v[layer].read().map_err(poisoned)?,
                 );
-                self.decode16((&k, &v), q, (pos, first))
-            }
-            Slot::F16 { k, v } => {
-                let widen = |rows: &Rows16| -> Result<Tensor, EngineError> {
-                    let rows = rows.read().map_err(poisoned)?;
-                    let hd = self.head_dim;
-                    let mut out = vec![0f32; self.kv_heads * (len - first) * hd];
-                    for (h, dst) in out.chunks_exact_mut((len - first) * hd).enumerate() {
-                        let at = (h * self.capacity + first) * hd;
-                        half::load(dst, &rows[at..at + (len - first) * hd]);
-                    }
-                    Ok(Tensor::from_vec(
-                        out,
-                        (1, self.kv_heads, len - first, hd),
-                        &Device::Cpu,
-                    )?)
-                };
-                let (keys, values) = (widen(&k[layer])?, widen(&v[layer])?);
-                self.attend_views((&keys, &values), q, (pos, first), window)
+                self.rows16((&k, &v), q, pos, window)
             }
         }
     }
@@ -235,39 +251,58 @@ impl KvCache {
         Ok(y.transpose(1, 2)?.reshape((1, t, n_head * hd))?)
     }
 
-    /// One decoding query `[1, n_head, 1, head_dim]` over f16 rows, positions
-    /// `first..=pos`: scores, softmax, weighted values, per head.
-    fn decode16(
+    /// Queries `[1, n_head, t, head_dim]` at positions `pos..pos + t` over f16 rows,
+    /// one query row at a time: scores, softmax, weighted values, per head.
+    ///
+    /// A row's result depends only on its position and the cached rows before it, never
+    /// on how many rows share the chunk. So a prompt computed in any split (a cached
+    /// prefix, a chunk, one decoded token at a time) gives the same keys, values and
+    /// logits bit for bit, which is what lets prefix caching reuse any cached prefix.
+    fn rows16(
         &self,
         (k, v): (&[::half::f16], &[::half::f16]),
         q: &Tensor,
-        (pos, first): (usize, usize),
+        pos: usize,
+        window: Option<usize>,
     ) -> Result<Tensor, EngineError> {
-        let (_, n_head, _, hd) = q.dims4()?;
+        let (_, n_head, t, hd) = q.dims4()?;
         let q = q.flatten_all()?.to_vec1::<f32>()?;
-        let n_rep = n_head / self.kv_heads.max(1);
+        let n_rep = (n_head / self.kv_heads.max(1)).max(1);
         let scale = (hd as f32).sqrt();
-        let mut out = vec![0f32; n_head * hd];
-        let mut scores = Vec::with_capacity(pos + 1 - first);
-        for (h, (q, o)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
-            let base = (h / n_rep.max(1)) * self.capacity * hd;
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for j in first..=pos {
-                let s = half::dot(q, &k[base + j * hd..base + (j + 1) * hd]) / scale;
-                max = max.max(s);
-                scores.push(s);
+        let capacity = self.capacity;
+        let mut out = vec![0f32; t * n_head * hd];
+        let row = |(i, out): (usize, &mut [f32])| {
+            let at = pos + i;
+            let first = window.map_or(0, |w| (at + 1).saturating_sub(w));
+            let mut scores = Vec::with_capacity(at + 1 - first);
+            for (h, o) in out.chunks_exact_mut(hd).enumerate() {
+                let q = &q[(h * t + i) * hd..(h * t + i + 1) * hd];
+                let base = (h / n_rep) * capacity * hd;
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for j in first..=at {
+                    let s = half::dot(q, &k[base + j * hd..base + (j + 1) * hd]) / scale;
+                    max = max.max(s);
+                    scores.push(s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for (s, j) in scores.iter().zip(first..=at) {
+                    half::axpy(s / sum, &v[base + j * hd..base + (j + 1) * hd], o);
+                }
             }
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            for (s, j) in scores.iter().zip(first..=pos) {
-                half::axpy(s / sum, &v[base + j * hd..base + (j + 1) * hd], o);
-            }
+        };
+        if t == 1 {
+            out.chunks_exact_mut(n_head * hd).enumerate().for_each(row);
+        } else {
+            out.par_chunks_exact_mut(n_head * hd)
+                .enumerate()
+                .for_each(row);
         }
-        Ok(Tensor::from_vec(out, (1, 1, n_head * hd), &Device::Cpu)?)
+        Ok(Tensor::from_vec(out, (1, t, n_head * hd), &Device::Cpu)?)
     }
 }
 

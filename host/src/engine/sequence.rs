@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use super::batcher::{BatcherConfig, FinishReason, GenEvent, Sampling};
 use super::constraint::{self, Rule, TokenConstraint, MAX_FORCED};
+use super::logprobs::{self, Logprob};
 use super::sampling::Sampler;
 use super::shaping::{self, Seen, Shaping};
 use super::{EngineError, Model};
@@ -35,6 +36,15 @@ pub(super) struct Sequence {
     pub(super) constraint: Option<Box<dyn TokenConstraint>>,
     /// The constraint's rule for the next sampled token, asked for ahead.
     pub(super) rule: Option<Rule>,
+    /// Each generated token's log-probability, with this many alternatives. Forced
+    /// tokens then go one a forward, so each has the logits it is scored by.
+    pub(super) logprobs: Option<usize>,
+    /// The prompt's own log-probabilities are wanted (`echo`).
+    pub(super) echo: bool,
+    /// Where the prompt chunk of this step's rows started, when they are to be echoed.
+    pub(super) echoed: Option<usize>,
+    /// `(group, index)` of one of a request's `n` choices.
+    pub(super) choice: Option<(u64, usize)>,
     /// Forward passes this sequence was part of.
     pub(super) forwards: usize,
     pub(super) events: mpsc::UnboundedSender<GenEvent>,
@@ -64,8 +74,13 @@ impl Sequence {
 
     /// Reports `token` as generated and queues it as input; `Done` when the client left
     /// or a limit is reached.
-    fn append(&mut self, config: &BatcherConfig, token: u32) -> Option<Step> {
-        if self.events.send(GenEvent::Token(token)).is_err() {
+    fn append(
+        &mut self,
+        config: &BatcherConfig,
+        token: u32,
+        logprob: Option<Logprob>,
+    ) -> Option<Step> {
+        if self.events.send(GenEvent::Token(token, logprob)).is_err() {
             return Some(Step::Done);
         }
         self.generated += 1;
@@ -100,14 +115,26 @@ pub(super) fn advance(
         panic!("fault injected by --fault-injection");
     }
     seq.input.clear();
+    if seq.max_tokens == 0 {
+        // `echo` with nothing to generate: the prompt's log-probabilities were the answer.
+        return Ok(seq.finish(FinishReason::Length));
+    }
     let rule = match (&mut seq.constraint, seq.rule.take()) {
         (None, _) => Rule::Any,
         (Some(_), Some(rule)) => rule,
         (Some(c), None) => c.next().map_err(EngineError::Constraint)?,
     };
+    let mut rest = None;
     let token = match rule {
         Rule::Stop => return Ok(seq.finish(FinishReason::Stop)),
-        Rule::Forced(tokens) => return force(model, config, seq, tokens),
+        Rule::Forced(tokens) if seq.logprobs.is_none() => return force(model, config, seq, tokens),
+        Rule::Forced(mut tokens) => {
+            // Scored one at a time: the first now, the rest after the next forwards.
+            check_forced(model, &tokens)?;
+            let first = tokens.remove(0);
+            rest = (!tokens.is_empty()).then_some(Rule::Forced(tokens));
+            first
+        }
         // Nothing to change: candle's tensor goes straight to the sampler.
         Rule::Any if seq.shaping.is_none() => seq.sampler.sample(logits)?,
         rule => {
@@ -132,25 +159,28 @@ pub(super) fn advance(
     if model.tokenizer.is_end(token) {
         return Ok(seq.finish(FinishReason::Stop));
     }
-    if let Some(step) = seq.append(config, token) {
+    let logprob = match seq.logprobs {
+        Some(top) => Some(logprobs::of(&logits.to_vec1::<f32>()?, token, top)),
+        None => None,
+    };
+    if let Some(step) = seq.append(config, token, logprob) {
         return Ok(step);
     }
     match &mut seq.constraint {
         Some(c) => {
             c.taken(&[token]).map_err(EngineError::Constraint)?;
+            if rest.is_some() {
+                seq.rule = rest;
+                return Ok(Step::Continue);
+            }
             ask_ahead(model, config, seq)
         }
         None => Ok(Step::Continue),
     }
 }
 
-/// Appends the tokens a constraint forced, then asks it what follows them.
-fn force(
-    model: &Model,
-    config: &BatcherConfig,
-    seq: &mut Sequence,
-    tokens: Vec<u32>,
-) -> Result<Step, EngineError> {
+/// Refuses a forced run that is empty, too long, or outside the vocabulary.
+fn check_forced(model: &Model, tokens: &[u32]) -> Result<(), EngineError> {
     if tokens.is_empty() || tokens.len() > MAX_FORCED {
         return Err(EngineError::Constraint(
             format!(
@@ -166,13 +196,24 @@ fn force(
             format!("the constraint forced token {bad}, outside the vocabulary of {vocab}").into(),
         ));
     }
+    Ok(())
+}
+
+/// Appends the tokens a constraint forced, then asks it what follows them.
+fn force(
+    model: &Model,
+    config: &BatcherConfig,
+    seq: &mut Sequence,
+    tokens: Vec<u32>,
+) -> Result<Step, EngineError> {
+    check_forced(model, &tokens)?;
     let mut taken = Vec::with_capacity(tokens.len());
     for &token in &tokens {
         if model.tokenizer.is_end(token) {
             return Ok(seq.finish(FinishReason::Stop));
         }
         taken.push(token);
-        if let Some(step) = seq.append(config, token) {
+        if let Some(step) = seq.append(config, token, None) {
             return Ok(step);
         }
     }
@@ -198,7 +239,7 @@ fn ask_ahead(
     }
     match c.next().map_err(EngineError::Constraint)? {
         Rule::Stop => Ok(seq.finish(FinishReason::Stop)),
-        Rule::Forced(tokens) => force(model, config, seq, tokens),
+        Rule::Forced(tokens) if seq.logprobs.is_none() => force(model, config, seq, tokens),
         rule => {
             seq.rule = Some(rule);
             Ok(Step::Continue)

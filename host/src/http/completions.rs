@@ -1,38 +1,29 @@
 //! `POST /v1/completions` and `POST /v1/chat/completions`: parse and validate, let the
-//! policy plugin turn the prompt into tokens, then answer as one JSON body or as
-//! server-sent events ending in `[DONE]`.
+//! policy plugin turn the prompt into tokens, then queue a generation per choice and
+//! answer (`answer.rs`).
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
-use futures_util::stream::{self, Stream, StreamExt};
-use serde_json::{json, Value};
+use axum::Extension;
+use futures_util::future::try_join_all;
 
+use super::answer::{self, Api, Shape};
 use super::error::ApiError;
-use super::generate::{Generation, Piece};
+use super::generate::{Generation, Prepared};
 use super::observe::{RequestInfo, ServingPlugin};
 use super::types::{
-    fields, parse_body, ChatRequest, CommonParams, CompletionRequest, Prompt, Usage, Validated,
+    fields, parse_body, ChatRequest, CommonParams, CompletionRequest, Prompt, Validated,
 };
 use super::AppState;
 use crate::engine::constraint::TokenConstraint;
 use crate::engine::{EngineError, Fault};
 use crate::plugins::types::{self as plugin, PolicyRequest};
 use crate::plugins::{LoadedPlugin, PluginError, Session};
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Api {
-    Completion,
-    Chat,
-}
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
@@ -43,7 +34,9 @@ pub async fn completions(
     let parsed = body_bytes(&state, body).and_then(|b| {
         let body = parse_body(&b)?;
         let req: CompletionRequest = fields(&body)?;
-        let params = fields::<CommonParams>(&body)?.validate(&state.model_name, &state.limits)?;
+        let scoring = req.scoring()?;
+        let params =
+            fields::<CommonParams>(&body)?.validate(&state.model_name, &state.limits, scoring)?;
         let prompt = completion_prompt(&state, req.prompt)?;
         Ok((prompt, params))
     });
@@ -59,7 +52,9 @@ pub async fn chat_completions(
     let parsed = body_bytes(&state, body).and_then(|b| {
         let body = parse_body(&b)?;
         let req: ChatRequest = fields(&body)?;
-        let params = fields::<CommonParams>(&body)?.validate(&state.model_name, &state.limits)?;
+        let scoring = req.scoring()?;
+        let params =
+            fields::<CommonParams>(&body)?.validate(&state.model_name, &state.limits, scoring)?;
         Ok((plugin::Prompt::Chat(req.chat_messages()?), params))
     });
     respond(state, info, serving, Api::Chat, parsed).await
@@ -190,10 +185,28 @@ async fn respond(
     api: Api,
     parsed: Result<(plugin::Prompt, Validated), ApiError>,
 ) -> Response {
+    let text = match &parsed {
+        Ok((plugin::Prompt::Text(t), _)) => Some(t.clone()),
+        _ => None,
+    };
     match start(state.clone(), info, serving, parsed).await {
         Err(e) => e.into_response(),
-        Ok((generation, params)) if params.stream => stream(state, api, generation, params),
-        Ok((generation, _)) => whole(state, api, generation).await,
+        Ok((generations, params, prompt)) => {
+            let echo = params
+                .scoring
+                .echo
+                .then(|| answer::echo_of(text.as_deref(), &state.model.tokenizer, &prompt));
+            let shape = Shape {
+                api,
+                logprobs: params.scoring.logprobs.is_some(),
+                echo: echo.flatten(),
+            };
+            if params.stream {
+                answer::stream(state, shape, generations, &params)
+            } else {
+                answer::whole(state, shape, generations).await
+            }
+        }
     }
 }
 
@@ -204,7 +217,7 @@ async fn start(
     info: Arc<RequestInfo>,
     serving: ServingPlugin,
     parsed: Result<(plugin::Prompt, Validated), ApiError>,
-) -> Result<(Generation, Validated), ApiError> {
+) -> Result<(Vec<Generation>, Validated, Vec<u32>), ApiError> {
     let (prompt, params) = parsed?;
     if state.draining() {
         return Err(EngineError::ShuttingDown.into());
@@ -226,26 +239,41 @@ async fn start(
     }
     let work = async {
         let mut session = Session::open(&state.plugins, plugin.clone()).await?;
-        // The constraint starts (its grammar compiles) in its own instance while the
-        // policy tokenizes the prompt: neither waits for the other.
-        let constraint = async {
-            match &params.format {
-                Some((format, param)) => constrain(&state, &plugin, format, param).await.map(Some),
-                None => Ok(None),
-            }
+        // Each constraint starts (its grammar compiles) in its own instance while the
+        // policy tokenizes the prompt: neither waits for the other. Choices after the
+        // first post-process in instances of their own.
+        let constraints = async {
+            try_join_all((0..params.n).map(|_| async {
+                match &params.format {
+                    Some((format, param)) => {
+                        constrain(&state, &plugin, format, param).await.map(Some)
+                    }
+                    None => Ok(None),
+                }
+            }))
+            .await
         };
-        let (policy, constraint) = tokio::join!(
+        let others =
+            try_join_all((1..params.n).map(|_| Session::open(&state.plugins, plugin.clone())));
+        let (policy, constraints, others) = tokio::join!(
             apply_policy(&state, &mut session, prompt, params.max_tokens),
-            constraint
+            constraints,
+            others
         );
-        let ((ids, reported), constraint) = (policy?, constraint?);
-        let start = (ids, reported, constraint);
-        Generation::start(state.clone(), info, session, start, &params, fault).await
+        let ((ids, reported), constraints) = (policy?, constraints?);
+        let sessions = std::iter::once(session).chain(others?);
+        let prepared = Prepared {
+            prompt: ids.clone(),
+            reported,
+            choices: sessions.zip(constraints).collect(),
+        };
+        let generations = Generation::start(state.clone(), info, prepared, &params, fault).await?;
+        Ok::<_, ApiError>((generations, ids))
     };
-    let generation = tokio::time::timeout_at(deadline, work)
+    let (generations, ids) = tokio::time::timeout_at(deadline, work)
         .await
         .map_err(|_| ApiError::Timeout(state.limits.request_timeout.as_secs()))??;
-    Ok((generation, params))
+    Ok((generations, params, ids))
 }
 
 /// The request's constraint, started on its format by a warm instance of the plugin;
@@ -291,160 +319,4 @@ fn fault(state: &AppState, prompt: &plugin::Prompt) -> Option<Fault> {
         plugin::Prompt::Text(t) if t == "lynx-fault:scheduler-stop" => Some(Fault::StopScheduler),
         _ => None,
     }
-}
-
-fn created() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn new_id(api: Api) -> String {
-    let prefix = match api {
-        Api::Completion => "cmpl",
-        Api::Chat => "chatcmpl",
-    };
-    format!("{prefix}-{:032x}", rand::random::<u128>())
-}
-
-async fn whole(state: Arc<AppState>, api: Api, mut generation: Generation) -> Response {
-    let mut text = String::new();
-    let (reason, usage) = loop {
-        match generation.next().await {
-            Some(Piece::Text(t)) => text.push_str(&t),
-            Some(Piece::Finished { reason, usage }) => break (reason, usage),
-            Some(Piece::Failed(e)) => return e.into_response(),
-            None => return ApiError::Engine(EngineError::Stopped).into_response(),
-        }
-    };
-    let choice = match api {
-        Api::Completion => json!({
-            "index": 0, "text": text, "logprobs": null, "finish_reason": reason.as_str()
-        }),
-        Api::Chat => json!({
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": null,
-            "finish_reason": reason.as_str()
-        }),
-    };
-    let object = match api {
-        Api::Completion => "text_completion",
-        Api::Chat => "chat.completion",
-    };
-    Json(json!({
-        "id": new_id(api),
-        "object": object,
-        "created": created(),
-        "model": &*state.model_name,
-        "choices": [choice],
-        "usage": usage,
-    }))
-    .into_response()
-}
-
-/// The envelope every chunk of one stream shares.
-struct Chunks {
-    api: Api,
-    id: String,
-    created: u64,
-    model: String,
-}
-
-impl Chunks {
-    fn object(&self) -> &'static str {
-        match self.api {
-            Api::Completion => "text_completion",
-            Api::Chat => "chat.completion.chunk",
-        }
-    }
-
-    fn choice(&self, text: Option<&str>, finish: Option<&str>, first: bool) -> Value {
-        match self.api {
-            Api::Completion => json!({
-                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish
-            }),
-            Api::Chat => {
-                let mut delta = serde_json::Map::new();
-                if first {
-                    delta.insert("role".into(), json!("assistant"));
-                }
-                if let Some(t) = text {
-                    delta.insert("content".into(), json!(t));
-                }
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
-            }
-        }
-    }
-
-    fn event(&self, choices: Vec<Value>, usage: Option<Usage>) -> Event {
-        let mut chunk = json!({
-            "id": self.id, "object": self.object(), "created": self.created,
-            "model": self.model, "choices": choices,
-        });
-        if let Some(usage) = usage {
-            chunk["usage"] = json!(usage);
-        }
-        Event::default().data(chunk.to_string())
-    }
-}
-
-fn stream(state: Arc<AppState>, api: Api, generation: Generation, params: Validated) -> Response {
-    let chunks = Chunks {
-        api,
-        id: new_id(api),
-        created: created(),
-        model: state.model_name.to_string(),
-    };
-    let events = sse_events(chunks, generation, params.include_usage);
-    Sse::new(events).into_response()
-}
-
-fn sse_events(
-    chunks: Chunks,
-    generation: Generation,
-    include_usage: bool,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    // The chat API opens with the assistant role; completions go straight to text.
-    let first = chunks.api == Api::Chat;
-    stream::unfold(
-        (chunks, generation, first, false),
-        move |(chunks, mut generation, first, ended)| async move {
-            if ended {
-                return None;
-            }
-            let mut out = Vec::new();
-            if first {
-                out.push(chunks.event(vec![chunks.choice(Some(""), None, true)], None));
-            }
-            let mut ended = false;
-            match generation.next().await {
-                Some(Piece::Text(t)) => {
-                    out.push(chunks.event(vec![chunks.choice(Some(&t), None, false)], None));
-                }
-                Some(Piece::Finished { reason, usage }) => {
-                    let text = (chunks.api == Api::Completion).then_some("");
-                    out.push(chunks.event(
-                        vec![chunks.choice(text, Some(reason.as_str()), false)],
-                        None,
-                    ));
-                    if include_usage {
-                        out.push(chunks.event(vec![], Some(usage)));
-                    }
-                    out.push(Event::default().data("[DONE]"));
-                    ended = true;
-                }
-                Some(Piece::Failed(e)) => {
-                    out.push(Event::default().data(json!(e.body()).to_string()));
-                    ended = true;
-                }
-                None => ended = true,
-            }
-            Some((
-                stream::iter(out.into_iter().map(Ok)),
-                (chunks, generation, false, ended),
-            ))
-        },
-    )
-    .flatten()
 }

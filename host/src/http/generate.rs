@@ -4,6 +4,9 @@
 //! host records itself, so the metrics stay exact. Streaming and non-streaming responses
 //! both read this, so they cannot differ.
 //!
+//! A request with `n` choices has a generation per choice, each with its own plugin
+//! instance for post-processing, submitted to the scheduler together.
+//!
 //! Under `--plugin-failure-policy open`, a post-processing failure mid-generation does
 //! not end the request: the default plugin's post-processing, run by the host, carries
 //! on from the failed token (text the plugin held back is lost), and it is logged.
@@ -16,9 +19,10 @@ use rand::Rng;
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
-use super::types::{Usage, Validated};
+use super::types::{PromptTokensDetails, Usage, Validated};
 use super::AppState;
 use crate::engine::constraint::TokenConstraint;
+use crate::engine::logprobs::Logprob;
 use crate::engine::tokenizer::Tokenizer;
 use crate::engine::{EngineError, Fault, FinishReason, GenEvent, GenerateRequest, Sampling};
 use crate::metrics;
@@ -28,9 +32,25 @@ use crate::telemetry::{RequestInfo, TokenEvents};
 
 #[derive(Debug)]
 pub enum Piece {
-    Text(String),
-    Finished { reason: FinishReason, usage: Usage },
+    /// Log-probabilities of the prompt's tokens from the second on (`echo`).
+    Prompt(Vec<Logprob>),
+    /// Text released, with the log-probabilities of the tokens it came from (when asked
+    /// for; a token whose text is held back goes with the text that releases it).
+    Text(String, Vec<Logprob>),
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
     Failed(ApiError),
+}
+
+/// What a request's choices share once the policy has run: the prompt, and a plugin
+/// instance and constraint for each choice.
+pub struct Prepared {
+    pub prompt: Vec<u32>,
+    /// The prompt length the plugin reported.
+    pub reported: Option<u32>,
+    pub choices: Vec<(Session, Option<Box<dyn TokenConstraint>>)>,
 }
 
 pub struct Generation {
@@ -38,7 +58,13 @@ pub struct Generation {
     rx: mpsc::UnboundedReceiver<GenEvent>,
     session: Session,
     prompt_tokens: usize,
+    /// Prompt tokens the prefix cache gave.
+    cached_tokens: usize,
+    /// The request's first choice (the others fork from it).
+    first: bool,
     completion_tokens: usize,
+    /// Log-probabilities of tokens whose text is not released yet.
+    pending: Vec<Logprob>,
     ready: VecDeque<Piece>,
     done: bool,
     /// The plugin ended generation: waiting for the scheduler to release the slot.
@@ -81,57 +107,22 @@ impl HostPost {
 }
 
 impl Generation {
-    /// Checks the prompt against the context, then queues it with its constraint, if
-    /// any. `reported` is the prompt length the plugin reported.
+    /// Checks the prompt against the context, then queues each choice with its
+    /// constraint, if any, all together.
     pub async fn start(
         state: Arc<AppState>,
         info: Arc<RequestInfo>,
-        mut session: Session,
-        (prompt, reported, constraint): (Vec<u32>, Option<u32>, Option<Box<dyn TokenConstraint>>),
+        prepared: Prepared,
         params: &Validated,
         fault: Option<Fault>,
-    ) -> Result<Self, ApiError> {
-        let context = state.batcher.config().max_seq_len;
+    ) -> Result<Vec<Self>, ApiError> {
+        let Prepared {
+            prompt,
+            reported,
+            choices,
+        } = prepared;
         let n = prompt.len();
-        if n == 0 {
-            return Err(ApiError::invalid("The prompt is empty.", Some("prompt")));
-        }
-        if n >= context {
-            return Err(ApiError::InvalidRequest {
-                message: format!(
-                    "This model's maximum context length is {context} tokens; the prompt has {n} tokens, leaving no room for a completion."
-                ),
-                param: Some("prompt".into()),
-                code: Some("context_length_exceeded".into()),
-            });
-        }
-        let vocab = state.model.tokenizer.vocab_size();
-        if let Some((bad, _)) = params
-            .shaping
-            .logit_bias
-            .iter()
-            .find(|(t, _)| *t as usize >= vocab)
-        {
-            return Err(ApiError::invalid(
-                format!("`logit_bias` names token {bad}, outside the vocabulary of {vocab}."),
-                Some("logit_bias"),
-            ));
-        }
-        let cap = state.limits.max_tokens;
-        let max_tokens = match params.max_tokens {
-            Some(m) if n.saturating_add(m) > context => {
-                return Err(ApiError::InvalidRequest {
-                    message: format!(
-                        "This model's maximum context length is {context} tokens; you requested {} tokens ({n} in the prompt, {m} for the completion).",
-                        n.saturating_add(m)
-                    ),
-                    param: Some("max_tokens".into()),
-                    code: Some("context_length_exceeded".into()),
-                })
-            }
-            Some(m) => m,
-            None => (context - n).min(cap),
-        };
+        let max_tokens = check(&state, n, params)?;
         let config = PostConfig {
             stops: params.stops.clone(),
         };
@@ -139,39 +130,67 @@ impl Generation {
             model_name: state.model_name.clone(),
             info: info.clone(),
         };
-        let post = if state.limits.postprocess_fail_open {
-            Post::PluginOrHost(HostPost {
-                tokenizer: state.model.tokenizer.clone(),
-                events: sink.clone(),
-                text: TextStream::new(params.stops.clone()),
-            })
-        } else {
-            Post::Plugin
-        };
-        session
-            .call(move |s| {
-                s.set_sink(sink);
-                s.start(&config)
-            })
-            .await?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let sampling = Sampling {
-            temperature: params.temperature,
-            top_p: params.top_p,
-            seed: params.seed.unwrap_or_else(|| rand::rng().random()),
-        };
-        state.batcher.submit(GenerateRequest {
-            prompt,
-            max_tokens,
-            sampling,
-            events: tx,
-            shaping: params.shaping.clone(),
-            constraint,
-            fault,
-        })?;
+        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
+        let group = (choices.len() > 1).then(|| rand::rng().random::<u64>());
+        let deadline = tokio::time::Instant::from_std(info.start) + state.limits.request_timeout;
+        let mut requests = Vec::with_capacity(choices.len());
+        let mut generations = Vec::with_capacity(choices.len());
+        for (index, (mut session, constraint)) in choices.into_iter().enumerate() {
+            let post = if state.limits.postprocess_fail_open {
+                Post::PluginOrHost(HostPost {
+                    tokenizer: state.model.tokenizer.clone(),
+                    events: sink.clone(),
+                    text: TextStream::new(params.stops.clone()),
+                })
+            } else {
+                Post::Plugin
+            };
+            let (config, sink) = (config.clone(), sink.clone());
+            session
+                .call(move |s| {
+                    s.set_sink(sink);
+                    s.start(&config)
+                })
+                .await?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            requests.push(GenerateRequest {
+                prompt: prompt.clone(),
+                max_tokens,
+                sampling: Sampling {
+                    temperature: params.temperature,
+                    top_p: params.top_p,
+                    // Each choice its own stream, reproducible from the request's seed.
+                    seed: seed.wrapping_add(index as u64),
+                },
+                events: tx,
+                shaping: params.shaping.clone(),
+                constraint,
+                logprobs: params.scoring.logprobs,
+                echo: params.scoring.echo && index == 0,
+                choice: group.map(|g| (g, index)),
+                fault,
+            });
+            generations.push(Self {
+                info: info.clone(),
+                rx,
+                session,
+                prompt_tokens: n,
+                cached_tokens: 0,
+                first: index == 0,
+                completion_tokens: 0,
+                pending: Vec::new(),
+                ready: VecDeque::new(),
+                done: false,
+                stopping: false,
+                deadline,
+                timeout_secs: state.limits.request_timeout.as_secs(),
+                post,
+            });
+        }
+        state.batcher.submit_all(requests)?;
         if reported != u32::try_from(n).ok() {
             tracing::warn!(
-                plugin = session.plugin_name(),
+                plugin = generations.first().map_or("", |g| g.session.plugin_name()),
                 ?reported,
                 actual = n,
                 "plugin misreported the prompt length; recording the actual length"
@@ -179,20 +198,7 @@ impl Generation {
         }
         metrics::record_prompt_tokens(&state.model_name, n);
         info.set_prompt_tokens(n);
-        let deadline = tokio::time::Instant::from_std(info.start) + state.limits.request_timeout;
-        Ok(Self {
-            info,
-            rx,
-            session,
-            prompt_tokens: n,
-            completion_tokens: 0,
-            ready: VecDeque::new(),
-            done: false,
-            stopping: false,
-            deadline,
-            timeout_secs: state.limits.request_timeout.as_secs(),
-            post,
-        })
+        Ok(generations)
     }
 
     fn usage(&self) -> Usage {
@@ -200,6 +206,9 @@ impl Generation {
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
             total_tokens: self.prompt_tokens + self.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: self.cached_tokens,
+            },
         }
     }
 
@@ -230,9 +239,17 @@ impl Generation {
             return;
         }
         match event {
-            Some(GenEvent::Token(id)) => {
+            Some(GenEvent::Started { cached }) => {
+                if self.first {
+                    self.info.set_cached_tokens(cached);
+                }
+                self.cached_tokens = cached;
+            }
+            Some(GenEvent::Prompt(values)) => self.ready.push_back(Piece::Prompt(values)),
+            Some(GenEvent::Token(id, logprob)) => {
                 self.completion_tokens += 1;
-                self.info.set_completion_tokens(self.completion_tokens);
+                self.info.add_completion_token();
+                self.pending.extend(logprob);
                 let released = match &mut self.post {
                     Post::Host(host) => Ok(host.push(id, false)),
                     _ => self
@@ -305,11 +322,16 @@ impl Generation {
 
     fn release(&mut self, text: String) {
         if !text.is_empty() {
-            self.ready.push_back(Piece::Text(text));
+            let logprobs = std::mem::take(&mut self.pending);
+            self.ready.push_back(Piece::Text(text, logprobs));
         }
     }
 
     fn finish(&mut self, reason: FinishReason) {
+        if !self.pending.is_empty() {
+            let logprobs = std::mem::take(&mut self.pending);
+            self.ready.push_back(Piece::Text(String::new(), logprobs));
+        }
         let usage = self.usage();
         self.ready.push_back(Piece::Finished { reason, usage });
         self.done = true;
@@ -326,4 +348,49 @@ fn engine_failure(e: EngineError) -> ApiError {
         },
         e => e.into(),
     }
+}
+
+/// Checks a prompt of `n` tokens and the request's settings against the model; returns
+/// the most tokens to generate.
+fn check(state: &AppState, n: usize, params: &Validated) -> Result<usize, ApiError> {
+    let context = state.batcher.config().max_seq_len;
+    if n == 0 {
+        return Err(ApiError::invalid("The prompt is empty.", Some("prompt")));
+    }
+    if n >= context {
+        return Err(ApiError::InvalidRequest {
+            message: format!(
+                "This model's maximum context length is {context} tokens; the prompt has {n} tokens, leaving no room for a completion."
+            ),
+            param: Some("prompt".into()),
+            code: Some("context_length_exceeded".into()),
+        });
+    }
+    let vocab = state.model.tokenizer.vocab_size();
+    if let Some((bad, _)) = params
+        .shaping
+        .logit_bias
+        .iter()
+        .find(|(t, _)| *t as usize >= vocab)
+    {
+        return Err(ApiError::invalid(
+            format!("`logit_bias` names token {bad}, outside the vocabulary of {vocab}."),
+            Some("logit_bias"),
+        ));
+    }
+    let cap = state.limits.max_tokens;
+    Ok(match params.max_tokens {
+        Some(m) if n.saturating_add(m) > context => {
+            return Err(ApiError::InvalidRequest {
+                message: format!(
+                    "This model's maximum context length is {context} tokens; you requested {} tokens ({n} in the prompt, {m} for the completion).",
+                    n.saturating_add(m)
+                ),
+                param: Some("max_tokens".into()),
+                code: Some("context_length_exceeded".into()),
+            })
+        }
+        Some(m) => m,
+        None => (context - n).min(cap),
+    })
 }

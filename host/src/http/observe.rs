@@ -103,6 +103,7 @@ impl Drop for Done {
             method = %self.method,
             status = %self.status,
             prompt_tokens = self.info.prompt_tokens(),
+            cached_tokens = self.info.cached_tokens(),
             completion_tokens = self.info.completion_tokens(),
             ttft_ms = self.info.ttft().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
             duration_ms = elapsed.as_secs_f64() * 1000.0,

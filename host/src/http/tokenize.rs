@@ -63,7 +63,14 @@ async fn run_tokenize(
     check_model(req.model.as_deref(), &state.model_name)?;
     let prompt = match (req.prompt, req.messages) {
         (Some(text), None) => Prompt::Text(text),
-        (None, Some(messages)) => Prompt::Chat(ChatRequest { messages }.chat_messages()?),
+        (None, Some(messages)) => Prompt::Chat(
+            ChatRequest {
+                messages,
+                logprobs: None,
+                top_logprobs: None,
+            }
+            .chat_messages()?,
+        ),
         _ => {
             return Err(ApiError::invalid(
                 "Give exactly one of `prompt` and `messages`.",

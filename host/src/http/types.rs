@@ -82,11 +82,77 @@ pub struct JsonSchemaFormat {
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: Prompt,
+    /// 0 to 5: each token's log-probability, with this many alternatives.
+    pub logprobs: Option<i64>,
+    /// The prompt comes back before the completion, with its log-probabilities.
+    pub echo: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<WireMessage>,
+    pub logprobs: Option<bool>,
+    /// 0 to 20 alternatives per token; needs `logprobs: true`.
+    pub top_logprobs: Option<i64>,
+}
+
+/// What a route asks of log-probabilities, read from its own fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scoring {
+    /// Each generated token's log-probability, with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// The prompt's too (completions' `echo`).
+    pub echo: bool,
+}
+
+/// The most alternatives per token: OpenAI's limits for each route.
+pub const MAX_COMPLETION_LOGPROBS: i64 = 5;
+pub const MAX_TOP_LOGPROBS: i64 = 20;
+
+impl CompletionRequest {
+    pub fn scoring(&self) -> Result<Scoring, ApiError> {
+        let logprobs = match self.logprobs {
+            None => None,
+            Some(k) if (0..=MAX_COMPLETION_LOGPROBS).contains(&k) => Some(k as usize),
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "`logprobs` must be between 0 and {MAX_COMPLETION_LOGPROBS} (got {k})."
+                    ),
+                    Some("logprobs"),
+                ))
+            }
+        };
+        Ok(Scoring {
+            logprobs,
+            echo: self.echo.unwrap_or(false),
+        })
+    }
+}
+
+impl ChatRequest {
+    pub fn scoring(&self) -> Result<Scoring, ApiError> {
+        let top = match self.top_logprobs {
+            None => 0,
+            Some(_) if self.logprobs != Some(true) => {
+                return Err(ApiError::invalid(
+                    "`top_logprobs` needs `logprobs` to be true.",
+                    Some("top_logprobs"),
+                ))
+            }
+            Some(k) if (0..=MAX_TOP_LOGPROBS).contains(&k) => k as usize,
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS} (got {k})."),
+                    Some("top_logprobs"),
+                ))
+            }
+        };
+        Ok(Scoring {
+            logprobs: (self.logprobs == Some(true)).then_some(top),
+            echo: false,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,7 +216,13 @@ pub struct Validated {
     pub format: Option<(OutputFormat, &'static str)>,
     /// Penalties, bias, top-k, min-p, end-token rules.
     pub shaping: Shaping,
+    /// Choices to generate from the one prompt.
+    pub n: usize,
+    pub scoring: Scoring,
 }
+
+/// The most choices (`n`) one request may ask for.
+pub const MAX_N: i64 = 16;
 
 /// The most stop sequences a request may give (as OpenAI).
 pub const MAX_STOPS: usize = 4;
@@ -362,21 +434,27 @@ fn schema_text(schema: &serde_json::Value, param: &str) -> Result<String, ApiErr
 }
 
 impl CommonParams {
-    pub fn validate(&self, served_model: &str, limits: &Limits) -> Result<Validated, ApiError> {
+    pub fn validate(
+        &self,
+        served_model: &str,
+        limits: &Limits,
+        scoring: Scoring,
+    ) -> Result<Validated, ApiError> {
         check_model(self.model.as_deref(), served_model)?;
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(ApiError::invalid(
-                    format!("`n` must be 1 (got {n}): one completion per request is served."),
-                    Some("n"),
-                ));
-            }
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_N).contains(&n) {
+            return Err(ApiError::invalid(
+                format!("`n` must be between 1 and {MAX_N} (got {n})."),
+                Some("n"),
+            ));
         }
         let (max_tokens, param) = match (self.max_completion_tokens, self.max_tokens) {
             (Some(m), _) => (Some(m), "max_completion_tokens"),
             (None, m) => (m, "max_tokens"),
         };
         let max_tokens = match max_tokens {
+            // With `echo`, the prompt's log-probabilities alone are an answer.
+            Some(0) if scoring.echo => Some(0),
             Some(m) if m <= 0 => {
                 return Err(ApiError::invalid(
                     format!("`{param}` must be at least 1 (got {m})."),
@@ -442,6 +520,8 @@ impl CommonParams {
         Ok(Validated {
             format,
             shaping,
+            n: n as usize,
+            scoring,
             max_tokens,
             temperature,
             top_p,
@@ -507,6 +587,27 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+impl Usage {
+    /// A request's usage from its choices' own: the prompt counted once (with the
+    /// first choice's cached tokens), the completions summed.
+    pub fn of_choices(choices: &[Usage]) -> Option<Usage> {
+        let first = choices.first()?;
+        let completion_tokens = choices.iter().map(|u| u.completion_tokens).sum();
+        Some(Usage {
+            completion_tokens,
+            total_tokens: first.prompt_tokens + completion_tokens,
+            ..*first
+        })
+    }
 }
 
 #[cfg(test)]
@@ -526,7 +627,7 @@ mod tests {
     }
 
     fn common(json: &str) -> Result<Validated, ApiError> {
-        parse::<CommonParams>(json.as_bytes())?.validate("m", &default_limits())
+        parse::<CommonParams>(json.as_bytes())?.validate("m", &default_limits(), Scoring::default())
     }
 
     #[test]
@@ -541,8 +642,51 @@ mod tests {
         assert!(err.to_string().contains("JSON object"), "{err}");
         let err = common(r#"{"max_tokens":0}"#).unwrap_err();
         assert!(err.to_string().contains("max_tokens"), "{err}");
-        let err = common(r#"{"n":2}"#).unwrap_err();
-        assert!(err.to_string().contains("`n`"), "{err}");
+        for n in ["0", "17", "-1"] {
+            let err = common(&format!(r#"{{"n":{n}}}"#)).unwrap_err();
+            assert!(err.to_string().contains("`n`"), "{err}");
+        }
+        assert_eq!(common(r#"{"n":4}"#).unwrap().n, 4);
+        let echo = Scoring {
+            logprobs: Some(1),
+            echo: true,
+        };
+        let zero = parse::<CommonParams>(br#"{"max_tokens":0}"#).unwrap();
+        assert_eq!(
+            zero.validate("m", &default_limits(), echo)
+                .unwrap()
+                .max_tokens,
+            Some(0),
+            "echo may ask for no completion"
+        );
+        for (body, param) in [
+            (r#"{"prompt":"a","logprobs":6}"#, "logprobs"),
+            (r#"{"prompt":"a","logprobs":-1}"#, "logprobs"),
+        ] {
+            let err = parse::<CompletionRequest>(body.as_bytes())
+                .unwrap()
+                .scoring()
+                .unwrap_err();
+            assert!(err.to_string().contains(param), "{body}: {err}");
+        }
+        for (body, param) in [
+            (
+                r#"{"messages":[],"logprobs":true,"top_logprobs":21}"#,
+                "top_logprobs",
+            ),
+            (r#"{"messages":[],"top_logprobs":2}"#, "top_logprobs"),
+        ] {
+            let err = parse::<ChatRequest>(body.as_bytes())
+                .unwrap()
+                .scoring()
+                .unwrap_err();
+            assert!(err.to_string().contains(param), "{body}: {err}");
+        }
+        let chat = parse::<ChatRequest>(br#"{"messages":[],"logprobs":true,"top_logprobs":3}"#)
+            .unwrap()
+            .scoring()
+            .unwrap();
+        assert_eq!(chat.logprobs, Some(3));
         let err = common(r#"{"stop":["a","b","c","d","e"]}"#).unwrap_err();
         assert!(err.to_string().contains("stop"), "{err}");
         assert!(matches!(

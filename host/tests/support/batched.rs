@@ -5,7 +5,7 @@
 //! run of candle's reference model, and their comparison.
 
 use candle_core::{Device, Tensor};
-use lynx_host::engine::arch::{Architecture, Entry};
+use lynx_host::engine::arch::{Architecture, Entry, Logits};
 use lynx_host::engine::kv_cache::KvCache;
 
 /// Logits may differ from the reference's by this share of the row's largest logit
@@ -230,7 +230,7 @@ pub fn batched_run(
                 slot: seqs[*i].1.slot,
                 pos: seqs[*i].1.pos,
                 tokens,
-                logits: *logits,
+                logits: if *logits { Logits::Last } else { Logits::None },
             })
             .collect();
         if !entries.is_empty() {

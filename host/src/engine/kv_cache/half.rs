@@ -34,11 +34,6 @@ pub fn store(dst: &mut [f16], src: &[f32]) {
     dst.convert_from_f32_slice(src);
 }
 
-/// `src` widened to f32 into `dst` (same length).
-pub fn load(dst: &mut [f32], src: &[f16]) {
-    src.convert_to_f32_slice(dst);
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;

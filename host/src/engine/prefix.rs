@@ -1,0 +1,153 @@
+//! Automatic prefix caching: what each KV slot holds, and where a new prompt starts.
+//!
+//! A slot keeps its keys and values after its sequence ends. A new prompt starts in
+//! the slot whose cached tokens share the longest prefix with it, or, when a running
+//! sequence shares a longer one, in a free slot the prefix is copied into (this is also
+//! how a request's `n` choices fork from the first). Either way only the rest of the
+//! prompt is prefilled. With nothing to reuse, the free slot least recently used is
+//! taken, so the caches used most recently survive longest.
+//!
+//! Reuse never changes a result. With the f16 cache, a position's keys, values and
+//! logits depend only on the tokens up to it, never on how they were split into steps
+//! (`kv_cache.rs`, tested in `tests/prefix_exact.rs`), so any prefix may be reused,
+//! generated tokens included. The f32 cache attends with candle's gemm, whose float
+//! order depends on the chunk's shape: there a prefix is reused only in whole prompt
+//! chunks computed from position 0, which a cold prefill computes identically.
+
+use super::batcher::PREFILL_CHUNK;
+use super::kv_cache::{KvCache, KvDtype};
+
+#[derive(Debug, Default, Clone)]
+struct Slot {
+    /// The tokens whose keys and values fill positions `0..tokens.len()`.
+    tokens: Vec<u32>,
+    /// Leading positions computed as whole prompt chunks from position 0 (f32 reuse).
+    chunked: usize,
+    /// The step it was last used in.
+    used: u64,
+}
+
+pub struct PrefixCache {
+    slots: Vec<Slot>,
+    /// Whether any prefix may be reused, not only whole chunks (see the module docs).
+    any_split: bool,
+    now: u64,
+}
+
+/// Where a new prompt starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub slot: usize,
+    /// Prompt tokens whose keys and values are already in the slot.
+    pub reused: usize,
+}
+
+impl PrefixCache {
+    pub fn new(slots: usize, dtype: KvDtype) -> Self {
+        Self {
+            slots: vec![Slot::default(); slots],
+            any_split: dtype == KvDtype::F16,
+            now: 0,
+        }
+    }
+
+    /// Ends a step: slots used from now on are more recent.
+    pub fn tick(&mut self) {
+        self.now += 1;
+    }
+
+    /// Records a step's write of `tokens` at `pos` in `slot` (`prompt`: a prompt
+    /// chunk); `None` when the step failed, leaving positions from `pos` on unknown.
+    pub fn wrote(&mut self, slot: usize, pos: usize, tokens: Option<&[u32]>, prompt: bool) {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
+        s.tokens.truncate(pos);
+        s.chunked = s.chunked.min(pos);
+        s.used = self.now;
+        if let Some(tokens) = tokens {
+            s.tokens.extend_from_slice(tokens);
+            // Decoded and forced tokens, and a prompt's short last chunk, are not what
+            // a cold prefill of a longer prompt computes at those positions under f32.
+            if prompt && pos == s.chunked && tokens.len() == PREFILL_CHUNK {
+                s.chunked += PREFILL_CHUNK;
+            }
+        }
+    }
+
+    /// How much of `prompt` the slot's cache may give.
+    fn reusable(&self, slot: usize, prompt: &[u32]) -> usize {
+        let s = &self.slots[slot];
+        let common = s
+            .tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // At least the prompt's last token is computed again: its logits are needed.
+        let common = common.min(prompt.len().saturating_sub(1));
+        if self.any_split {
+            common
+        } else {
+            common.min(s.chunked) / PREFILL_CHUNK * PREFILL_CHUNK
+        }
+    }
+
+    /// Chooses the slot for `prompt` among the `free` ones, reusing the longest cached
+    /// prefix any slot (free, or `running` a sequence) holds. A prefix in a running
+    /// slot, or in a free one other than the one chosen, is copied. `cold` (`echo`)
+    /// reuses nothing: it needs every prompt position's logits.
+    pub fn place(
+        &mut self,
+        cache: &KvCache,
+        (prompt, cold): (&[u32], bool),
+        (free, running): (&[usize], &[usize]),
+    ) -> Placement {
+        let lru = free
+            .iter()
+            .copied()
+            .min_by_key(|&s| (self.slots.get(s).map_or(0, |x| x.used), s))
+            .unwrap_or(0);
+        let best = if cold {
+            None
+        } else {
+            free.iter()
+                .map(|&s| (self.reusable(s, prompt), true, s))
+                .chain(
+                    running
+                        .iter()
+                        .map(|&s| (self.reusable(s, prompt), false, s)),
+                )
+                .filter(|&(n, _, _)| n > 0)
+                .max_by_key(|&(n, is_free, s)| (n, is_free, std::cmp::Reverse(s)))
+        };
+        let placement = match best {
+            Some((reused, true, slot)) => Placement { slot, reused },
+            Some((reused, false, from)) => match cache.copy_prefix(from, lru, reused) {
+                Ok(()) => {
+                    let mut copy = self.slots[from].clone();
+                    copy.tokens.truncate(reused);
+                    copy.chunked = copy.chunked.min(reused);
+                    self.slots[lru] = copy;
+                    Placement { slot: lru, reused }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "copying a cached prefix failed; prefilling cold");
+                    Placement {
+                        slot: lru,
+                        reused: 0,
+                    }
+                }
+            },
+            None => Placement {
+                slot: lru,
+                reused: 0,
+            },
+        };
+        let s = &mut self.slots[placement.slot];
+        s.tokens.truncate(placement.reused);
+        s.chunked = s.chunked.min(placement.reused);
+        s.used = self.now;
+        placement
+    }
+}
