@@ -347,9 +347,12 @@ impl Scheduler {
                 break;
             };
             let running: Vec<usize> = self.running.iter().map(|s| s.slot).collect();
-            let place =
-                self.prefix
-                    .place(&self.cache, (&req.prompt, req.echo), (&self.free, &running));
+            // Without the prefix cache, only a request's own choices share a prefix.
+            let follows = req.choice.is_some_and(|(_, i)| i > 0);
+            let cold = req.echo || !(self.config.prefix_cache || follows);
+            let place = self
+                .prefix
+                .place(&self.cache, (&req.prompt, cold), (&self.free, &running));
             self.free.retain(|&s| s != place.slot);
             let _ = req.events.send(GenEvent::Started {
                 cached: place.reused,

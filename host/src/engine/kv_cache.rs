@@ -155,7 +155,7 @@ impl KvCache {
         match (&self.slots[from], &self.slots[to]) {
             (Slot::F32 { k: fk, v: fv }, Slot::F32 { k: tk, v: tv }) => {
                 for (src, dst) in fk.iter().zip(tk).chain(fv.iter().zip(tv)) {
-                    dst.slice_set(&src.narrow(2, 0, len)?, 2, 0)?;
+                    dst.slice_set(&src.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
                 }
             }
             (Slot::F16 { k: fk, v: fv }, Slot::F16 { k: tk, v: tv }) => {
@@ -378,6 +378,30 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_copied_prefix_attends_as_the_original_in_both_dtypes() {
+        let (kv_heads, hd, n_head, cap) = (2, 16, 4, 12);
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let c = KvCache::new(2, 1, (kv_heads, hd), cap, dtype).unwrap();
+            let x = |n, seed| {
+                Tensor::from_vec(exact(n, seed), (1, kv_heads, 9, hd), &Device::Cpu).unwrap()
+            };
+            c.write((0, 0, 0), &x(kv_heads * 9 * hd, 1), &x(kv_heads * 9 * hd, 2))
+                .unwrap();
+            c.copy_prefix(0, 1, 7).unwrap();
+            let q = Tensor::from_vec(exact(n_head * hd, 5), (1, n_head, 1, hd), &Device::Cpu)
+                .unwrap();
+            let a = c.attend((0, 0, 6), &q, None).unwrap();
+            let b = c.attend((1, 0, 6), &q, None).unwrap();
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                a.flatten_all().unwrap().to_vec1().unwrap(),
+                b.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(a, b, "{dtype:?}");
+            assert!(c.copy_prefix(0, 1, cap + 1).is_err());
         }
     }
 

@@ -23,6 +23,9 @@ struct Slot {
     tokens: Vec<u32>,
     /// Leading positions computed as whole prompt chunks from position 0 (f32 reuse).
     chunked: usize,
+    /// Leading positions that came from prompts, not generation: what another request
+    /// may well send again.
+    prompted: usize,
     /// The step it was last used in.
     used: u64,
 }
@@ -64,9 +67,13 @@ impl PrefixCache {
         };
         s.tokens.truncate(pos);
         s.chunked = s.chunked.min(pos);
+        s.prompted = s.prompted.min(pos);
         s.used = self.now;
         if let Some(tokens) = tokens {
             s.tokens.extend_from_slice(tokens);
+            if prompt && pos == s.prompted {
+                s.prompted += tokens.len();
+            }
             // Decoded and forced tokens, and a prompt's short last chunk, are not what
             // a cold prefill of a longer prompt computes at those positions under f32.
             if prompt && pos == s.chunked && tokens.len() == PREFILL_CHUNK {
@@ -103,11 +110,13 @@ impl PrefixCache {
         (prompt, cold): (&[u32], bool),
         (free, running): (&[usize], &[usize]),
     ) -> Placement {
-        let lru = free
-            .iter()
-            .copied()
-            .min_by_key(|&s| (self.slots.get(s).map_or(0, |x| x.used), s))
-            .unwrap_or(0);
+        // The free slot least recently used, other than `keep`.
+        let lru = |keep: Option<usize>| {
+            free.iter()
+                .copied()
+                .filter(|&s| Some(s) != keep)
+                .min_by_key(|&s| (self.slots.get(s).map_or(0, |x| x.used), s))
+        };
         let best = if cold {
             None
         } else {
@@ -121,33 +130,33 @@ impl PrefixCache {
                 .filter(|&(n, _, _)| n > 0)
                 .max_by_key(|&(n, is_free, s)| (n, is_free, std::cmp::Reverse(s)))
         };
-        let placement = match best {
-            Some((reused, true, slot)) => Placement { slot, reused },
-            Some((reused, false, from)) => match cache.copy_prefix(from, lru, reused) {
-                Ok(()) => {
-                    let mut copy = self.slots[from].clone();
-                    copy.tokens.truncate(reused);
-                    copy.chunked = copy.chunked.min(reused);
-                    self.slots[lru] = copy;
-                    Placement { slot: lru, reused }
-                }
+        let (from, reused) = match best {
+            Some((n, _, s)) => (Some(s), n),
+            None => (None, 0),
+        };
+        let slot = match best {
+            // Taking over an idle slot whose prompt goes on past the shared prefix would
+            // lose that prompt (another system prompt's conversation, say): the prefix
+            // is copied into the least recently used slot instead, when there is one.
+            Some((n, true, s)) if self.slots[s].prompted > n => lru(Some(s)).unwrap_or(s),
+            Some((_, true, s)) => s,
+            _ => lru(None).unwrap_or(0),
+        };
+        let mut reused = reused;
+        if let Some(from) = from.filter(|&f| f != slot) {
+            match cache.copy_prefix(from, slot, reused) {
+                Ok(()) => self.slots[slot] = self.slots[from].clone(),
                 Err(e) => {
                     tracing::warn!(error = %e, "copying a cached prefix failed; prefilling cold");
-                    Placement {
-                        slot: lru,
-                        reused: 0,
-                    }
+                    reused = 0;
                 }
-            },
-            None => Placement {
-                slot: lru,
-                reused: 0,
-            },
-        };
-        let s = &mut self.slots[placement.slot];
-        s.tokens.truncate(placement.reused);
-        s.chunked = s.chunked.min(placement.reused);
+            }
+        }
+        let s = &mut self.slots[slot];
+        s.tokens.truncate(reused);
+        s.chunked = s.chunked.min(reused);
+        s.prompted = s.prompted.min(reused);
         s.used = self.now;
-        placement
+        Placement { slot, reused }
     }
 }
