@@ -37,7 +37,12 @@ fn parse_request(body: &[u8]) -> Option<u16> {
         let value = parse_body(body)?;
         let completion = fields::<CompletionRequest>(&value);
         let chat = fields::<ChatRequest>(&value);
-        fields::<CommonParams>(&value)?.validate("smollm2-135m-instruct", &limits)?;
+        let scoring = match (&completion, &chat) {
+            (Ok(c), _) => c.scoring()?,
+            (_, Ok(c)) => c.scoring()?,
+            _ => Default::default(),
+        };
+        fields::<CommonParams>(&value)?.validate("smollm2-135m-instruct", &limits, scoring)?;
         if let Ok(chat) = chat {
             chat.chat_messages()?;
         }
@@ -94,6 +99,14 @@ fn key() -> impl Strategy<Value = String> {
             "stream_options",
             "include_usage",
             "n",
+            "logprobs",
+            "top_logprobs",
+            "echo",
+            "logit_bias",
+            "presence_penalty",
+            "top_k",
+            "min_p",
+            "min_tokens",
         ])
         .prop_map(str::to_string),
         "[a-z_]{1,8}",

@@ -337,6 +337,16 @@ pub fn answer_text(body: &Value) -> String {
         .to_string()
 }
 
+/// A usage's token counts, without what varies between runs of the same request (the
+/// prompt tokens the prefix cache gave).
+pub fn counts(usage: &Value) -> Value {
+    serde_json::json!({
+        "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"],
+        "total_tokens": usage["total_tokens"],
+    })
+}
+
 pub fn assert_complete(events: &[String]) {
     assert_eq!(
         events.last().map(String::as_str),

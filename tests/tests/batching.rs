@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lynx_tests::Server;
+use lynx_tests::{counts, Server};
 use serde_json::{json, Value};
 use tokio::sync::RwLock;
 
@@ -67,7 +67,8 @@ async fn greedy_output_is_the_same_alone_and_in_a_changing_batch() {
         batched["choices"][0]["message"]["content"],
         alone["choices"][0]["message"]["content"]
     );
-    assert_eq!(batched["usage"], alone["usage"]);
+    // The same counts (the batched run's prompt may also have come from the cache).
+    assert_eq!(counts(&batched["usage"]), counts(&alone["usage"]));
     assert_eq!(
         sampled_batched.1["choices"][0]["text"],
         sampled_alone["choices"][0]["text"]

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lynx_tests::Server;
+use lynx_tests::{counts, Server};
 use serde_json::{json, Value};
 
 const MODEL: &str = "smollm2-135m-instruct";
@@ -50,10 +50,13 @@ async fn greedy_chat_answers_the_capital_of_france() {
                 "model": MODEL,
                 // The model's own template adds a long default system prompt when there
                 // is none, with which this 135M model rambles; a short one keeps it on
-                // topic.
+                // topic. Asked bare ("What is the capital of France?"), its first token
+                // is a near-tie ("The" -1.63, "La" -1.74 with the f32 cache) that the f16
+                // cache's rounding flips into French; asked for a sentence, "The" leads
+                // by 1.5 nats with either cache.
                 "messages": [
                     {"role": "system", "content": "You are a helpful assistant."},
-                    {"role": "user", "content": "What is the capital of France?"}
+                    {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
                 ],
                 "temperature": 0,
                 "max_tokens": 40
@@ -140,7 +143,7 @@ async fn streaming_and_whole_responses_agree_for_the_same_seed() {
             finish,
             whole["choices"][0]["finish_reason"].as_str().unwrap()
         );
-        assert_eq!(usage, whole["usage"], "{path}");
+        assert_eq!(counts(&usage), counts(&whole["usage"]), "{path}");
     }
 }
 
@@ -157,7 +160,8 @@ async fn usage_counts_the_tokens_produced() {
     // "Once upon a time" is four tokens; greedy runs to max_tokens here.
     assert_eq!(
         body["usage"],
-        json!({"prompt_tokens": 4, "completion_tokens": 12, "total_tokens": 16})
+        json!({"prompt_tokens": 4, "completion_tokens": 12, "total_tokens": 16,
+               "prompt_tokens_details": {"cached_tokens": 0}})
     );
     assert_eq!(body["choices"][0]["finish_reason"], "length");
     // A streamed answer carries one text chunk per token when no stop is held back.
@@ -228,7 +232,7 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         ("/v1/completions", json!({"max_tokens": 3}), 400, "prompt"),
         (
             "/v1/completions",
-            json!({"prompt": "x", "n": 2}),
+            json!({"prompt": "x", "n": 17}),
             400,
             "`n`",
         ),

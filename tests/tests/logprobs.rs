@@ -326,3 +326,44 @@ async fn out_of_range_scoring_fields_are_refused_naming_them() {
         assert_eq!(err["error"]["type"], "invalid_request_error");
     }
 }
+
+/// A constraint's forced tokens are scored too: with log-probabilities asked for, each
+/// goes through a forward of its own instead of being fast-forwarded unscored.
+#[tokio::test]
+async fn structured_outputs_score_every_token_forced_ones_included() {
+    let server = Server::start().await;
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string"}, "rank": {"type": "integer"}}, "required": ["city", "rank"]});
+    let body = json!({
+        "prompt": "A city and its rank, as JSON:", "max_tokens": 40, "temperature": 0,
+        "logprobs": 1, "guided_json": schema
+    });
+    let plain = {
+        let mut b = body.clone();
+        b.as_object_mut().expect("object").remove("logprobs");
+        post(&server, "/v1/completions", &b).await
+    };
+    let answer = post(&server, "/v1/completions", &body).await;
+    let choice = &answer["choices"][0];
+    assert_eq!(
+        choice["text"], plain["choices"][0]["text"],
+        "scoring does not change the answer"
+    );
+    let tokens = choice["logprobs"]["tokens"].as_array().expect("tokens");
+    assert_eq!(
+        tokens.len() as u64,
+        answer["usage"]["completion_tokens"]
+            .as_u64()
+            .expect("usage")
+    );
+    let values = floats(&choice["logprobs"]["token_logprobs"]);
+    assert!(
+        values.iter().all(|v| v.is_some_and(|v| v <= 0.0)),
+        "{values:?}"
+    );
+    let text = choice["text"].as_str().expect("text");
+    let parsed: Value = serde_json::from_str(text).expect("JSON");
+    assert!(
+        parsed["city"].is_string() && parsed["rank"].is_i64(),
+        "{parsed}"
+    );
+}

@@ -1,7 +1,9 @@
 //! The official OpenAI Python client, unchanged, against the real binary: structured
 //! outputs as its users ask for them (`tests/clients/structured.py`: Pydantic parsing,
-//! `json_object` whole and streamed, vLLM's extras through `extra_body`).
-//! `scripts/fetch-clients.sh` installs the client (scripts/setup.sh runs it).
+//! `json_object` whole and streamed, vLLM's extras through `extra_body`), and the API's
+//! other fields read through the client's typed models (`tests/clients/parity.py`:
+//! log-probabilities on both routes, echo, `n`, cached tokens, penalties).
+//! `scripts/fetch-clients.sh` installs the client, pinned (scripts/setup.sh runs it).
 
 use std::process::Command;
 
@@ -9,6 +11,16 @@ use lynx_tests::{cache_dir, workspace_root, Server};
 
 #[tokio::test]
 async fn the_openai_python_client_gets_structured_outputs() {
+    run_client("structured.py").await;
+}
+
+#[tokio::test]
+async fn the_openai_python_client_reads_logprobs_n_and_cached_tokens_typed() {
+    run_client("parity.py").await;
+}
+
+/// Runs a client script against a fresh server; it prints `ok` when all held.
+async fn run_client(name: &str) {
     let python = cache_dir().join("clients-venv/bin/python");
     assert!(
         python.is_file(),
@@ -16,7 +28,7 @@ async fn the_openai_python_client_gets_structured_outputs() {
         python.display()
     );
     let server = Server::start().await;
-    let script = workspace_root().join("tests/clients/structured.py");
+    let script = workspace_root().join("tests/clients").join(name);
     let base = server.base.clone();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python)

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use lynx_tests::{plugins_dist, run_host, Server};
+use lynx_tests::{counts, plugins_dist, run_host, Server};
 use serde_json::{json, Value};
 
 const MODEL: &str = "smollm2-135m-instruct";
@@ -186,7 +186,7 @@ async fn under_the_fail_open_policy_the_host_carries_on_a_failed_post_processing
     // The hostile plugin traps on its third token; the host's post-processing (the
     // default plugin's) takes over, so the answer is the default plugin's, whole.
     assert_eq!(got["choices"][0]["text"], expected["choices"][0]["text"]);
-    assert_eq!(got["usage"], expected["usage"]);
+    assert_eq!(counts(&got["usage"]), counts(&expected["usage"]));
     let after = server.metrics().await;
     let counted = |m: &lynx_tests::Metrics| m.value("tokens_total", &[("kind", "completion")]);
     assert_eq!(

@@ -389,11 +389,15 @@ mod tests {
             let x = |n, seed| {
                 Tensor::from_vec(exact(n, seed), (1, kv_heads, 9, hd), &Device::Cpu).unwrap()
             };
-            c.write((0, 0, 0), &x(kv_heads * 9 * hd, 1), &x(kv_heads * 9 * hd, 2))
-                .unwrap();
+            c.write(
+                (0, 0, 0),
+                &x(kv_heads * 9 * hd, 1),
+                &x(kv_heads * 9 * hd, 2),
+            )
+            .unwrap();
             c.copy_prefix(0, 1, 7).unwrap();
-            let q = Tensor::from_vec(exact(n_head * hd, 5), (1, n_head, 1, hd), &Device::Cpu)
-                .unwrap();
+            let q =
+                Tensor::from_vec(exact(n_head * hd, 5), (1, n_head, 1, hd), &Device::Cpu).unwrap();
             let a = c.attend((0, 0, 6), &q, None).unwrap();
             let b = c.attend((1, 0, 6), &q, None).unwrap();
             let (a, b): (Vec<f32>, Vec<f32>) = (

@@ -82,15 +82,20 @@ impl PrefixCache {
         }
     }
 
-    /// How much of `prompt` the slot's cache may give.
-    fn reusable(&self, slot: usize, prompt: &[u32]) -> usize {
-        let s = &self.slots[slot];
-        let common = s
+    /// The tokens the slot's cache and `prompt` share from the start.
+    fn common(&self, slot: usize, prompt: &[u32]) -> usize {
+        self.slots[slot]
             .tokens
             .iter()
             .zip(prompt)
             .take_while(|(a, b)| a == b)
-            .count();
+            .count()
+    }
+
+    /// How much of `prompt` the slot's cache may give.
+    fn reusable(&self, slot: usize, prompt: &[u32]) -> usize {
+        let s = &self.slots[slot];
+        let common = self.common(slot, prompt);
         // At least the prompt's last token is computed again: its logits are needed.
         let common = common.min(prompt.len().saturating_sub(1));
         if self.any_split {
@@ -135,10 +140,13 @@ impl PrefixCache {
             None => (None, 0),
         };
         let slot = match best {
-            // Taking over an idle slot whose prompt goes on past the shared prefix would
-            // lose that prompt (another system prompt's conversation, say): the prefix
-            // is copied into the least recently used slot instead, when there is one.
-            Some((n, true, s)) if self.slots[s].prompted > n => lru(Some(s)).unwrap_or(s),
+            // Taking over an idle slot whose prompt goes on past what the new one shares
+            // would lose that prompt (another conversation under the same system
+            // prompt, say): the prefix is copied into the least recently used slot
+            // instead, when there is one. Losing only generated tokens is fine.
+            Some((_, true, s)) if self.common(s, prompt) < self.slots[s].prompted => {
+                lru(Some(s)).unwrap_or(s)
+            }
             Some((_, true, s)) => s,
             _ => lru(None).unwrap_or(0),
         };
@@ -158,5 +166,103 @@ impl PrefixCache {
         s.prompted = s.prompted.min(reused);
         s.used = self.now;
         Placement { slot, reused }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(slots: usize, dtype: KvDtype) -> (KvCache, PrefixCache) {
+        (
+            KvCache::new(slots, 1, (1, 8), 600, dtype).unwrap(),
+            PrefixCache::new(slots, dtype),
+        )
+    }
+
+    /// A sequence in `slot` prefilled `prompt` (one chunk) and generated `out`.
+    fn ran(p: &mut PrefixCache, slot: usize, prompt: &[u32], out: &[u32]) {
+        p.wrote(slot, 0, Some(prompt), true);
+        p.wrote(slot, prompt.len(), Some(out), false);
+        p.tick();
+    }
+
+    #[test]
+    fn the_longest_prefix_is_reused_in_place_and_the_last_token_recomputed() {
+        let (kv, mut p) = cache(3, KvDtype::F16);
+        ran(&mut p, 1, &[1, 2, 3, 4], &[5, 6]);
+        // A chat's next turn: its history, the answer included, then more.
+        let next = [1, 2, 3, 4, 5, 6, 7, 8];
+        assert_eq!(
+            p.place(&kv, (&next, false), (&[0, 1, 2], &[])),
+            Placement { slot: 1, reused: 6 }
+        );
+        // The same prompt again: all but its last token.
+        let (kv, mut p) = cache(3, KvDtype::F16);
+        ran(&mut p, 2, &[1, 2, 3, 4], &[]);
+        assert_eq!(
+            p.place(&kv, (&[1, 2, 3, 4], false), (&[0, 1, 2], &[])),
+            Placement { slot: 2, reused: 3 }
+        );
+        // `echo` reuses nothing.
+        assert_eq!(
+            p.place(&kv, (&[1, 2, 3, 4], true), (&[0, 1, 2], &[]))
+                .reused,
+            0
+        );
+    }
+
+    #[test]
+    fn another_prompt_under_the_same_prefix_is_kept_and_the_prefix_copied() {
+        let (kv, mut p) = cache(3, KvDtype::F16);
+        ran(&mut p, 0, &[9, 9, 9, 1, 1], &[7]);
+        ran(&mut p, 2, &[4, 4], &[]);
+        // Slot 0's own question (1, 1) would be lost: the shared part goes to slot 1,
+        // the least recently used free slot.
+        let other = [9, 9, 9, 2, 2];
+        assert_eq!(
+            p.place(&kv, (&other, false), (&[0, 1, 2], &[])),
+            Placement { slot: 1, reused: 3 }
+        );
+        assert_eq!(
+            p.place(&kv, (&[9, 9, 9, 1, 1, 7, 3], false), (&[0, 2], &[])),
+            Placement { slot: 0, reused: 6 }
+        );
+    }
+
+    #[test]
+    fn a_running_slot_s_prefix_is_copied_and_eviction_is_least_recent_first() {
+        let (kv, mut p) = cache(4, KvDtype::F16);
+        ran(&mut p, 0, &[5, 5, 5, 5], &[]);
+        ran(&mut p, 1, &[6, 6], &[]);
+        ran(&mut p, 2, &[7, 7], &[]);
+        // Slot 0 runs; a prompt sharing its prefix gets a copy in slot 3 (never used).
+        assert_eq!(
+            p.place(&kv, (&[5, 5, 5, 8], false), (&[1, 2, 3], &[0])),
+            Placement { slot: 3, reused: 3 }
+        );
+        // Nothing shared: slot 1, the idle one used longest ago, is evicted.
+        assert_eq!(
+            p.place(&kv, (&[3, 3], false), (&[1, 2], &[0, 3])),
+            Placement { slot: 1, reused: 0 }
+        );
+        assert_eq!(p.common(1, &[6, 6]), 0, "evicted");
+    }
+
+    #[test]
+    fn the_f32_cache_reuses_only_whole_prompt_chunks() {
+        let (kv, mut p) = cache(2, KvDtype::F32);
+        let prompt: Vec<u32> = (0..300).collect();
+        for (at, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+            p.wrote(0, at * PREFILL_CHUNK, Some(chunk), true);
+        }
+        p.wrote(0, 300, Some(&[1, 2, 3]), false);
+        let mut next = prompt.clone();
+        next.extend([1, 2, 3, 4]);
+        assert_eq!(
+            p.place(&kv, (&next, false), (&[0, 1], &[])).reused,
+            2 * PREFILL_CHUNK
+        );
+        assert_eq!(p.place(&kv, (&prompt[..200], false), (&[1], &[])).reused, 0);
     }
 }

@@ -166,7 +166,8 @@ impl Generation {
                 shaping: params.shaping.clone(),
                 constraint,
                 logprobs: params.scoring.logprobs,
-                echo: params.scoring.echo && index == 0,
+                // Each choice echoes the prompt, so each prefills it (`echo` needs its logits).
+                echo: params.scoring.echo,
                 choice: group.map(|g| (g, index)),
                 fault,
             });
