@@ -76,7 +76,7 @@ async fn prometheus_scrapes_lynx_and_every_dashboard_query_returns_data() {
         for bad in [
             json!({"prompt": ""}),
             json!({"prompt": "x", "max_tokens": 0}),
-            json!({"prompt": "x", "n": 3}),
+            json!({"prompt": "x", "n": 17}),
         ] {
             let (status, _) = server.post("/v1/completions", &bad).await;
             assert_eq!(status, 400);
