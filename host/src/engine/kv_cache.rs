@@ -271,28 +271,27 @@ impl KvCache {
         let scale = (hd as f32).sqrt();
         let capacity = self.capacity;
         let mut out = vec![0f32; t * n_head * hd];
+        let base = |kv_head: usize| kv_head * capacity * hd;
         let row = |(i, out): (usize, &mut [f32])| {
             let at = pos + i;
             let first = window.map_or(0, |w| (at + 1).saturating_sub(w));
             let mut scores = Vec::with_capacity(at + 1 - first);
             for (h, o) in out.chunks_exact_mut(hd).enumerate() {
                 let q = &q[(h * t + i) * hd..(h * t + i + 1) * hd];
-                let base = (h / n_rep) * capacity * hd;
+                let rows = base(h / n_rep) + first * hd..base(h / n_rep) + (at + 1) * hd;
                 scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for j in first..=at {
-                    let s = half::dot(q, &k[base + j * hd..base + (j + 1) * hd]) / scale;
-                    max = max.max(s);
-                    scores.push(s);
-                }
+                scores.resize(at + 1 - first, 0.0);
+                half::scores(q, &k[rows.clone()], scale, &mut scores);
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for s in scores.iter_mut() {
                     *s = (*s - max).exp();
                     sum += *s;
                 }
-                for (s, j) in scores.iter().zip(first..=at) {
-                    half::axpy(s / sum, &v[base + j * hd..base + (j + 1) * hd], o);
+                for s in scores.iter_mut() {
+                    *s /= sum;
                 }
+                half::weighted_sum(&scores, &v[rows], o);
             }
         };
         if t == 1 {

@@ -166,7 +166,12 @@ async fn main() {
         num("--turns", 10),
         num("--system-words", 1100),
     );
-    let client = reqwest::Client::new();
+    // A fresh connection per request: llama-server closes idle keep-alive connections,
+    // which a pooled client would find dead on its next request.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap_or_else(|e| panic!("HTTP client: {e}"));
     let server = (base.as_str(), model.as_deref());
 
     println!("# shared: a {words}-word system prompt, {requests} requests one after the other");
