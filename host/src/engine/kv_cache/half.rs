@@ -102,7 +102,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn scores(q: &[f32], keys: &[f16], scale: f32, out: &mut [f32]) {
         let hd = q.len();
-        if hd == 0 || hd % 8 != 0 {
+        if hd == 0 || !hd.is_multiple_of(8) {
             for (o, k) in out.iter_mut().zip(keys.chunks_exact(hd.max(1))) {
                 *o = dot(q, k) / scale;
             }
