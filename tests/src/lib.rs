@@ -269,6 +269,20 @@ impl Server {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// The token ids `/tokenize` gives `text` (with the BOS and other special tokens
+    /// the policy adds when `special`).
+    pub async fn tokenize(&self, text: &str, special: bool) -> Vec<u64> {
+        let body = serde_json::json!({"prompt": text, "add_special_tokens": special});
+        let (status, answer) = self.post("/tokenize", &body).await;
+        assert_eq!(status, 200, "{answer}");
+        answer["tokens"]
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .map(|t| t.as_u64().expect("id"))
+            .collect()
+    }
+
     /// A streamed request: every `data:` payload, `[DONE]` included.
     pub async fn stream(&self, path: &str, body: &Value) -> Vec<String> {
         let r = self

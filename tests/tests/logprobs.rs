@@ -13,17 +13,6 @@ async fn post(server: &Server, path: &str, body: &Value) -> Value {
     answer
 }
 
-async fn ids(server: &Server, text: &str, special: bool) -> Vec<u64> {
-    let body = json!({"prompt": text, "add_special_tokens": special});
-    let answer = post(server, "/tokenize", &body).await;
-    answer["tokens"]
-        .as_array()
-        .expect("tokens")
-        .iter()
-        .map(|t| t.as_u64().expect("id"))
-        .collect()
-}
-
 fn floats(v: &Value) -> Vec<Option<f64>> {
     v.as_array()
         .expect("array")
@@ -98,8 +87,8 @@ async fn completion_logprobs_and_echo_give_the_model_s_own_values() {
     }
     // The prompt and the completion scored in one forward over their tokens.
     let text = choice["text"].as_str().expect("text");
-    let mut tokens = ids(&server, prompt, true).await;
-    let completion = ids(&server, text, false).await;
+    let mut tokens = server.tokenize(prompt, true).await;
+    let completion = server.tokenize(text, false).await;
     assert_eq!(
         completion.len(),
         8,
@@ -135,7 +124,7 @@ async fn completion_logprobs_and_echo_give_the_model_s_own_values() {
         text.starts_with(prompt) && text.len() > prompt.len(),
         "{text:?}"
     );
-    let n = ids(&server, prompt, true).await.len();
+    let n = server.tokenize(prompt, true).await.len();
     assert_eq!(floats(&choice["logprobs"]["token_logprobs"]).len(), n + 4);
 }
 

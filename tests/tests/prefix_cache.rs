@@ -15,17 +15,6 @@ fn preamble(seed: &str, sentences: usize) -> String {
         .collect()
 }
 
-async fn tokens(server: &Server, text: &str) -> Vec<u64> {
-    let (status, answer) = server.post("/tokenize", &json!({"prompt": text})).await;
-    assert_eq!(status, 200, "{answer}");
-    answer["tokens"]
-        .as_array()
-        .expect("tokens")
-        .iter()
-        .map(|t| t.as_u64().expect("id"))
-        .collect()
-}
-
 fn common(a: &[u64], b: &[u64]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -79,13 +68,13 @@ async fn cached_prefixes_give_bit_identical_completions_alone_and_batched() {
         reference.push(said);
     }
     // One at a time: each after the first reuses the shared part.
-    let first = tokens(&cached, &prompts[0]).await;
+    let first = cached.tokenize(&prompts[0], true).await;
     assert!(first.len() > 600, "{} tokens", first.len());
     let (said, hit, _) = ask(&cached, &prompts[0], 16).await;
     assert_eq!(hit, 0, "nothing cached yet");
     assert_eq!(said, reference[0]);
     for (p, want) in prompts.iter().zip(&reference).skip(1) {
-        let ids = tokens(&cached, p).await;
+        let ids = cached.tokenize(p, true).await;
         let (said, hit, n) = ask(&cached, p, 16).await;
         assert!(
             hit as usize >= common(&first, &ids) && hit < n,
@@ -129,8 +118,8 @@ async fn a_running_sequence_s_prefix_is_copied_to_a_new_request() {
     assert!(first.is_some_and(|c| c.is_ok()), "the long request streams");
     let (said, hit, n) = ask(&server, &short, 12).await;
     let shared_ids = common(
-        &tokens(&server, &long).await,
-        &tokens(&server, &short).await,
+        &server.tokenize(&long, true).await,
+        &server.tokenize(&short, true).await,
     );
     assert!(
         hit as usize >= shared_ids && hit < n,
@@ -162,8 +151,14 @@ async fn idle_slots_are_evicted_least_recently_used_first() {
     let (_, hit_a, _) = ask(&server, &a, 4).await;
     assert!(hit_a > 0, "the recently used prefix survived");
     let (_, hit_b, n) = ask(&server, &b, 4).await;
-    let with_a = common(&tokens(&server, &b).await, &tokens(&server, &a).await);
-    let with_c = common(&tokens(&server, &b).await, &tokens(&server, &c).await);
+    let with_a = common(
+        &server.tokenize(&b, true).await,
+        &server.tokenize(&a, true).await,
+    );
+    let with_c = common(
+        &server.tokenize(&b, true).await,
+        &server.tokenize(&c, true).await,
+    );
     assert!(
         hit_b as usize <= with_a.max(with_c),
         "b was evicted, yet {hit_b} of {n} tokens were cached"

@@ -251,9 +251,19 @@ impl Chunks {
         Event::default().data(chunk.to_string())
     }
 
+    /// A chunk of choice `index`'s text, with its tokens' scores when asked for.
+    fn text(&mut self, index: usize, text: &str, entries: &[(u32, Option<&Logprob>)]) -> Event {
+        let scores = if self.shape.logprobs {
+            self.scores[index].render(entries)
+        } else {
+            Value::Null
+        };
+        let c = self.choice(index, Some(text), scores, None);
+        self.event(vec![c], None)
+    }
+
     /// The events one piece of choice `index` becomes; `true` once the stream ends.
     fn on(&mut self, index: usize, piece: Piece) -> (Vec<Event>, bool) {
-        let logprobs = self.shape.logprobs;
         match piece {
             Piece::Prompt(values) => {
                 // Completions only (`echo`): the prompt's text and scores come first.
@@ -262,24 +272,12 @@ impl Chunks {
                 };
                 let mut entries = vec![(first, None)];
                 entries.extend(values.iter().map(|l| (l.token, Some(l))));
-                let scores = if logprobs {
-                    self.scores[index].render(&entries)
-                } else {
-                    Value::Null
-                };
-                let c = self.choice(index, Some(&text), scores, None);
-                (vec![self.event(vec![c], None)], false)
+                (vec![self.text(index, &text, &entries)], false)
             }
             Piece::Text(text, values) => {
                 let entries: Vec<(u32, Option<&Logprob>)> =
                     values.iter().map(|l| (l.token, Some(l))).collect();
-                let scores = if logprobs {
-                    self.scores[index].render(&entries)
-                } else {
-                    Value::Null
-                };
-                let c = self.choice(index, Some(&text), scores, None);
-                (vec![self.event(vec![c], None)], false)
+                (vec![self.text(index, &text, &entries)], false)
             }
             Piece::Finished { reason, usage } => {
                 let text = (self.shape.api == Api::Completion).then_some("");
