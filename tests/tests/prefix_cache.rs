@@ -143,14 +143,43 @@ async fn idle_slots_are_evicted_least_recently_used_first() {
     let server = Server::start_with(&["--kv-slots", "2"]).await;
     let [a, b, c] = ["atlas", "beacon", "compass"]
         .map(|s| format!("{}Question: and then? Answer:", preamble(s, 8)));
+    let (mut cached, mut prompt) = (0, 0);
+    let mut tally = |(_, hit, n): (Said, u64, u64)| {
+        cached += hit;
+        prompt += n;
+        hit
+    };
     for p in [&a, &b, &a] {
-        ask(&server, p, 4).await;
+        tally(ask(&server, p, 4).await);
     }
     // `a` was used last: `c` takes `b`'s slot.
-    ask(&server, &c, 4).await;
-    let (_, hit_a, _) = ask(&server, &a, 4).await;
+    tally(ask(&server, &c, 4).await);
+    let hit_a = tally(ask(&server, &a, 4).await);
     assert!(hit_a > 0, "the recently used prefix survived");
-    let (_, hit_b, n) = ask(&server, &b, 4).await;
+    let answer = ask(&server, &b, 4).await;
+    let n = answer.2;
+    let hit_b = tally(answer);
+    // The admin API counts the same.
+    let view: Value = server
+        .client
+        .get(format!("{}/admin/cache", server.admin))
+        .send()
+        .await
+        .expect("admin")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(view["enabled"], true, "{view}");
+    assert_eq!(view["requests"], 6, "{view}");
+    assert_eq!(view["cached_tokens"], cached, "{view}");
+    assert_eq!(view["prompt_tokens"], prompt, "{view}");
+    assert!(view["hits"].as_u64().is_some_and(|h| h >= 2), "{view}");
+    let slots = view["slots"].as_array().expect("slots");
+    assert_eq!(slots.len(), 2, "{view}");
+    assert!(
+        slots.iter().all(|s| s.as_u64().is_some_and(|n| n > 0)),
+        "{view}"
+    );
     let with_a = common(
         &server.tokenize(&b, true).await,
         &server.tokenize(&a, true).await,

@@ -25,7 +25,7 @@ use super::arch::{Entry, Logits};
 use super::constraint::TokenConstraint;
 use super::kv_cache::{KvCache, KvDtype};
 use super::logprobs::{self, Logprob};
-use super::prefix::PrefixCache;
+use super::prefix::{Placement, PrefixCache};
 use super::sequence::{advance, sampler, Sequence, Step};
 use super::shaping::{Seen, Shaping};
 use super::{EngineError, Model};
@@ -127,6 +127,23 @@ pub struct BatcherStats {
     /// Set at shutdown: new requests are refused, and the scheduler ends every
     /// request it holds with [`EngineError::ShuttingDown`].
     closing: AtomicBool,
+    /// What the prefix cache did, for the admin API.
+    prefix: PrefixStats,
+}
+
+/// The prefix cache's counters since start-up, and what each slot holds now.
+#[derive(Debug, Default)]
+pub struct PrefixStats {
+    /// Requests started in a slot.
+    pub started: AtomicUsize,
+    /// Of those, the ones that reused a cached prefix.
+    pub hits: AtomicUsize,
+    /// Of those, the ones whose prefix was copied from another slot.
+    pub copies: AtomicUsize,
+    pub prompt_tokens: AtomicUsize,
+    pub cached_tokens: AtomicUsize,
+    /// Tokens whose keys and values each slot holds.
+    pub slots: Vec<AtomicUsize>,
 }
 
 impl BatcherStats {
@@ -138,6 +155,9 @@ impl BatcherStats {
     }
     pub fn slots_used(&self) -> usize {
         self.slots_used.load(Ordering::Relaxed)
+    }
+    pub fn prefix(&self) -> &PrefixStats {
+        &self.prefix
     }
 }
 
@@ -151,7 +171,13 @@ pub struct Batcher {
 impl Batcher {
     pub fn start(model: Arc<Model>, config: BatcherConfig) -> Result<Self, EngineError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let stats = Arc::new(BatcherStats::default());
+        let stats = Arc::new(BatcherStats {
+            prefix: PrefixStats {
+                slots: (0..config.kv_slots).map(|_| AtomicUsize::new(0)).collect(),
+                ..PrefixStats::default()
+            },
+            ..BatcherStats::default()
+        });
         let cache = model
             .arch
             .kv_cache_as(config.kv_slots, config.max_seq_len, config.kv_dtype)?;
@@ -354,6 +380,7 @@ impl Scheduler {
                 .prefix
                 .place(&self.cache, (&req.prompt, cold), (&self.free, &running));
             self.free.retain(|&s| s != place.slot);
+            self.count_placement(&place, req.prompt.len());
             let _ = req.events.send(GenEvent::Started {
                 cached: place.reused,
             });
@@ -384,6 +411,19 @@ impl Scheduler {
             });
         }
         self.publish_slots();
+    }
+
+    fn count_placement(&self, place: &Placement, prompt: usize) {
+        let p = &self.stats.prefix;
+        p.started.fetch_add(1, Ordering::Relaxed);
+        p.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+        if place.reused > 0 {
+            p.hits.fetch_add(1, Ordering::Relaxed);
+            p.cached_tokens.fetch_add(place.reused, Ordering::Relaxed);
+        }
+        if place.copied {
+            p.copies.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Whether a waiting request may start: a choice after its request's first only
@@ -544,6 +584,9 @@ impl Scheduler {
             "step"
         );
         self.prefix.tick();
+        for (slot, held) in self.stats.prefix.slots.iter().enumerate() {
+            held.store(self.prefix.held(slot), Ordering::Relaxed);
+        }
         self.take_done(&done)
     }
 

@@ -43,6 +43,8 @@ pub struct Placement {
     pub slot: usize,
     /// Prompt tokens whose keys and values are already in the slot.
     pub reused: usize,
+    /// The prefix was copied from another slot.
+    pub copied: bool,
 }
 
 impl PrefixCache {
@@ -52,6 +54,11 @@ impl PrefixCache {
             any_split: dtype == KvDtype::F16,
             now: 0,
         }
+    }
+
+    /// Tokens whose keys and values `slot` holds.
+    pub fn held(&self, slot: usize) -> usize {
+        self.slots.get(slot).map_or(0, |s| s.tokens.len())
     }
 
     /// Ends a step: slots used from now on are more recent.
@@ -151,9 +158,13 @@ impl PrefixCache {
             _ => lru(None).unwrap_or(0),
         };
         let mut reused = reused;
+        let mut copied = false;
         if let Some(from) = from.filter(|&f| f != slot) {
             match cache.copy_prefix(from, slot, reused) {
-                Ok(()) => self.slots[slot] = self.slots[from].clone(),
+                Ok(()) => {
+                    self.slots[slot] = self.slots[from].clone();
+                    copied = true;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "copying a cached prefix failed; prefilling cold");
                     reused = 0;
@@ -165,7 +176,11 @@ impl PrefixCache {
         s.chunked = s.chunked.min(reused);
         s.prompted = s.prompted.min(reused);
         s.used = self.now;
-        Placement { slot, reused }
+        Placement {
+            slot,
+            reused,
+            copied,
+        }
     }
 }
 
@@ -178,6 +193,10 @@ mod tests {
             KvCache::new(slots, 1, (1, 8), 600, dtype).unwrap(),
             PrefixCache::new(slots, dtype),
         )
+    }
+
+    fn at(p: Placement) -> (usize, usize) {
+        (p.slot, p.reused)
     }
 
     /// A sequence in `slot` prefilled `prompt` (one chunk) and generated `out`.
@@ -193,16 +212,13 @@ mod tests {
         ran(&mut p, 1, &[1, 2, 3, 4], &[5, 6]);
         // A chat's next turn: its history, the answer included, then more.
         let next = [1, 2, 3, 4, 5, 6, 7, 8];
-        assert_eq!(
-            p.place(&kv, (&next, false), (&[0, 1, 2], &[])),
-            Placement { slot: 1, reused: 6 }
-        );
+        assert_eq!(at(p.place(&kv, (&next, false), (&[0, 1, 2], &[]))), (1, 6));
         // The same prompt again: all but its last token.
         let (kv, mut p) = cache(3, KvDtype::F16);
         ran(&mut p, 2, &[1, 2, 3, 4], &[]);
         assert_eq!(
-            p.place(&kv, (&[1, 2, 3, 4], false), (&[0, 1, 2], &[])),
-            Placement { slot: 2, reused: 3 }
+            at(p.place(&kv, (&[1, 2, 3, 4], false), (&[0, 1, 2], &[]))),
+            (2, 3)
         );
         // `echo` reuses nothing.
         assert_eq!(
@@ -220,13 +236,12 @@ mod tests {
         // Slot 0's own question (1, 1) would be lost: the shared part goes to slot 1,
         // the least recently used free slot.
         let other = [9, 9, 9, 2, 2];
+        let place = p.place(&kv, (&other, false), (&[0, 1, 2], &[]));
+        assert_eq!(at(place), (1, 3));
+        assert!(place.copied);
         assert_eq!(
-            p.place(&kv, (&other, false), (&[0, 1, 2], &[])),
-            Placement { slot: 1, reused: 3 }
-        );
-        assert_eq!(
-            p.place(&kv, (&[9, 9, 9, 1, 1, 7, 3], false), (&[0, 2], &[])),
-            Placement { slot: 0, reused: 6 }
+            at(p.place(&kv, (&[9, 9, 9, 1, 1, 7, 3], false), (&[0, 2], &[]))),
+            (0, 6)
         );
     }
 
@@ -238,13 +253,13 @@ mod tests {
         ran(&mut p, 2, &[7, 7], &[]);
         // Slot 0 runs; a prompt sharing its prefix gets a copy in slot 3 (never used).
         assert_eq!(
-            p.place(&kv, (&[5, 5, 5, 8], false), (&[1, 2, 3], &[0])),
-            Placement { slot: 3, reused: 3 }
+            at(p.place(&kv, (&[5, 5, 5, 8], false), (&[1, 2, 3], &[0]))),
+            (3, 3)
         );
         // Nothing shared: slot 1, the idle one used longest ago, is evicted.
         assert_eq!(
-            p.place(&kv, (&[3, 3], false), (&[1, 2], &[0, 3])),
-            Placement { slot: 1, reused: 0 }
+            at(p.place(&kv, (&[3, 3], false), (&[1, 2], &[0, 3]))),
+            (1, 0)
         );
         assert_eq!(p.common(1, &[6, 6]), 0, "evicted");
     }

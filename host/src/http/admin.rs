@@ -1,5 +1,5 @@
 //! The admin API, on its own listener (`--admin-listen`, loopback by default), never on
-//! the public port: the plugins' state, and a reload.
+//! the public port: the plugins' state, and a reload; the prefix cache's figures.
 //!
 //! Who may call it: with a token (`--admin-token-file`), whoever sends
 //! `Authorization: Bearer <token>`; the host refuses to listen beyond loopback without
@@ -10,6 +10,7 @@
 //! action and every refusal is logged once, with the caller's address.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -22,6 +23,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::AppState;
+use crate::engine::kv_cache::KvDtype;
 
 /// The connection's peer, set by the admin listener.
 #[derive(Debug, Clone, Copy)]
@@ -37,6 +39,7 @@ pub fn admin_app(state: Arc<AppState>, token: Option<String>) -> Router {
     let router = Router::new()
         .route("/admin/plugins", get(list))
         .route("/admin/plugins/reload", post(reload))
+        .route("/admin/cache", get(cache))
         .fallback(|uri: axum::http::Uri| async move {
             ApiError::NotFound(uri.path().chars().take(200).collect())
         })
@@ -144,6 +147,27 @@ fn view(state: &AppState) -> Value {
 
 async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(view(&state))
+}
+
+/// The prefix cache: what it has reused since start-up, and what each slot holds now.
+async fn cache(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let config = state.batcher.config();
+    let p = state.batcher.stats().prefix();
+    let n = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed);
+    let reuse = match config.kv_dtype {
+        KvDtype::F16 => "any prefix",
+        KvDtype::F32 => "whole 128-token prompt chunks",
+    };
+    Json(json!({
+        "enabled": config.prefix_cache,
+        "reuse": reuse,
+        "requests": n(&p.started),
+        "hits": n(&p.hits),
+        "copies": n(&p.copies),
+        "prompt_tokens": n(&p.prompt_tokens),
+        "cached_tokens": n(&p.cached_tokens),
+        "slots": p.slots.iter().map(n).collect::<Vec<_>>(),
+    }))
 }
 
 async fn reload(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
