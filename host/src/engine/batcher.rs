@@ -402,7 +402,6 @@ impl Scheduler {
                 rule: None,
                 logprobs: req.logprobs,
                 echo: req.echo,
-                echoed: None,
                 choice: req.choice,
                 forwards: 0,
                 events: req.events,
@@ -518,11 +517,11 @@ impl Scheduler {
         let forward = started.elapsed();
         // Each sequence that asked for logits gets its rows; sampling (a softmax over
         // the vocabulary each) runs in parallel, every sequence with its own RNG.
-        let mut rows: Vec<Option<(usize, usize)>> = vec![None; self.running.len()];
+        // (first row, rows, whether they are a prompt chunk's every row, to be echoed)
+        let mut rows: Vec<Option<(usize, usize, bool)>> = vec![None; self.running.len()];
         let mut row = 0;
         for &(i, n, wants) in &plan {
             let seq = &mut self.running[i];
-            let first = seq.pos;
             if !seq.decoding() {
                 seq.prefilled += n;
             }
@@ -534,12 +533,8 @@ impl Scheduler {
                 Logits::Every => n,
             };
             if count > 0 {
-                rows[i] = Some((row, count));
+                rows[i] = Some((row, count, wants == Logits::Every));
                 row += count;
-            }
-            if wants == Logits::Every {
-                // Rows of a prompt chunk: each predicts the prompt token after it.
-                seq.echoed = Some(first);
             }
         }
         let (model, config) = (&self.model, &self.config);
@@ -548,15 +543,16 @@ impl Scheduler {
             .par_iter_mut()
             .zip(rows)
             .map(|(seq, rows)| {
-                let Some((start, count)) = rows else {
+                let Some((start, count, every)) = rows else {
                     return false;
                 };
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     let logits = logits
                         .as_ref()
                         .ok_or_else(|| EngineError::Model("no logits".into()))?;
-                    if let Some(first) = seq.echoed.take() {
-                        echo(seq, &logits.narrow(0, start, count)?, first)?;
+                    if every {
+                        // The chunk's rows end where the sequence now stands.
+                        echo(seq, &logits.narrow(0, start, count)?, seq.pos - count)?;
                         if !seq.decoding() {
                             return Ok(Step::Continue);
                         }

@@ -12,9 +12,10 @@
 //! logits. candle's llama also copies the history twice per layer (contiguous, then
 //! repeated for the grouped-query heads), which at 8 sequences and a few hundred
 //! positions was most of a decode step's attention time; here it is not copied. With
-//! f16, a decoding token (one query) is attended by lynx's own kernel straight from the
-//! f16 rows (`kv_cache/half.rs`); a prompt chunk widens the history it reads to f32
-//! once and takes the gemm path, which many queries amortize.
+//! f16, lynx's own kernel (`kv_cache/half.rs`) attends straight from the f16 rows, one
+//! query row at a time with the same operations for a decoding token as for a prompt
+//! chunk's rows: a position's result never depends on how the prompt was split into
+//! steps, which is what prefix caching and `echo` rest on.
 
 mod half;
 

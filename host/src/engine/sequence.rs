@@ -41,8 +41,6 @@ pub(super) struct Sequence {
     pub(super) logprobs: Option<usize>,
     /// The prompt's own log-probabilities are wanted (`echo`).
     pub(super) echo: bool,
-    /// Where the prompt chunk of this step's rows started, when they are to be echoed.
-    pub(super) echoed: Option<usize>,
     /// `(group, index)` of one of a request's `n` choices.
     pub(super) choice: Option<(u64, usize)>,
     /// Forward passes this sequence was part of.

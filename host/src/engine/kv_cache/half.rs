@@ -1,6 +1,8 @@
-//! The f16 cache's decode kernels: a query row dotted with f16 keys, and f16 values
+//! The f16 cache's attention kernels: a query row dotted with f16 keys, and f16 values
 //! accumulated with softmax weights, widened to f32 on the fly (F16C where the CPU has
-//! it, chosen at run time like the matmul kernels).
+//! it, chosen at run time like the matmul kernels). The row kernels (`scores`,
+//! `weighted_sum`) work on several keys or columns at once for speed, but each value is
+//! the single-key `dot` / single-row `axpy` operation for operation.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
