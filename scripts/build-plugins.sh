@@ -2,7 +2,7 @@
 # Builds the guest components (wasm32-wasip2) and puts them where the host looks:
 #   plugins/dist/default.wasm, plugins/dist/strict.wasm   (the plugin folder)
 #   plugins/dist/test/{hostile,future}.wasm                (used by the tests only)
-#   plugins/dist/test/swap-{v1,v2,smoke-trap,flaky}.wasm   (the hot-swap tests' versions)
+#   plugins/dist/test/swap-{v1,v2,smoke-trap,smoke-sleep,flaky}.wasm (the hot-swap tests' versions)
 #   plugins/dist/test/stdlib.wasm                          (ordinary Rust std, for WASI)
 #   plugins/dist/test/legacy.wasm                          (built for lynx:plugin@0.1.0)
 #   plugins/dist/test/legacy2.wasm                         (the same, for lynx:plugin@0.2.0)
@@ -22,7 +22,7 @@ put stdlib dist/test/stdlib.wasm
 put legacy dist/test/legacy.wasm
 # The swap plugin's versions are one crate built with different features.
 put swap dist/test/swap-v1.wasm
-for version in v2 smoke-trap flaky; do
+for version in v2 smoke-trap smoke-sleep flaky; do
   cargo build --quiet --target wasm32-wasip2 --release -p lynx-plugin-swap --features "$version"
   put swap "dist/test/swap-$version.wasm"
 done

@@ -84,6 +84,7 @@ fn bench(c: &mut Criterion) {
             instances: 16,
             constraint_memory_bytes: 256 << 20,
             warm_constraints: 2,
+            constraint_budget: Duration::from_secs(5),
             max_file_bytes: 32 << 20,
             rollback_window: 0,
             rollback_share: 0.2,

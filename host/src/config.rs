@@ -87,6 +87,14 @@ pub struct Config {
     #[arg(long, env = "LYNX_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     pub prefix_cache: bool,
 
+    /// Who shares cached prefixes. `isolated`: a request reuses only prefixes computed
+    /// for requests with the same `cache_salt`, and one without a salt shares with
+    /// nobody (its own `n` choices excepted), so neither `cached_tokens` nor timing can
+    /// tell one client what another sent. `shared`: requests without a salt share one
+    /// space (one tenant, or clients that trust each other); salted ones stay apart.
+    #[arg(long, env = "LYNX_PREFIX_CACHE_SHARING", value_enum, default_value_t = CacheSharing::Isolated)]
+    pub prefix_cache_sharing: CacheSharing,
+
     /// Requests that may wait for a slot; past this, requests get 503 with Retry-After.
     #[arg(long, env = "LYNX_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
@@ -129,6 +137,11 @@ pub struct Config {
     /// gemma's). Each holds up to `--plugin-constraint-memory-mib`.
     #[arg(long, env = "LYNX_PLUGIN_WARM_CONSTRAINTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=1024))]
     pub plugin_warm_constraints: u32,
+
+    /// The longest all of one request's constraint calls (structured outputs) may run
+    /// together, in milliseconds; past it the request fails, as its plugin's fault.
+    #[arg(long, env = "LYNX_PLUGIN_CONSTRAINT_BUDGET_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub plugin_constraint_budget_ms: u64,
 
     /// The largest plugin file loaded, in bytes; larger files in the plugin folder are
     /// refused (the reason shows in `/admin/plugins`).
@@ -225,6 +238,46 @@ pub struct Config {
     #[arg(long, env = "LYNX_KEEP_ALIVE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub keep_alive_timeout: u64,
 
+    /// How long a streamed answer waits for its client to take what it was sent, in
+    /// seconds: a client that reads nothing for this long (its stream buffer full) loses
+    /// its connection, and everything its requests held is freed.
+    #[arg(long, env = "LYNX_WRITE_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub write_timeout: u64,
+
+    /// Bytes of a streamed answer held for a client that has not read them yet, in KiB;
+    /// generation goes on into it whether the client reads or not, and pauses when it
+    /// is full.
+    #[arg(long, env = "LYNX_STREAM_BUFFER_KIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(4..=65536))]
+    pub stream_buffer_kib: u64,
+
+    /// Plugin instances the requests of one connection may hold at once (a choice of
+    /// `n` holds one, two with a structured output); past it, 429.
+    #[arg(long, env = "LYNX_MAX_INSTANCES_PER_CONNECTION", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_instances_per_connection: u32,
+
+    /// The most text a plugin may release for one answer, all its choices together, in
+    /// bytes; past it the request fails as the plugin's fault.
+    #[arg(long, env = "LYNX_MAX_ANSWER_BYTES", default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(1024..=1 << 32))]
+    pub max_answer_bytes: u64,
+
+    /// The most messages one chat request may hold; more gets 400.
+    #[arg(long, env = "LYNX_MAX_CHAT_MESSAGES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_chat_messages: u32,
+
+    /// Host names the public API answers (comma-separated; a port is ignored; `*` is
+    /// any). Default: when listening on loopback, its own names (`localhost`,
+    /// `127.0.0.1`, `::1`), so a web page cannot reach it through DNS rebinding; on any
+    /// other address, any name.
+    #[arg(long, env = "LYNX_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+
+    /// Browser origins allowed to call the public API (comma-separated, e.g.
+    /// `https://app.example.com`; `*` is any). Default: none, so a request carrying an
+    /// `Origin` header (a browser's, from a page) is refused; clients that send no
+    /// `Origin` (curl, SDKs) are not affected.
+    #[arg(long, env = "LYNX_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
     /// Streams one HTTP/2 connection may have open at once.
     #[arg(long, env = "LYNX_HTTP2_MAX_STREAMS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub http2_max_streams: u32,
@@ -243,6 +296,13 @@ pub struct Config {
     /// Log filter, in `tracing` EnvFilter syntax (e.g. `info`, `lynx_host=debug`).
     #[arg(long, env = "LYNX_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// Who shares cached prefixes (`--prefix-cache-sharing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheSharing {
+    Isolated,
+    Shared,
 }
 
 /// Whether a failing stage of a plugin fails its request (closed) or is bypassed (open).
@@ -299,6 +359,12 @@ impl Config {
             keep_alive_timeout: std::time::Duration::from_secs(self.keep_alive_timeout),
             max_connections: self.max_connections as usize,
             http2_max_streams: self.http2_max_streams,
+            write_timeout: std::time::Duration::from_secs(self.write_timeout),
+            stream_buffer_bytes: (self.stream_buffer_kib as usize) << 10,
+            instances_per_connection: self.max_instances_per_connection,
+            max_answer_bytes: usize::try_from(self.max_answer_bytes).unwrap_or(usize::MAX),
+            max_chat_messages: self.max_chat_messages as usize,
+            shared_cache: self.prefix_cache_sharing == CacheSharing::Shared,
             postprocess_fail_open: self.plugin_failure_policy == FailurePolicy::Open,
             fault_injection: self.fault_injection,
         }
@@ -312,6 +378,7 @@ impl Config {
             instances: self.plugin_instances(),
             constraint_memory_bytes: (self.plugin_constraint_memory_mib as usize) << 20,
             warm_constraints: self.plugin_warm_constraints,
+            constraint_budget: std::time::Duration::from_millis(self.plugin_constraint_budget_ms),
             max_file_bytes: self.plugin_max_bytes,
             rollback_window: self.plugin_rollback_window,
             rollback_share: self.plugin_rollback_share,

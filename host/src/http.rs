@@ -10,6 +10,7 @@ pub mod error;
 pub mod generate;
 pub mod observe;
 pub mod serve;
+pub mod site;
 pub mod tokenize;
 pub mod types;
 
@@ -44,6 +45,17 @@ pub struct Limits {
     pub keep_alive_timeout: Duration,
     pub max_connections: usize,
     pub http2_max_streams: u32,
+    /// How long a streamed answer waits for its client to read (then it is cut).
+    pub write_timeout: Duration,
+    /// Bytes of a streamed answer held for its client.
+    pub stream_buffer_bytes: usize,
+    /// Plugin instances one connection's requests may hold at once.
+    pub instances_per_connection: u32,
+    /// Released text one answer may hold, all choices together.
+    pub max_answer_bytes: usize,
+    pub max_chat_messages: usize,
+    /// Requests without a `cache_salt` share one prefix-cache space.
+    pub shared_cache: bool,
     /// When the serving plugin's post-processing fails mid-generation, the host's own
     /// carries the request on (fail-open) instead of ending it with an error.
     pub postprocess_fail_open: bool,
@@ -64,6 +76,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Set on SIGTERM/SIGINT: `/health` answers 503 and new generations are refused.
     pub draining: AtomicBool,
+    /// Which hosts and browser origins may call the public API.
+    pub site: Arc<site::SitePolicy>,
 }
 
 impl AppState {
@@ -84,7 +98,18 @@ impl AppState {
             started,
             limits,
             draining: AtomicBool::new(false),
+            site: Arc::new(site::SitePolicy::new(
+                std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                &[],
+                &[],
+            )),
         }
+    }
+
+    /// The public API's site policy (`--allowed-hosts`, `--cors-origins`).
+    pub fn with_site(mut self, site: site::SitePolicy) -> Self {
+        self.site = Arc::new(site);
+        self
     }
 
     pub fn draining(&self) -> bool {
@@ -105,6 +130,11 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        // Inside the observer: a refused request is answered 403 and counted.
+        .layer(middleware::from_fn_with_state(
+            state.site.clone(),
+            site::guard,
+        ))
         // Inside the observer, so a panicking handler is answered (500) and counted.
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal("a request handler panicked".into()).into_response()

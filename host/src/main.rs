@@ -12,6 +12,7 @@ use lynx_host::engine::model::DEFAULT_MAX_SEQ_LEN;
 use lynx_host::engine::{Batcher, BatcherConfig, Model};
 use lynx_host::http::admin::admin_app;
 use lynx_host::http::serve;
+use lynx_host::http::site::SitePolicy;
 use lynx_host::plugins::cache::ComponentCache;
 use lynx_host::plugins::types::ModelInfo;
 use lynx_host::plugins::{check::check, watch, PluginExec, PluginRuntime, Plugins};
@@ -224,16 +225,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if limits.fault_injection {
         tracing::warn!("--fault-injection is on: for tests only, never in production");
     }
-    let state = Arc::new(AppState::new(
-        model,
-        config.model_name.clone(),
-        batcher,
-        plugins,
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        limits,
-    ));
+    let state = Arc::new(
+        AppState::new(
+            model,
+            config.model_name.clone(),
+            batcher,
+            plugins,
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            limits,
+        )
+        .with_site(SitePolicy::new(
+            config.listen,
+            &config.allowed_hosts,
+            &config.cors_origins,
+        )),
+    );
 
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await

@@ -19,6 +19,7 @@ pub mod constraint;
 pub mod exec;
 pub mod files;
 mod glue;
+pub mod prepare;
 pub mod probation;
 pub mod registry;
 pub mod runtime;
@@ -71,6 +72,9 @@ pub enum PluginError {
     SmokeFailed { file: String, detail: String },
     #[error("plugin engine: {0}")]
     Engine(String),
+    /// What the client sent cost the plugin more than its deadline: the client's 400.
+    #[error("{what} took the plugin longer than its {millis} ms deadline")]
+    ClientCost { what: String, millis: u64 },
 }
 
 impl PluginError {

@@ -44,7 +44,7 @@ fn parse_request(body: &[u8]) -> Option<u16> {
         };
         fields::<CommonParams>(&value)?.validate("smollm2-135m-instruct", &limits, scoring)?;
         if let Ok(chat) = chat {
-            chat.chat_messages()?;
+            chat.chat_messages(limits.max_chat_messages)?;
         }
         completion.map(|_| ())
     };

@@ -91,11 +91,15 @@ def main(base: str) -> None:
     assert len(set(first)) > 1, first
     print("n=3:", first)
 
-    # Cached prompt tokens, in usage.prompt_tokens_details.
+    # Cached prompt tokens, in usage.prompt_tokens_details: the prefix cache shares
+    # only within a cache_salt by default (vLLM's field, through extra_body).
     system = "You are a harbour guide. " * 60
     long = [{"role": "system", "content": system}, {"role": "user", "content": "Hello"}]
     usages = [
-        client.chat.completions.create(model=model, messages=long, max_tokens=2, temperature=0).usage
+        client.chat.completions.create(
+            model=model, messages=long, max_tokens=2, temperature=0,
+            extra_body={"cache_salt": "parity-tenant"},
+        ).usage
         for _ in range(2)
     ]
     for u in usages:

@@ -147,13 +147,13 @@ async fn slow_clients_cannot_hold_connections() {
         // Headers that never end.
         let mut slow_headers = TcpStream::connect(&addr).expect("connect");
         slow_headers
-            .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
             .expect("write");
         let headers = read_until_closed(&mut slow_headers, Duration::from_secs(15));
         // Headers, then a body that stops halfway.
         let mut slow_body = TcpStream::connect(&addr).expect("connect");
         slow_body
-            .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\":")
+            .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\":")
             .expect("write");
         let body = read_until_closed(&mut slow_body, Duration::from_secs(15));
         (headers, body)

@@ -2,7 +2,8 @@
 //! `LYNX_HOSTILE_SECS` changes the length): 16 valid streams without pause, mixed with
 //! malformed JSON, oversized bodies, random paths, invalid parameters, prompts of one
 //! long word, clients that disconnect mid-stream, slow readers, bodies that never
-//! finish, and HTTP/2 prefaces cut in half. Afterwards every valid request had its 200
+//! finish, HTTP/2 prefaces cut in half, HTTP/2 clients that never open their window,
+//! cross-site requests and chats of too many messages. Afterwards every valid request had its 200
 //! and a complete answer, every bad one its 4xx, nothing is held, memory stopped
 //! growing once the whole mix had run, and `request_total` agrees with what the
 //! clients sent, status by status.
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use lynx_tests::attack::zero_window_client;
 use lynx_tests::{assert_complete, read_until_closed, sse_data, Server};
 use serde_json::{json, Value};
 
@@ -92,7 +94,7 @@ fn unfinished_bodies(addr: &str, n: usize) -> Vec<Option<String>> {
             let mut s = std::net::TcpStream::connect(addr).expect("connect");
             std::io::Write::write_all(
                 &mut s,
-                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+                b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
             )
             .expect("write");
             s
@@ -105,7 +107,7 @@ fn unfinished_bodies(addr: &str, n: usize) -> Vec<Option<String>> {
         .collect()
 }
 
-/// One bad request of kind `i % 6`; it must get its 4xx in the OpenAI error shape.
+/// One bad request of kind `i % 8`; it must get its 4xx in the OpenAI error shape.
 async fn bad_request(server: &Server, tally: &Tally, i: usize) {
     // A body sent as it is, labelled JSON.
     let raw = |path: &str, body: Vec<u8>| {
@@ -115,7 +117,7 @@ async fn bad_request(server: &Server, tally: &Tally, i: usize) {
             .header("content-type", "application/json")
             .body(body)
     };
-    let (endpoint, want, request) = match i % 6 {
+    let (endpoint, want, request) = match i % 8 {
         0 => (
             "/v1/completions",
             400,
@@ -152,6 +154,29 @@ async fn bad_request(server: &Server, tally: &Tally, i: usize) {
                 vec![b'{', b'"', 0xFF, 0xFE, b'"', b':', b'1', b'}'],
             ),
         ),
+        // A web page's cross-site POST.
+        6 => (
+            "/v1/completions",
+            403,
+            server
+                .client
+                .post(server.url("/v1/completions"))
+                .header("content-type", "text/plain")
+                .header("origin", "https://evil.example")
+                .body(r#"{"prompt": "Hi", "max_tokens": 2}"#),
+        ),
+        // More messages than a chat may hold.
+        7 => (
+            "/v1/chat/completions",
+            400,
+            server
+                .client
+                .post(server.url("/v1/chat/completions"))
+                .json(&json!({
+                    "messages": vec![json!({"role": "user", "content": "a"}); 1500],
+                    "max_tokens": 2
+                })),
+        ),
         // One word far past the context.
         _ => (
             "/v1/completions",
@@ -165,10 +190,10 @@ async fn bad_request(server: &Server, tally: &Tally, i: usize) {
     let r = request.send().await.expect("bad request sent");
     let status = r.status().as_u16();
     tally.add(endpoint, status);
-    assert_eq!(status, want, "bad request kind {}", i % 6);
+    assert_eq!(status, want, "bad request kind {}", i % 8);
     let body: Value = r.json().await.expect("an OpenAI error body");
     assert!(body["error"]["message"].is_string() && body["error"]["type"].is_string());
-    if i % 6 == 5 {
+    if i % 8 == 5 {
         assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
     }
 }
@@ -188,6 +213,8 @@ async fn hostile_traffic_leaves_the_server_whole_and_the_metrics_exact() {
             "65536",
             "--client-timeout",
             &client_timeout,
+            "--write-timeout",
+            "3",
         ])
         .await,
     );
@@ -258,6 +285,22 @@ async fn hostile_traffic_leaves_the_server_whole_and_the_metrics_exact() {
                     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
                     tally.add("/v1/completions", 408);
                 }
+            }
+        }));
+    }
+    {
+        // HTTP/2 clients that never open their window: 4 streams of n=4 each, pinning
+        // nothing; the write timeout cuts each connection, its requests counted.
+        let (addr, tally) = (server.addr(), tally.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let (statuses, connection) = zero_window_client(&addr, 4, 4).await;
+                for s in statuses {
+                    assert!(s == 200 || s == 429, "zero-window stream got {s}");
+                    tally.add("/v1/completions", s);
+                }
+                let cut = tokio::time::timeout(Duration::from_secs(30), connection).await;
+                assert!(cut.is_ok(), "a zero-window connection was never cut");
             }
         }));
     }
@@ -340,7 +383,7 @@ async fn hostile_traffic_leaves_the_server_whole_and_the_metrics_exact() {
         .copied()
         .unwrap_or(0);
     assert!(valid >= 32, "too few valid requests in {secs} s: {sent:?}");
-    for status in [400, 404, 408, 413] {
+    for status in [400, 403, 404, 408, 413] {
         assert!(
             sent.keys().any(|(_, s)| *s == status),
             "no {status} was exercised: {sent:?}"

@@ -51,7 +51,7 @@ async fn ask(server: &Server, prompt: &str, max_tokens: u64) -> (Said, u64, u64)
 
 #[tokio::test]
 async fn cached_prefixes_give_bit_identical_completions_alone_and_batched() {
-    let cached = Server::start_with(&["--kv-slots", "4"]).await;
+    let cached = Server::start_with(&["--kv-slots", "4", "--prefix-cache-sharing", "shared"]).await;
     let cold = Server::start_with(&["--kv-slots", "4", "--prefix-cache", "false"]).await;
     let shared = preamble("harbour", 40);
     let questions = [
@@ -97,7 +97,7 @@ async fn cached_prefixes_give_bit_identical_completions_alone_and_batched() {
 
 #[tokio::test]
 async fn a_running_sequence_s_prefix_is_copied_to_a_new_request() {
-    let server = Server::start_with(&["--kv-slots", "4"]).await;
+    let server = Server::start_with(&["--kv-slots", "4", "--prefix-cache-sharing", "shared"]).await;
     let cold = Server::start_with(&["--kv-slots", "4", "--prefix-cache", "false"]).await;
     let shared = preamble("orchard", 30);
     let long = format!("{shared}Now recite every rule again, in full:");
@@ -140,7 +140,7 @@ async fn a_running_sequence_s_prefix_is_copied_to_a_new_request() {
 
 #[tokio::test]
 async fn idle_slots_are_evicted_least_recently_used_first() {
-    let server = Server::start_with(&["--kv-slots", "2"]).await;
+    let server = Server::start_with(&["--kv-slots", "2", "--prefix-cache-sharing", "shared"]).await;
     let [a, b, c] = ["atlas", "beacon", "compass"]
         .map(|s| format!("{}Question: and then? Answer:", preamble(s, 8)));
     let (mut cached, mut prompt) = (0, 0);
@@ -198,7 +198,8 @@ async fn idle_slots_are_evicted_least_recently_used_first() {
 /// only whole 128-token prompt chunks are reused, so results stay exact there too.
 #[tokio::test]
 async fn the_f32_cache_reuses_whole_prompt_chunks_and_stays_exact() {
-    let server = Server::start_with(&["--kv-dtype", "f32"]).await;
+    let server =
+        Server::start_with(&["--kv-dtype", "f32", "--prefix-cache-sharing", "shared"]).await;
     let prompt = format!("{}Question: is it late? Answer:", preamble("clock", 20));
     let (want, hit, n) = ask(&server, &prompt, 12).await;
     assert_eq!(hit, 0);

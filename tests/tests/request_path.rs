@@ -101,7 +101,7 @@ async fn bodies_still_arriving_hold_no_plugin_instance() {
     let unfinished: Vec<TcpStream> = (0..32)
         .map(|_| {
             let mut s = TcpStream::connect(&addr).expect("connect");
-            s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
                 .expect("write");
             s
         })
@@ -207,7 +207,7 @@ async fn a_half_sent_http2_preface_and_a_trickled_body_are_cut_at_their_deadline
         // One body byte every 0.5 s: each frame is well inside the deadline, the whole
         // body never would be.
         let mut slow = TcpStream::connect(&addr).expect("connect");
-        slow.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        slow.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
             .expect("write");
         let mut writer = slow.try_clone().expect("clone");
         std::thread::spawn(move || {
@@ -244,7 +244,7 @@ async fn a_half_sent_http2_preface_and_a_trickled_body_are_cut_at_their_deadline
 /// Sends a keep-alive `GET /health` on `stream` and reads its whole response.
 fn get_health(stream: &mut TcpStream) -> String {
     stream
-        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .expect("write");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -282,7 +282,7 @@ async fn idle_connections_close_and_the_connection_cap_holds() {
         let mut held: Vec<TcpStream> = (0..3)
             .map(|_| {
                 let mut s = TcpStream::connect(&addr).expect("connect");
-                s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+                s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: ")
                     .expect("write");
                 s
             })
@@ -290,7 +290,7 @@ async fn idle_connections_close_and_the_connection_cap_holds() {
         std::thread::sleep(Duration::from_millis(200));
         let mut fourth = TcpStream::connect(&addr).expect("the backlog takes it");
         fourth
-            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .expect("write");
         fourth
             .set_read_timeout(Some(Duration::from_millis(800)))

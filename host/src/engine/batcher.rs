@@ -74,6 +74,8 @@ pub struct GenerateRequest {
     /// `(group, index)` when the request is one of `n` choices: the choices after the
     /// first start once the first has prefilled the prompt, and copy its keys and values.
     pub choice: Option<(u64, usize)>,
+    /// The prefix-cache space: a request reuses only prefixes computed in its own.
+    pub cache_space: u64,
     /// Testing only (`--fault-injection`).
     pub fault: Option<Fault>,
 }
@@ -376,9 +378,11 @@ impl Scheduler {
             // Without the prefix cache, only a request's own choices share a prefix.
             let follows = req.choice.is_some_and(|(_, i)| i > 0);
             let cold = req.echo || !(self.config.prefix_cache || follows);
-            let place = self
-                .prefix
-                .place(&self.cache, (&req.prompt, cold), (&self.free, &running));
+            let place = self.prefix.place(
+                &self.cache,
+                (&req.prompt, cold, req.cache_space),
+                (&self.free, &running),
+            );
             self.free.retain(|&s| s != place.slot);
             self.count_placement(&place, req.prompt.len());
             let _ = req.events.send(GenEvent::Started {

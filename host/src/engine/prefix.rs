@@ -13,6 +13,10 @@
 //! generated tokens included. The f32 cache attends with candle's gemm, whose float
 //! order depends on the chunk's shape: there a prefix is reused only in whole prompt
 //! chunks computed from position 0, which a cold prefill computes identically.
+//!
+//! Reuse never crosses cache spaces: a slot's tokens serve only requests of the space
+//! (`cache_salt`, or the server's sharing policy) they were computed for, so neither
+//! `cached_tokens` nor a faster first token tells one client what another sent.
 
 use super::batcher::PREFILL_CHUNK;
 use super::kv_cache::{KvCache, KvDtype};
@@ -28,6 +32,8 @@ struct Slot {
     prompted: usize,
     /// The step it was last used in.
     used: u64,
+    /// Whose prefixes these are: only a request of the same cache space reuses them.
+    space: u64,
 }
 
 pub struct PrefixCache {
@@ -99,9 +105,12 @@ impl PrefixCache {
             .count()
     }
 
-    /// How much of `prompt` the slot's cache may give.
-    fn reusable(&self, slot: usize, prompt: &[u32]) -> usize {
+    /// How much of `prompt` the slot's cache may give a request of `space`.
+    fn reusable(&self, slot: usize, prompt: &[u32], space: u64) -> usize {
         let s = &self.slots[slot];
+        if s.space != space {
+            return 0;
+        }
         let common = self.common(slot, prompt);
         // At least the prompt's last token is computed again: its logits are needed.
         let common = common.min(prompt.len().saturating_sub(1));
@@ -115,11 +124,12 @@ impl PrefixCache {
     /// Chooses the slot for `prompt` among the `free` ones, reusing the longest cached
     /// prefix any slot (free, or `running` a sequence) holds. A prefix in a running
     /// slot, or in a free one other than the one chosen, is copied. `cold` (`echo`)
-    /// reuses nothing: it needs every prompt position's logits.
+    /// reuses nothing: it needs every prompt position's logits. Only slots of the
+    /// request's cache `space` are reused; the chosen slot becomes that space's.
     pub fn place(
         &mut self,
         cache: &KvCache,
-        (prompt, cold): (&[u32], bool),
+        (prompt, cold, space): (&[u32], bool, u64),
         (free, running): (&[usize], &[usize]),
     ) -> Placement {
         // The free slot least recently used, other than `keep`.
@@ -133,11 +143,11 @@ impl PrefixCache {
             None
         } else {
             free.iter()
-                .map(|&s| (self.reusable(s, prompt), true, s))
+                .map(|&s| (self.reusable(s, prompt, space), true, s))
                 .chain(
                     running
                         .iter()
-                        .map(|&s| (self.reusable(s, prompt), false, s)),
+                        .map(|&s| (self.reusable(s, prompt, space), false, s)),
                 )
                 .filter(|&(n, _, _)| n > 0)
                 .max_by_key(|&(n, is_free, s)| (n, is_free, std::cmp::Reverse(s)))
@@ -176,6 +186,7 @@ impl PrefixCache {
         s.chunked = s.chunked.min(reused);
         s.prompted = s.prompted.min(reused);
         s.used = self.now;
+        s.space = space;
         Placement {
             slot,
             reused,
@@ -212,17 +223,20 @@ mod tests {
         ran(&mut p, 1, &[1, 2, 3, 4], &[5, 6]);
         // A chat's next turn: its history, the answer included, then more.
         let next = [1, 2, 3, 4, 5, 6, 7, 8];
-        assert_eq!(at(p.place(&kv, (&next, false), (&[0, 1, 2], &[]))), (1, 6));
+        assert_eq!(
+            at(p.place(&kv, (&next, false, 0), (&[0, 1, 2], &[]))),
+            (1, 6)
+        );
         // The same prompt again: all but its last token.
         let (kv, mut p) = cache(3, KvDtype::F16);
         ran(&mut p, 2, &[1, 2, 3, 4], &[]);
         assert_eq!(
-            at(p.place(&kv, (&[1, 2, 3, 4], false), (&[0, 1, 2], &[]))),
+            at(p.place(&kv, (&[1, 2, 3, 4], false, 0), (&[0, 1, 2], &[]))),
             (2, 3)
         );
         // `echo` reuses nothing.
         assert_eq!(
-            p.place(&kv, (&[1, 2, 3, 4], true), (&[0, 1, 2], &[]))
+            p.place(&kv, (&[1, 2, 3, 4], true, 0), (&[0, 1, 2], &[]))
                 .reused,
             0
         );
@@ -236,11 +250,11 @@ mod tests {
         // Slot 0's own question (1, 1) would be lost: the shared part goes to slot 1,
         // the least recently used free slot.
         let other = [9, 9, 9, 2, 2];
-        let place = p.place(&kv, (&other, false), (&[0, 1, 2], &[]));
+        let place = p.place(&kv, (&other, false, 0), (&[0, 1, 2], &[]));
         assert_eq!(at(place), (1, 3));
         assert!(place.copied);
         assert_eq!(
-            at(p.place(&kv, (&[9, 9, 9, 1, 1, 7, 3], false), (&[0, 2], &[]))),
+            at(p.place(&kv, (&[9, 9, 9, 1, 1, 7, 3], false, 0), (&[0, 2], &[]))),
             (0, 6)
         );
     }
@@ -253,15 +267,38 @@ mod tests {
         ran(&mut p, 2, &[7, 7], &[]);
         // Slot 0 runs; a prompt sharing its prefix gets a copy in slot 3 (never used).
         assert_eq!(
-            at(p.place(&kv, (&[5, 5, 5, 8], false), (&[1, 2, 3], &[0]))),
+            at(p.place(&kv, (&[5, 5, 5, 8], false, 0), (&[1, 2, 3], &[0]))),
             (3, 3)
         );
         // Nothing shared: slot 1, the idle one used longest ago, is evicted.
         assert_eq!(
-            at(p.place(&kv, (&[3, 3], false), (&[1, 2], &[0, 3]))),
+            at(p.place(&kv, (&[3, 3], false, 0), (&[1, 2], &[0, 3]))),
             (1, 0)
         );
         assert_eq!(p.common(1, &[6, 6]), 0, "evicted");
+    }
+
+    #[test]
+    fn prefixes_never_cross_cache_spaces() {
+        let (kv, mut p) = cache(3, KvDtype::F16);
+        let prompt = [1, 2, 3, 4, 5, 6];
+        let first = p.place(&kv, (&prompt, false, 7), (&[0, 1, 2], &[]));
+        p.tick();
+        p.wrote(first.slot, 0, Some(&prompt), true);
+        p.tick();
+        // Another space, idle or running: nothing is reused, nothing copied.
+        let other = p.place(&kv, (&prompt, false, 8), (&[0, 1, 2], &[]));
+        assert_eq!((other.reused, other.copied), (0, false));
+        assert_ne!(
+            other.slot, first.slot,
+            "the other space's prefix is not evicted first"
+        );
+        let free: Vec<usize> = (0..3).filter(|&s| s != first.slot).collect();
+        let running = p.place(&kv, (&prompt, false, 9), (&free, &[first.slot]));
+        assert_eq!(running.reused, 0);
+        // The same space reuses it.
+        let again = p.place(&kv, (&prompt, false, 7), (&[0, 1, 2], &[]));
+        assert_eq!(at(again), (first.slot, 5));
     }
 
     #[test]
@@ -275,9 +312,12 @@ mod tests {
         let mut next = prompt.clone();
         next.extend([1, 2, 3, 4]);
         assert_eq!(
-            p.place(&kv, (&next, false), (&[0, 1], &[])).reused,
+            p.place(&kv, (&next, false, 0), (&[0, 1], &[])).reused,
             2 * PREFILL_CHUNK
         );
-        assert_eq!(p.place(&kv, (&prompt[..200], false), (&[1], &[])).reused, 0);
+        assert_eq!(
+            p.place(&kv, (&prompt[..200], false, 0), (&[1], &[])).reused,
+            0
+        );
     }
 }

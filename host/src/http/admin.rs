@@ -53,19 +53,7 @@ pub fn admin_app(state: Arc<AppState>, token: Option<String>) -> Router {
 
 /// Whether a `Host` or `Origin` value names the loopback interface.
 fn is_loopback_authority(value: &str) -> bool {
-    let authority = value
-        .strip_prefix("http://")
-        .or_else(|| value.strip_prefix("https://"))
-        .unwrap_or(value);
-    let host = if let Some(rest) = authority.strip_prefix('[') {
-        rest.split(']').next().unwrap_or("")
-    } else {
-        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-    };
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    super::site::is_loopback_name(&super::site::host_name(value))
 }
 
 /// Why a request may not reach the admin API, if it may not.

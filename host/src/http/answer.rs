@@ -2,18 +2,23 @@
 //! events ending in `[DONE]`; every choice of `n` with its own index; log-probabilities
 //! in each route's own shape (completions' `tokens`/`token_logprobs`/`top_logprobs`/
 //! `text_offset`, chat's `content[]`), streamed with the text they belong to.
+//! A stream is generated whether or not its client reads ([`stream`]).
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::response::sse::{Event, Sse};
+use axum::body::{Body, Bytes};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::future::join_all;
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use super::conn::Connection;
 use super::error::ApiError;
 use super::generate::{Generation, Piece};
 use super::types::{Usage, Validated};
@@ -157,11 +162,16 @@ pub async fn whole(state: Arc<AppState>, shape: Shape, generations: Vec<Generati
     let results = join_all(generations.into_iter().map(collect)).await;
     let mut choices = Vec::new();
     let mut usages = Vec::new();
-    for (index, result) in results.into_iter().enumerate() {
-        let w = match result {
-            Ok(w) => w,
+    let mut wholes = Vec::with_capacity(results.len());
+    for result in results {
+        match result {
+            Ok(w) => wholes.push(w),
             Err(e) => return e.into_response(),
-        };
+        }
+    }
+    // Only the first choice scored the prompt; every choice echoes its scores.
+    let prompt_scores = wholes.first().map(|w| w.prompt.clone()).unwrap_or_default();
+    for (index, w) in wholes.into_iter().enumerate() {
         usages.push(w.usage);
         let mut scores = Scores {
             api: shape.api,
@@ -173,7 +183,7 @@ pub async fn whole(state: Arc<AppState>, shape: Shape, generations: Vec<Generati
         if let Some((prompt, first)) = &shape.echo {
             text.insert_str(0, prompt);
             entries.push((*first, None));
-            entries.extend(w.prompt.iter().map(|l| (l.token, Some(l))));
+            entries.extend(prompt_scores.iter().map(|l| (l.token, Some(l))));
         }
         entries.extend(w.tokens.iter().map(|(id, l)| (*id, Some(l))));
         let logprobs = if shape.logprobs {
@@ -240,7 +250,7 @@ impl Chunks {
         }
     }
 
-    fn event(&self, choices: Vec<Value>, usage: Option<Usage>) -> Event {
+    fn event(&self, choices: Vec<Value>, usage: Option<Usage>) -> String {
         let mut chunk = json!({
             "id": self.id, "object": object(self.shape.api, true), "created": self.created,
             "model": self.model, "choices": choices,
@@ -248,11 +258,11 @@ impl Chunks {
         if let Some(usage) = usage {
             chunk["usage"] = json!(usage);
         }
-        Event::default().data(chunk.to_string())
+        chunk.to_string()
     }
 
     /// A chunk of choice `index`'s text, with its tokens' scores when asked for.
-    fn text(&mut self, index: usize, text: &str, entries: &[(u32, Option<&Logprob>)]) -> Event {
+    fn text(&mut self, index: usize, text: &str, entries: &[(u32, Option<&Logprob>)]) -> String {
         let scores = if self.shape.logprobs {
             self.scores[index].render(entries)
         } else {
@@ -263,16 +273,24 @@ impl Chunks {
     }
 
     /// The events one piece of choice `index` becomes; `true` once the stream ends.
-    fn on(&mut self, index: usize, piece: Piece) -> (Vec<Event>, bool) {
+    fn on(&mut self, index: usize, piece: Piece) -> (Vec<String>, bool) {
         match piece {
             Piece::Prompt(values) => {
-                // Completions only (`echo`): the prompt's text and scores come first.
+                // Completions only (`echo`): the prompt's text and scores come first,
+                // for every choice, from the first choice's prefill (the others copy
+                // its prefix and start after it).
                 let Some((text, first)) = self.shape.echo.clone() else {
                     return (vec![], false);
                 };
                 let mut entries = vec![(first, None)];
                 entries.extend(values.iter().map(|l| (l.token, Some(l))));
-                (vec![self.text(index, &text, &entries)], false)
+                let choices = if index == 0 {
+                    0..self.scores.len()
+                } else {
+                    index..index + 1
+                };
+                let events = choices.map(|i| self.text(i, &text, &entries)).collect();
+                (events, false)
             }
             Piece::Text(text, values) => {
                 let entries: Vec<(u32, Option<&Logprob>)> =
@@ -291,24 +309,42 @@ impl Chunks {
                         let all: Vec<Usage> = self.usages.iter().flatten().copied().collect();
                         out.push(self.event(vec![], Usage::of_choices(&all)));
                     }
-                    out.push(Event::default().data("[DONE]"));
+                    out.push("[DONE]".to_string());
                     return (out, true);
                 }
                 (out, false)
             }
-            Piece::Failed(e) => (
-                vec![Event::default().data(json!(e.body()).to_string())],
-                true,
-            ),
+            Piece::Failed(e) => (vec![json!(e.body()).to_string()], true),
         }
     }
 }
 
+/// A streamed answer's bytes on their way to the client, and the budget they hold.
+type Buffered = (Bytes, OwnedSemaphorePermit);
+
+/// What a streamed answer needs beyond its generations: where to buffer it, how long
+/// to wait for its client, and the connection to cut when the client stops reading.
+pub struct Delivery {
+    pub buffer_bytes: usize,
+    pub write_timeout: Duration,
+    pub connection: Option<Connection>,
+    /// Held until generation ends: the connection's plugin instances.
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Streams the answer. Generation is not driven by the client's reading: a task of
+/// its own pulls every choice's tokens through post-processing as the scheduler makes
+/// them, into a buffer of at most `buffer_bytes`, so plugin instances and the slot are
+/// held only while tokens are being made. A client that takes nothing for
+/// `write_timeout` while the buffer is full is cut, with its connection: the task drops
+/// the generations (the scheduler frees their slots before the next token) and their
+/// instances, and the request is counted with the status it was sent.
 pub fn stream(
     state: Arc<AppState>,
     shape: Shape,
     generations: Vec<Generation>,
     params: &Validated,
+    delivery: Delivery,
 ) -> Response {
     let n = generations.len();
     let scores = (0..n)
@@ -327,41 +363,142 @@ pub fn stream(
         include_usage: params.include_usage,
         shape,
     };
-    // The chat API opens each choice with the assistant role.
-    let opening: Vec<Event> = if chunks.shape.api == Api::Chat {
-        (0..n)
-            .map(|i| {
-                let mut c = chunks.choice(i, Some(""), Value::Null, None);
-                c["delta"]["role"] = json!("assistant");
-                chunks.event(vec![c], None)
-            })
-            .collect()
-    } else {
-        vec![]
+    let budget = Arc::new(Semaphore::new(delivery.buffer_bytes));
+    let (tx, rx) = mpsc::unbounded_channel::<Buffered>();
+    let taken = Arc::new(AtomicU64::new(0));
+    tokio::spawn(drive(
+        chunks,
+        generations,
+        (tx, taken.clone()),
+        budget,
+        delivery,
+    ));
+    let body = stream::unfold(rx, move |mut rx| {
+        let taken = taken.clone();
+        async move {
+            // The budget a chunk held is given back once it is handed to the connection.
+            let (bytes, _permit) = rx.recv().await?;
+            taken.fetch_add(1, Ordering::Release);
+            Some((Ok::<_, Infallible>(bytes), rx))
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| ApiError::Internal("building a stream".into()).into_response())
+}
+
+/// One server-sent event holding `data`.
+fn sse(data: &str) -> Bytes {
+    Bytes::from(format!("data: {data}\n\n"))
+}
+
+/// Pulls the generations to their end into the buffer (see [`stream`]).
+async fn drive(
+    mut chunks: Chunks,
+    generations: Vec<Generation>,
+    (tx, taken): (mpsc::UnboundedSender<Buffered>, Arc<AtomicU64>),
+    budget: Arc<Semaphore>,
+    delivery: Delivery,
+) {
+    let Delivery {
+        buffer_bytes,
+        write_timeout,
+        connection,
+        permit,
+    } = delivery;
+    let cut = |why: &str| {
+        if let Some(c) = &connection {
+            c.cut(why);
+        }
     };
-    let pieces = stream::select_all(generations.into_iter().enumerate().map(|(i, g)| {
+    let n = generations.len();
+    // The chat API opens each choice with the assistant role.
+    let mut opening = Vec::new();
+    if chunks.shape.api == Api::Chat {
+        for i in 0..n {
+            let mut c = chunks.choice(i, Some(""), Value::Null, None);
+            c["delta"]["role"] = json!("assistant");
+            opening.push(chunks.event(vec![c], None));
+        }
+    }
+    let mut pieces = stream::select_all(generations.into_iter().enumerate().map(|(i, g)| {
         stream::unfold(g, move |mut g| async move {
             g.next().await.map(|p| ((i, p), g))
         })
         .boxed()
     }));
-    let body = stream::unfold(
-        (pieces, chunks, false),
-        |(mut pieces, mut chunks, ended)| async move {
-            if ended {
-                return None;
+    let mut pending: std::collections::VecDeque<String> = opening.into();
+    let mut ended = false;
+    loop {
+        while let Some(data) = pending.pop_front() {
+            let bytes = sse(&data);
+            // A chunk larger than the whole buffer waits for all of it.
+            let want = u32::try_from(bytes.len().min(buffer_bytes).max(1)).unwrap_or(u32::MAX);
+            let room = tokio::time::timeout(write_timeout, budget.clone().acquire_many_owned(want));
+            // A client that leaves while its buffer is full frees everything at once.
+            let room = tokio::select! {
+                room = room => room,
+                () = tx.closed() => return,
+            };
+            let permit = match room {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::warn!(
+                        timeout_s = write_timeout.as_secs_f64(),
+                        "a client took none of its stream for the write timeout; cutting it"
+                    );
+                    drop(pieces);
+                    cut("write timeout: the client stopped reading its stream");
+                    return;
+                }
+            };
+            if tx.send((bytes, permit)).is_err() {
+                // The client is gone: dropping the generations frees their slots.
+                return;
             }
-            let (i, piece) = pieces.next().await?;
-            let (events, end) = chunks.on(i, piece);
-            Some((
-                stream::iter(events.into_iter().map(Ok::<_, Infallible>)),
-                (pieces, chunks, end),
-            ))
-        },
-    )
-    .flatten();
-    let events = stream::iter(opening.into_iter().map(Ok)).chain(body);
-    Sse::new(events).into_response()
+        }
+        if ended {
+            break;
+        }
+        let next = tokio::select! {
+            next = pieces.next() => next,
+            () = tx.closed() => return,
+        };
+        let Some((i, piece)) = next else { break };
+        let (events, end) = chunks.on(i, piece);
+        pending.extend(events);
+        ended = end;
+    }
+    // Everything is buffered: the instances go back now, whatever the client does.
+    drop(pieces);
+    drop(permit);
+    // What is left waits for the client, which must keep taking it: one that takes
+    // nothing for the write timeout is cut (a zero-window HTTP/2 stream is never even
+    // polled, so only this tells).
+    // The body ends once it has taken what is buffered; a client that leaves drops
+    // what is left, which gives its budget back as well.
+    drop(tx);
+    let all = u32::try_from(buffer_bytes).unwrap_or(u32::MAX);
+    loop {
+        let before = taken.load(Ordering::Acquire);
+        if tokio::time::timeout(write_timeout, budget.acquire_many(all))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        if taken.load(Ordering::Acquire) == before {
+            tracing::warn!(
+                timeout_s = write_timeout.as_secs_f64(),
+                "a client took none of its stream for the write timeout; cutting it"
+            );
+            cut("write timeout: the client stopped reading its stream");
+            return;
+        }
+    }
 }
 
 /// The `echo` of a prompt: its text as the client sent it, or its tokens decoded.

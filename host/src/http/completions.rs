@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use futures_util::future::try_join_all;
 
-use super::answer::{self, Api, Shape};
+use super::answer::{self, Api, Delivery, Shape};
+use super::conn::Connection;
 use super::error::ApiError;
 use super::generate::{Generation, Prepared};
 use super::observe::{RequestInfo, ServingPlugin};
@@ -29,6 +30,7 @@ pub async fn completions(
     State(state): State<Arc<AppState>>,
     Extension(info): Extension<Arc<RequestInfo>>,
     Extension(serving): Extension<ServingPlugin>,
+    connection: Option<Extension<Connection>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let parsed = body_bytes(&state, body).and_then(|b| {
@@ -40,13 +42,15 @@ pub async fn completions(
         let prompt = completion_prompt(&state, req.prompt)?;
         Ok((prompt, params))
     });
-    respond(state, info, serving, Api::Completion, parsed).await
+    let connection = connection.map(|Extension(c)| c);
+    respond(state, info, serving, connection, Api::Completion, parsed).await
 }
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     Extension(info): Extension<Arc<RequestInfo>>,
     Extension(serving): Extension<ServingPlugin>,
+    connection: Option<Extension<Connection>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let parsed = body_bytes(&state, body).and_then(|b| {
@@ -55,9 +59,13 @@ pub async fn chat_completions(
         let scoring = req.scoring()?;
         let params =
             fields::<CommonParams>(&body)?.validate(&state.model_name, &state.limits, scoring)?;
-        Ok((plugin::Prompt::Chat(req.chat_messages()?), params))
+        Ok((
+            plugin::Prompt::Chat(req.chat_messages(state.limits.max_chat_messages)?),
+            params,
+        ))
     });
-    respond(state, info, serving, Api::Chat, parsed).await
+    let connection = connection.map(|Extension(c)| c);
+    respond(state, info, serving, connection, Api::Chat, parsed).await
 }
 
 pub(super) fn body_bytes(
@@ -182,11 +190,24 @@ async fn respond(
     state: Arc<AppState>,
     info: Arc<RequestInfo>,
     serving: ServingPlugin,
+    connection: Option<Connection>,
     api: Api,
     parsed: Result<(plugin::Prompt, Validated), ApiError>,
 ) -> Response {
     let text = match &parsed {
         Ok((plugin::Prompt::Text(t), _)) => Some(t.clone()),
+        _ => None,
+    };
+    // The plugin instances the request will hold, counted against its connection's.
+    let permit = match (&parsed, &connection) {
+        (Ok((_, params)), Some(c)) => {
+            let per_choice = 1 + u32::from(params.format.is_some());
+            let n = u32::try_from(params.n).unwrap_or(u32::MAX);
+            match c.instances(n.saturating_mul(per_choice)) {
+                Ok(p) => Some(p),
+                Err(cap) => return ApiError::ConnectionBusy(cap).into_response(),
+            }
+        }
         _ => None,
     };
     match start(state.clone(), info, serving, parsed).await {
@@ -202,9 +223,17 @@ async fn respond(
                 echo: echo.flatten(),
             };
             if params.stream {
-                answer::stream(state, shape, generations, &params)
+                let delivery = Delivery {
+                    buffer_bytes: state.limits.stream_buffer_bytes,
+                    write_timeout: state.limits.write_timeout,
+                    connection,
+                    permit,
+                };
+                answer::stream(state, shape, generations, &params, delivery)
             } else {
-                answer::whole(state, shape, generations).await
+                let answer = answer::whole(state, shape, generations).await;
+                drop(permit);
+                answer
             }
         }
     }
@@ -284,11 +313,23 @@ async fn constrain(
     format: &plugin::OutputFormat,
     param: &str,
 ) -> Result<Box<dyn TokenConstraint>, ApiError> {
-    let (p, f, plugins) = (plugin.clone(), format.clone(), state.plugins.clone());
-    let verdict = state
-        .plugins
+    let plugins = state.plugins.clone();
+    // A warm instance is taken at once; a new one is prepared on the preparing threads,
+    // never on the pool every request's calls share.
+    let session = match plugins.runtime.take_warm(plugin) {
+        Some(session) => session,
+        None => {
+            let (p, runtime) = (plugin.clone(), plugins.clone());
+            plugins
+                .preparer
+                .run(move || runtime.runtime.prepare_for_request(&p))
+                .await??
+        }
+    };
+    let (p, f, runtime) = (plugin.clone(), format.clone(), plugins.clone());
+    let verdict = plugins
         .exec
-        .run(move || plugins.runtime.constraint(&p, &f))
+        .run(move || runtime.runtime.constraint(&p, session, &f))
         .await??;
     match verdict {
         Ok(constrained) => Ok(Box::new(constrained)),

@@ -28,6 +28,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("{0}")]
     Forbidden(String),
+    #[error("This connection's requests already hold its {0} plugin instances; wait for one of them to end, or open another connection.")]
+    ConnectionBusy(u32),
     #[error("The request body must be {0}.")]
     UnsupportedMediaType(&'static str),
     #[error("The request body is larger than the {0}-byte limit.")]
@@ -72,6 +74,7 @@ impl ApiError {
             }
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "authentication_error"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "permission_error"),
+            ApiError::ConnectionBusy(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error")
             }
@@ -91,7 +94,8 @@ impl ApiError {
             }
             // What the plugin refused on the client's behalf, or could not take on, is
             // not the plugin's fault.
-            ApiError::Plugin(PluginError::PromptTooLong { .. }) => {
+            ApiError::Plugin(PluginError::PromptTooLong { .. })
+            | ApiError::Plugin(PluginError::ClientCost { .. }) => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error")
             }
             ApiError::Plugin(PluginError::PoolExhausted { .. }) => {
@@ -111,6 +115,9 @@ impl ApiError {
                 ),
                 Some("context_length_exceeded".to_string()),
             ),
+            ApiError::Plugin(e @ PluginError::ClientCost { .. }) => {
+                (format!("{e}; send less."), Some("request_too_costly".to_string()))
+            }
             ApiError::Plugin(PluginError::PoolExhausted { .. }) => (
                 "The server is at capacity (every plugin instance is in use); retry shortly."
                     .to_string(),
@@ -148,6 +155,10 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => (self.to_string(), Some("payload_too_large".into())),
             ApiError::BodyTimeout(_) => (self.to_string(), Some("request_timeout".into())),
             ApiError::Unauthorized => (self.to_string(), Some("invalid_admin_token".into())),
+            ApiError::ConnectionBusy(_) => (
+                self.to_string(),
+                Some("too_many_instances_per_connection".into()),
+            ),
             _ => (self.to_string(), None),
         };
         let param = match self {
@@ -181,14 +192,33 @@ pub struct ErrorObject {
     pub code: Option<String>,
 }
 
+impl ApiError {
+    /// Seconds a client should wait before trying again, where waiting helps: a full
+    /// queue drains within a step or two; every plugin instance in use means long
+    /// requests hold them, so sooner is unlikely to help; a busy connection waits for
+    /// its own requests. A server shutting down says none: retrying it will not help,
+    /// another instance will.
+    fn retry_after(&self) -> Option<&'static str> {
+        match self {
+            ApiError::Engine(EngineError::Overloaded(_)) => Some("1"),
+            ApiError::Plugin(PluginError::PoolExhausted { .. }) => Some("5"),
+            ApiError::ConnectionBusy(_) => Some("2"),
+            ApiError::Engine(EngineError::ShuttingDown) => None,
+            _ if self.status() == StatusCode::SERVICE_UNAVAILABLE => Some("1"),
+            _ => None,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, _) = self.status_and_type();
+        let retry = self.retry_after();
         let mut response = (status, Json(self.body())).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(seconds) = retry {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
         }
         response
     }

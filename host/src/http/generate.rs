@@ -12,6 +12,7 @@
 //! on from the failed token (text the plugin held back is lost), and it is logged.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use lynx_plugin_core::stream::TextStream;
@@ -65,6 +66,8 @@ pub struct Generation {
     completion_tokens: usize,
     /// Log-probabilities of tokens whose text is not released yet.
     pending: Vec<Logprob>,
+    /// The prompt's scores (`echo`), gathered over its chunks and given as one piece.
+    prompt_scores: Vec<Logprob>,
     ready: VecDeque<Piece>,
     done: bool,
     /// The plugin ended generation: waiting for the scheduler to release the slot.
@@ -74,6 +77,9 @@ pub struct Generation {
     timeout_secs: u64,
     /// Who post-processes the tokens.
     post: Post,
+    /// Text released for the whole answer so far, every choice's, and its cap.
+    answer_bytes: Arc<AtomicUsize>,
+    max_answer_bytes: usize,
 }
 
 /// Who post-processes a generation's tokens.
@@ -132,6 +138,8 @@ impl Generation {
         };
         let seed = params.seed.unwrap_or_else(|| rand::rng().random());
         let group = (choices.len() > 1).then(|| rand::rng().random::<u64>());
+        let space = cache_space(params.cache_salt.as_deref(), state.limits.shared_cache);
+        let answer_bytes = Arc::new(AtomicUsize::new(0));
         let deadline = tokio::time::Instant::from_std(info.start) + state.limits.request_timeout;
         let mut requests = Vec::with_capacity(choices.len());
         let mut generations = Vec::with_capacity(choices.len());
@@ -166,9 +174,12 @@ impl Generation {
                 shaping: params.shaping.clone(),
                 constraint,
                 logprobs: params.scoring.logprobs,
-                // Each choice echoes the prompt, so each prefills it (`echo` needs its logits).
-                echo: params.scoring.echo,
+                // The first choice scores the prompt (`echo` needs every position's
+                // logits, so it prefills cold); the others copy its keys and values, and
+                // the answer gives them its scores.
+                echo: params.scoring.echo && index == 0,
                 choice: group.map(|g| (g, index)),
+                cache_space: space,
                 fault,
             });
             generations.push(Self {
@@ -180,12 +191,15 @@ impl Generation {
                 first: index == 0,
                 completion_tokens: 0,
                 pending: Vec::new(),
+                prompt_scores: Vec::new(),
                 ready: VecDeque::new(),
                 done: false,
                 stopping: false,
                 deadline,
                 timeout_secs: state.limits.request_timeout.as_secs(),
                 post,
+                answer_bytes: answer_bytes.clone(),
+                max_answer_bytes: state.limits.max_answer_bytes,
             });
         }
         state.batcher.submit_all(requests)?;
@@ -246,8 +260,9 @@ impl Generation {
                 }
                 self.cached_tokens = cached;
             }
-            Some(GenEvent::Prompt(values)) => self.ready.push_back(Piece::Prompt(values)),
+            Some(GenEvent::Prompt(values)) => self.prompt_scores.extend(values),
             Some(GenEvent::Token(id, logprob)) => {
+                self.flush_prompt();
                 self.completion_tokens += 1;
                 self.info.add_completion_token();
                 self.pending.extend(logprob);
@@ -261,6 +276,7 @@ impl Generation {
                 };
                 let released =
                     released.or_else(|e| self.fail_over(e).map(|host| host.push(id, true)));
+                let released = released.and_then(|(text, stop)| self.within_answer(text, stop));
                 match released {
                     Ok((text, stop)) => {
                         self.release(text);
@@ -276,11 +292,15 @@ impl Generation {
                 }
             }
             Some(GenEvent::Finished(reason)) => {
+                self.flush_prompt();
                 let tail = match &mut self.post {
                     Post::Host(host) => Ok(host.text.finish()),
                     _ => self.session.call(|s| s.finish()).await,
                 };
-                match tail.or_else(|e| self.fail_over(e).map(|_| String::new())) {
+                let tail = tail
+                    .or_else(|e| self.fail_over(e).map(|_| String::new()))
+                    .and_then(|t| self.within_answer(t, false).map(|(t, _)| t));
+                match tail {
                     Ok(tail) => {
                         self.release(tail);
                         self.finish(reason);
@@ -289,7 +309,13 @@ impl Generation {
                 }
             }
             Some(GenEvent::Failed(e)) => {
-                self.ready.push_back(Piece::Failed(engine_failure(e)));
+                let e = engine_failure(e);
+                if matches!(e, ApiError::Plugin(_)) {
+                    // The request's constraint failed: its version answers for it, as
+                    // for any fault of its own in this request.
+                    self.session.mark_faulted();
+                }
+                self.ready.push_back(Piece::Failed(e));
                 self.done = true;
             }
             None => {
@@ -315,6 +341,31 @@ impl Generation {
         }
     }
 
+    /// The prompt's scores, once its prefill is over.
+    fn flush_prompt(&mut self) {
+        if !self.prompt_scores.is_empty() {
+            let values = std::mem::take(&mut self.prompt_scores);
+            self.ready.push_back(Piece::Prompt(values));
+        }
+    }
+
+    /// Counts `text` against the answer's cap (every choice's released text together):
+    /// a plugin that releases more than the cap fails the request as its own fault.
+    fn within_answer(&mut self, text: String, stop: bool) -> Result<(String, bool), PluginError> {
+        let total = self.answer_bytes.fetch_add(text.len(), Ordering::AcqRel) + text.len();
+        if total > self.max_answer_bytes {
+            self.session.mark_faulted();
+            return Err(PluginError::Misbehaved {
+                plugin: self.session.plugin_name().to_string(),
+                detail: format!(
+                    "released {total} bytes for one answer (cap {}, --max-answer-bytes)",
+                    self.max_answer_bytes
+                ),
+            });
+        }
+        Ok((text, stop))
+    }
+
     fn fail(&mut self, error: ApiError) {
         self.rx.close();
         self.ready.push_back(Piece::Failed(error));
@@ -336,6 +387,24 @@ impl Generation {
         let usage = self.usage();
         self.ready.push_back(Piece::Finished { reason, usage });
         self.done = true;
+    }
+}
+
+/// The prefix-cache space of a request: its salt's, else one all unsalted requests
+/// share (`--prefix-cache-sharing shared`), else one of its own (its `n` choices share
+/// it, nobody else).
+fn cache_space(salt: Option<&str>, shared: bool) -> u64 {
+    use sha2::{Digest, Sha256};
+    match salt {
+        Some(salt) => {
+            let digest = Sha256::digest(format!("lynx cache salt\0{salt}").as_bytes());
+            let mut head = [0u8; 8];
+            head.copy_from_slice(&digest[..8]);
+            // Never 0, the shared space.
+            u64::from_le_bytes(head).max(1)
+        }
+        None if shared => 0,
+        None => rand::rng().random::<u64>().max(1),
     }
 }
 

@@ -126,6 +126,8 @@ fn conn_limits(state: &AppState) -> ConnLimits {
     ConnLimits {
         client_timeout: state.limits.client_timeout,
         keep_alive_timeout: state.limits.keep_alive_timeout,
+        instances_per_connection: state.limits.instances_per_connection,
+        write_timeout: state.limits.write_timeout,
     }
 }
 

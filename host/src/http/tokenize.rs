@@ -69,7 +69,7 @@ async fn run_tokenize(
                 logprobs: None,
                 top_logprobs: None,
             }
-            .chat_messages()?,
+            .chat_messages(state.limits.max_chat_messages)?,
         ),
         _ => {
             return Err(ApiError::invalid(
@@ -79,7 +79,7 @@ async fn run_tokenize(
         }
     };
     let text = matches!(prompt, Prompt::Text(_));
-    let mut session = Session::open(&state.plugins, serving.0).await?;
+    let mut session = Session::open_unjudged(&state.plugins, serving.0).await?;
     let (mut ids, _) = apply_policy(state, &mut session, prompt, None).await?;
     let tokenizer = &state.model.tokenizer;
     if text && req.add_special_tokens == Some(false) && ids.first() == tokenizer.bos_id.as_ref() {
@@ -124,7 +124,7 @@ async fn run_detokenize(
             Some("tokens"),
         ));
     }
-    let mut session = Session::open(&state.plugins, serving.0).await?;
+    let mut session = Session::open_unjudged(&state.plugins, serving.0).await?;
     // No event sink is set: the post-processing's token reports move no metric.
     let text = session
         .call(move |s| {

@@ -61,6 +61,8 @@ pub struct CommonParams {
     pub min_p: Option<f64>,
     pub ignore_eos: Option<bool>,
     pub min_tokens: Option<i64>,
+    /// vLLM's: a request reuses only cached prefixes computed under the same salt.
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,7 +221,12 @@ pub struct Validated {
     /// Choices to generate from the one prompt.
     pub n: usize,
     pub scoring: Scoring,
+    /// The prefix-cache space the request's choices share (`cache_salt`), if any.
+    pub cache_salt: Option<String>,
 }
+
+/// The longest `cache_salt`, in bytes.
+pub const MAX_CACHE_SALT_BYTES: usize = 1024;
 
 /// The most choices (`n`) one request may ask for.
 pub const MAX_N: i64 = 16;
@@ -517,7 +524,16 @@ impl CommonParams {
         }
         let format = self.format()?;
         let shaping = self.shaping(max_tokens)?;
+        if let Some(salt) = &self.cache_salt {
+            if salt.is_empty() || salt.len() > MAX_CACHE_SALT_BYTES {
+                return Err(ApiError::invalid(
+                    format!("`cache_salt` must be 1 to {MAX_CACHE_SALT_BYTES} bytes long."),
+                    Some("cache_salt"),
+                ));
+            }
+        }
         Ok(Validated {
+            cache_salt: self.cache_salt.clone(),
             format,
             shaping,
             n: n as usize,
@@ -537,12 +553,23 @@ impl CommonParams {
 }
 
 impl ChatRequest {
-    pub fn chat_messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
+    /// The conversation, at most `max` messages (`--max-chat-messages`).
+    pub fn chat_messages(&self, max: usize) -> Result<Vec<ChatMessage>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::invalid(
                 "`messages` must not be empty.",
                 Some("messages"),
             ));
+        }
+        if self.messages.len() > max {
+            return Err(ApiError::InvalidRequest {
+                message: format!(
+                    "`messages` may hold at most {max} messages on this server (got {}).",
+                    self.messages.len()
+                ),
+                param: Some("messages".into()),
+                code: Some("too_many_messages".into()),
+            });
         }
         self.messages
             .iter()

@@ -31,6 +31,8 @@ use super::files::{open_regular, read_capped, read_open, FileRefusal};
 /// Compiled components kept in memory: enough for every plugin of a folder and its
 /// recent versions.
 const MEMORY_ENTRIES: usize = 32;
+/// Artifacts kept on disk, newest first; older ones are deleted.
+const DISK_ENTRIES: usize = 64;
 /// What starts every artifact file: the format, then the 32-byte tag.
 const MAGIC: &[u8; 8] = b"LYNXCW01";
 const TAG_BYTES: usize = 32;
@@ -373,6 +375,38 @@ impl DiskCache {
         if let Err(e) = result {
             let _ = std::fs::remove_file(&tmp);
             tracing::warn!(path = %path.display(), error = %e, "could not cache a compiled plugin");
+        }
+        self.evict();
+    }
+
+    /// Keeps the folder to its [`DISK_ENTRIES`] newest artifacts: a plugin folder whose
+    /// files keep changing cannot fill the disk with their compilations.
+    fn evict(&self) {
+        let Ok(read) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut artifacts: Vec<(std::time::SystemTime, PathBuf)> = read
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".cwasm"))
+            .filter_map(|e| {
+                let meta = e.metadata().ok()?;
+                Some((meta.modified().ok()?, e.path()))
+            })
+            .collect();
+        if artifacts.len() <= DISK_ENTRIES {
+            return;
+        }
+        artifacts.sort();
+        let excess = artifacts.len() - DISK_ENTRIES;
+        for (_, path) in artifacts.into_iter().take(excess) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "oldest compiled plugin evicted from the cache")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "could not evict a compiled plugin")
+                }
+            }
         }
     }
 }

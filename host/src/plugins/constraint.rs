@@ -173,6 +173,8 @@ impl PluginRuntime {
             PluginSession::with_memory(self, plugin, self.limits.constraint_memory_bytes, counted)?
                 .unbudgeted();
         session.prepare(PREPARE_DEADLINE)?;
+        // Each request's calls from here on share one budget (`constrain` starts it).
+        session.set_budget(self.limits.constraint_budget);
         tracing::info!(
             plugin = %plugin.name,
             ms = started.elapsed().as_millis() as u64,
@@ -207,21 +209,30 @@ impl PluginRuntime {
             .give_back(&plugin.sha256, session, self.max_warm());
     }
 
-    /// The constraint of one request on `plugin`, started on `format`; a format the
-    /// plugin cannot serve is the client's rejection. The plugin must export the
-    /// interface ([`LoadedPlugin::has_constraint`]).
+    /// A warm constraint instance of `plugin` for a request, if one is left.
+    pub fn take_warm(&self, plugin: &Arc<LoadedPlugin>) -> Option<PluginSession> {
+        self.warm.take(&plugin.sha256)
+    }
+
+    /// A constraint instance prepared for a request, counted among the live ones: for
+    /// [`super::Plugins::preparer`]'s threads, never the shared pool.
+    pub fn prepare_for_request(
+        &self,
+        plugin: &Arc<LoadedPlugin>,
+    ) -> Result<PluginSession, PluginError> {
+        tracing::info!(plugin = %plugin.name, "no warm constraint instance; preparing one for the request");
+        self.prepared(plugin, true)
+    }
+
+    /// The constraint of one request on `plugin` in `session` (warm or just prepared),
+    /// started on `format`; a format the plugin cannot serve is the client's rejection.
+    /// The plugin must export the interface ([`LoadedPlugin::has_constraint`]).
     pub fn constraint(
         &self,
         plugin: &Arc<LoadedPlugin>,
+        mut session: PluginSession,
         format: &OutputFormat,
     ) -> Result<Result<Constrained, Rejection>, PluginError> {
-        let mut session = match self.warm.take(&plugin.sha256) {
-            Some(s) => s,
-            None => {
-                tracing::info!(plugin = %plugin.name, "no warm constraint instance; preparing one on the request's path");
-                self.prepared(plugin, true)?
-            }
-        };
         let started = std::time::Instant::now();
         let verdict = session.constrain(format)?;
         tracing::debug!(

@@ -66,11 +66,32 @@ impl Session {
         plugins: &Arc<Plugins>,
         plugin: Arc<LoadedPlugin>,
     ) -> Result<Self, PluginError> {
+        Self::open_judged(plugins, plugin, true).await
+    }
+
+    /// A session whose end does not count toward its version's probation (requests
+    /// that generate nothing cannot vouch for a version).
+    pub async fn open_unjudged(
+        plugins: &Arc<Plugins>,
+        plugin: Arc<LoadedPlugin>,
+    ) -> Result<Self, PluginError> {
+        Self::open_judged(plugins, plugin, false).await
+    }
+
+    async fn open_judged(
+        plugins: &Arc<Plugins>,
+        plugin: Arc<LoadedPlugin>,
+        judged: bool,
+    ) -> Result<Self, PluginError> {
         let name = plugin.name.clone();
         let p = plugins.clone();
         let session = plugins
             .exec
-            .run(move || p.runtime.session(&plugin))
+            .run(move || {
+                p.runtime
+                    .session(&plugin)
+                    .map(|s| if judged { s } else { s.unjudged() })
+            })
             .await??;
         Ok(Self {
             inner: Some(session),
@@ -81,6 +102,13 @@ impl Session {
 
     pub fn plugin_name(&self) -> &str {
         &self.name
+    }
+
+    /// Counts a fault of this request elsewhere (its constraint) against its version.
+    pub fn mark_faulted(&mut self) {
+        if let Some(s) = self.inner.as_mut() {
+            s.mark_faulted();
+        }
     }
 
     /// Runs `f` on this request's session, on the pool.

@@ -34,8 +34,17 @@ pub fn plugin_name(path: &Path) -> Option<String> {
         return None;
     }
     let stem = path.file_stem()?.to_str()?;
-    (!stem.is_empty() && !stem.starts_with('.')).then(|| stem.to_string())
+    // A name reaches logs, the admin view and the `--plugin` flag: letters, digits,
+    // `-`, `_` and `.` only, so none can forge a log line or a terminal sequence.
+    let plain = stem
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    (plain && !stem.is_empty() && stem.len() <= MAX_NAME_BYTES && !stem.starts_with('.'))
+        .then(|| stem.to_string())
 }
+
+/// The longest plugin name (a file's stem).
+pub const MAX_NAME_BYTES: usize = 64;
 
 fn kind(t: std::fs::FileType) -> &'static str {
     if t.is_dir() {

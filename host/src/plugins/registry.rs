@@ -22,6 +22,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use super::files::{plugin_name, read_capped, FileRefusal};
+use super::prepare::Preparer;
 use super::probation::{Probation, ProbationStatus, Verdict};
 use super::{LoadedPlugin, PluginError, PluginExec, PluginRuntime, PluginSession};
 use crate::metrics::UNMATCHED_ENDPOINT;
@@ -87,6 +88,9 @@ pub struct Plugins {
     pub runtime: PluginRuntime,
     /// Where every plugin call runs.
     pub exec: PluginExec,
+    /// Where constraint instances a request needs, and no warm one is left for, are
+    /// prepared: off `exec`, so other requests' calls never wait behind them.
+    pub preparer: Preparer,
     pub dir: PathBuf,
     active_name: String,
     active: ArcSwap<LoadedPlugin>,
@@ -96,6 +100,9 @@ pub struct Plugins {
     /// The active plugin's version to return to if the serving one fails its probation.
     last_good: Mutex<Option<Arc<LoadedPlugin>>>,
 }
+
+/// The most plugin files of the folder loaded at once.
+pub const MAX_PLUGIN_FILES: usize = 64;
 
 fn epoch_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -121,9 +128,12 @@ impl Plugins {
                 ..Entry::default()
             },
         );
+        let preparer = Preparer::new(1)
+            .map_err(|e| PluginError::Engine(format!("starting the preparing thread: {e}")))?;
         let plugins = Self {
             runtime,
             exec,
+            preparer,
             dir: dir.to_path_buf(),
             active_name: name.to_string(),
             active: ArcSwap::new(plugin.clone()),
@@ -188,9 +198,32 @@ impl Plugins {
             tracing::warn!(dir = %self.dir.display(), "plugin folder unreadable");
             return Vec::new();
         };
-        read.filter_map(|e| e.ok())
+        let mut names: Vec<String> = read
+            .filter_map(|e| e.ok())
             .filter_map(|e| plugin_name(&e.path()))
-            .collect()
+            .collect();
+        names.sort();
+        // Each file is compiled and kept: a folder flooded with files costs at most
+        // this many. The active plugin always counts.
+        if names.len() > MAX_PLUGIN_FILES {
+            tracing::warn!(
+                files = names.len(),
+                kept = MAX_PLUGIN_FILES,
+                "the plugin folder holds too many plugins; the rest are ignored"
+            );
+            let active = names.iter().position(|n| *n == self.active_name);
+            let mut kept: Vec<String> = names
+                .iter()
+                .filter(|n| **n != self.active_name)
+                .take(MAX_PLUGIN_FILES - 1)
+                .cloned()
+                .collect();
+            if let Some(i) = active {
+                kept.push(names[i].clone());
+            }
+            names = kept;
+        }
+        names
     }
 
     /// Starts the thread that acts on probation verdicts: a passed version becomes the
@@ -272,8 +305,13 @@ impl Plugins {
 
     /// Brings the plugin `name` in line with its file: loads a new version (publishing it
     /// if it is the active plugin), records a refusal, or marks it removed.
+    ///
+    /// The reload lock is not held while the new version compiles and runs its smoke
+    /// calls (each under its call deadline): a slow or sleeping candidate cannot hold up
+    /// another swap, a rollback or a verdict. It is taken again to publish, and only a
+    /// version its file still holds is published.
     pub fn reload(&self, name: &str) {
-        let _one_at_a_time = self.reloading.lock();
+        let one_at_a_time = self.reloading.lock();
         let path = self.dir.join(format!("{name}.wasm"));
         let bytes = match read_capped(&path, self.runtime.limits.max_file_bytes) {
             Ok(bytes) => bytes,
@@ -311,11 +349,24 @@ impl Plugins {
         } else {
             Probation::exempt()
         };
+        drop(one_at_a_time);
         let started = std::time::Instant::now();
         let loaded = self
             .runtime
             .load_bytes(name.to_string(), &path, &bytes, probation);
         let load_ms = started.elapsed().as_millis() as u64;
+        let _one_at_a_time = self.reloading.lock();
+        let still = read_capped(&path, self.runtime.limits.max_file_bytes)
+            .ok()
+            .map(|b| super::cache::sha256_hex(&b));
+        if still.as_deref() != Some(sha.as_str()) {
+            tracing::debug!(plugin = name, sha256 = %sha, "the file changed while its version loaded; the newer one is loaded instead");
+            return;
+        }
+        let current = self.entry_plugin(name);
+        if current.as_ref().is_some_and(|p| p.sha256 == sha) {
+            return;
+        }
         match loaded {
             Ok(plugin) => {
                 let previous = current.map(|p| p.sha256.clone());

@@ -38,6 +38,8 @@ pub(crate) fn epoch_ticks(d: Duration) -> u64 {
 
 /// Router labels kept per plugin version: past it, labels are computed, not cached.
 const MAX_CACHED_LABELS: usize = 1024;
+/// The longest path (and label) a version's label cache keeps.
+const MAX_CACHED_PATH_BYTES: usize = 512;
 /// Guard pages after each linear memory.
 const GUARD_BYTES: usize = 64 << 10;
 /// What one plugin component may hold: a Rust component has one memory (two with a
@@ -69,6 +71,8 @@ pub struct PluginLimits {
     pub constraint_memory_bytes: usize,
     /// Constraint instances kept prepared between requests (beyond `instances`).
     pub warm_constraints: u32,
+    /// The time all of one request's constraint calls may take together.
+    pub constraint_budget: Duration,
     /// The largest plugin file read.
     pub max_file_bytes: u64,
     /// Requests a swapped-in version is judged on, and the share of them that may fail
@@ -188,6 +192,8 @@ pub struct PluginRuntime {
     /// Where request sessions report a probation's verdict.
     verdicts: std::sync::mpsc::Sender<VerdictReport>,
     verdicts_rx: Mutex<Option<std::sync::mpsc::Receiver<VerdictReport>>>,
+    /// Each plugin name's log allowance (names are capped by the plugin folder's cap).
+    log_limiters: Mutex<HashMap<String, Arc<LogLimiter>>>,
 }
 
 /// Router labels by (method, path): a router is a pure function of its arguments (the
@@ -203,6 +209,11 @@ impl LabelCache {
     }
 
     pub fn put(&self, method: &str, path: &str, label: &str) {
+        // Long paths are labelled afresh each time rather than kept: the cache stays
+        // within 1,024 x 512 bytes per version whatever clients send.
+        if path.len() > MAX_CACHED_PATH_BYTES || label.len() > MAX_CACHED_PATH_BYTES {
+            return;
+        }
         if let Ok(mut labels) = self.0.lock() {
             if labels.len() < MAX_CACHED_LABELS {
                 labels.insert((method.to_string(), path.to_string()), label.to_string());
@@ -318,6 +329,7 @@ impl PluginRuntime {
         since_v0_1::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(engine_error)?;
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_error)?;
+        super::wasi::add_bounded_clocks(&mut linker).map_err(engine_error)?;
         let (verdicts, verdicts_rx) = std::sync::mpsc::channel();
         Ok(Self {
             engine,
@@ -332,7 +344,17 @@ impl PluginRuntime {
             live: Arc::new(AtomicUsize::new(0)),
             verdicts,
             verdicts_rx: Mutex::new(Some(verdicts_rx)),
+            log_limiters: Mutex::default(),
         })
+    }
+
+    /// The log allowance of the plugin `name`, shared by all its versions: a plugin
+    /// cannot reset its rate limit by being swapped.
+    fn log_limiter(&self, name: &str) -> Arc<LogLimiter> {
+        let Ok(mut limiters) = self.log_limiters.lock() else {
+            return Arc::new(LogLimiter::default());
+        };
+        limiters.entry(name.to_string()).or_default().clone()
     }
 
     /// The verdicts' receiving end, taken once by the registry.
@@ -434,8 +456,9 @@ impl PluginRuntime {
             .and_then(|pre| Pre::new(&wit_version, pre))
             .map_err(|e| PluginError::Invalid {
                 file: file.clone(),
-                detail: format!("{e:#}"),
+                detail: super::state::escape_log(&format!("{e:#}")),
             })?;
+        let log = self.log_limiter(&name);
         let plugin = Arc::new(LoadedPlugin {
             name: name.into(),
             path: path.to_path_buf(),
@@ -447,7 +470,7 @@ impl PluginRuntime {
             traps: AtomicU64::new(0),
             labels: LabelCache::default(),
             probation,
-            log: Arc::new(LogLimiter::default()),
+            log,
             pre,
             component,
             constrains: Default::default(),

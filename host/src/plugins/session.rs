@@ -24,6 +24,18 @@ pub const MAX_RELEASED_BYTES: usize = 64 << 10;
 pub const MAX_REJECTION_CODE: usize = 64;
 pub const MAX_REJECTION_MESSAGE: usize = 1024;
 
+/// The bytes of text a policy request holds.
+fn prompt_bytes(request: &PolicyRequest) -> usize {
+    match &request.prompt {
+        super::types::Prompt::Text(t) => t.len(),
+        super::types::Prompt::Chat(messages) => messages
+            .iter()
+            .map(|m| m.content.len() + m.role.len())
+            .sum(),
+        super::types::Prompt::Tokens(ids) => ids.len(),
+    }
+}
+
 /// A live instance of the pool, given back when the session ends.
 struct InstanceSlot(Arc<AtomicUsize>);
 
@@ -118,7 +130,7 @@ impl PluginSession {
             } else {
                 PluginError::Instantiate {
                     plugin: plugin.name.to_string(),
-                    detail: format!("{e:#}"),
+                    detail: super::state::escape_log(&format!("{e:#}")),
                 }
             }
         })?;
@@ -197,7 +209,16 @@ impl PluginSession {
         let limit = left.min(call_timeout);
         self.store.set_epoch_deadline(epoch_ticks(limit));
         let t0 = Instant::now();
-        let result = f(&self.bindings, &mut self.store);
+        self.store.data_mut().call_deadline = Some(t0 + limit);
+        self.store.data_mut().encoded = (0, Duration::ZERO);
+        self.store.data_mut().deadline_cut = false;
+        let mut result = f(&self.bindings, &mut self.store);
+        self.store.data_mut().call_deadline = None;
+        if result.is_ok() && self.store.data().deadline_cut {
+            // It waited past its deadline (a sleep cut short): out of time, as if the
+            // epoch had interrupted it.
+            result = Err(wasmtime::Error::new(Trap::Interrupt));
+        }
         self.spent += t0.elapsed();
         result.map_err(|e| {
             let error = if let Some(long) = e.downcast_ref::<PromptTooLong>() {
@@ -225,7 +246,7 @@ impl PluginSession {
             } else {
                 PluginError::Trap {
                     plugin,
-                    detail: format!("{e:#}"),
+                    detail: super::state::escape_log(&format!("{e:#}")),
                 }
             };
             self.fail(error)
@@ -247,11 +268,39 @@ impl PluginSession {
         &mut self,
         request: &PolicyRequest,
     ) -> Result<Result<Vec<u32>, Rejection>, PluginError> {
-        let verdict = self.call(|p, s| p.tokenize(s, request))?;
+        let verdict = match self.call(|p, s| p.tokenize(s, request)) {
+            Err(e @ (PluginError::Timeout { .. } | PluginError::BudgetExceeded { .. }))
+                if self.client_cost(prompt_bytes(request)) =>
+            {
+                // Undo what `fail` counted: the time went to encoding what was sent.
+                self.faulted = false;
+                self.plugin.traps.fetch_sub(1, Ordering::Relaxed);
+                let millis = match e {
+                    PluginError::Timeout { millis, .. }
+                    | PluginError::BudgetExceeded { millis, .. } => millis,
+                    _ => 0,
+                };
+                return Err(PluginError::ClientCost {
+                    what: "encoding the prompt".into(),
+                    millis,
+                });
+            }
+            other => other?,
+        };
         if let Err(r) = &verdict {
             self.check_rejection(r)?;
         }
         Ok(verdict)
+    }
+
+    /// Whether the call that just ran out spent its time encoding what the client sent:
+    /// most of it in `host.encode`, on no more than twice the prompt's own bytes (a
+    /// plugin that encodes far more than it was sent spends its own time).
+    fn client_cost(&self, prompt_bytes: usize) -> bool {
+        let (bytes, took) = self.store.data().encoded;
+        bytes > 0
+            && bytes <= 2 * prompt_bytes + 4096
+            && took * 2 >= self.call_timeout.min(self.budget)
     }
 
     pub fn start(&mut self, config: &PostConfig) -> Result<(), PluginError> {
@@ -298,10 +347,27 @@ impl PluginSession {
         self.poisoned
     }
 
-    /// A session of token-level calls, which run through a whole generation: each call
-    /// has its deadline, the request its `--request-timeout`, and no budget beyond them.
+    /// A session without a budget (to be prepared under a deadline of its own).
     pub(super) fn unbudgeted(mut self) -> Self {
         self.budget = Duration::MAX;
+        self
+    }
+
+    /// The time all of one request's calls may take together.
+    pub(super) fn set_budget(&mut self, budget: Duration) {
+        self.budget = budget;
+    }
+
+    /// Counts a fault of this request that happened elsewhere (its constraint's
+    /// instance) against this session's version, as its own would be.
+    pub fn mark_faulted(&mut self) {
+        self.faulted = true;
+    }
+
+    /// This session's end does not count toward its version's probation: requests
+    /// that serve no generation (`/tokenize`, `/detokenize`) cannot vouch for it.
+    pub(crate) fn unjudged(mut self) -> Self {
+        self.verdicts = None;
         self
     }
 
@@ -316,7 +382,19 @@ impl PluginSession {
         format: &OutputFormat,
     ) -> Result<Result<(), Rejection>, PluginError> {
         self.spent = Duration::ZERO;
-        let verdict = self.call(|p, s| p.constrain(s, format))?;
+        let verdict = match self.call(|p, s| p.constrain(s, format)) {
+            // The format is what the client sent: one the plugin cannot compile within
+            // its deadline is the client's 400, not the plugin's fault.
+            Err(PluginError::Timeout { millis, .. }) => {
+                self.faulted = false;
+                self.plugin.traps.fetch_sub(1, Ordering::Relaxed);
+                return Err(PluginError::ClientCost {
+                    what: "the response format".into(),
+                    millis,
+                });
+            }
+            other => other?,
+        };
         if let Err(r) = &verdict {
             self.check_rejection(r)?;
         }

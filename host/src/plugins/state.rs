@@ -73,7 +73,7 @@ impl LogLimiter {
 
 /// A plugin's log line as the host writes it: cut to [`MAX_LOG_CHARS`], control
 /// characters escaped, so a plugin can neither forge log lines nor flood them.
-fn escape_log(message: &str) -> String {
+pub(crate) fn escape_log(message: &str) -> String {
     let mut out = String::with_capacity(message.len().min(MAX_LOG_CHARS));
     for c in message.chars().take(MAX_LOG_CHARS) {
         if c.is_control() {
@@ -134,6 +134,13 @@ pub struct HostState {
     /// The most linear memory the instance was granted, in bytes.
     pub memory_peak: usize,
     pub log: Arc<LogLimiter>,
+    /// When the running call must end: every blocking WASI wait ends by then.
+    pub call_deadline: Option<Instant>,
+    /// A wait of the running call was cut at its deadline: the call ran out of time,
+    /// whatever the guest does next.
+    pub deadline_cut: bool,
+    /// Bytes `host.encode` was asked for in the running call, and the time it took.
+    pub encoded: (usize, std::time::Duration),
     wasi: WasiCtx,
     table: ResourceTable,
 }
@@ -168,8 +175,26 @@ impl HostState {
             memory_refused: false,
             memory_peak: 0,
             log,
+            call_deadline: None,
+            deadline_cut: false,
+            encoded: (0, std::time::Duration::ZERO),
             wasi,
             table,
+        }
+    }
+
+    /// A wait of `nanos` cut to what is left of the running call's deadline.
+    pub fn clamp_to_deadline(&mut self, nanos: u64) -> u64 {
+        match self.call_deadline {
+            Some(at) => {
+                let left = at.saturating_duration_since(Instant::now());
+                let left = u64::try_from(left.as_nanos()).unwrap_or(u64::MAX);
+                if nanos > left {
+                    self.deadline_cut = true;
+                }
+                nanos.min(left)
+            }
+            None => nanos,
         }
     }
 
@@ -223,10 +248,13 @@ impl HostState {
                 text.len()
             );
         }
-        match self
+        let started = Instant::now();
+        let encoded = self
             .tokenizer
-            .encode_bounded(&text, parse_special, self.context_length)
-        {
+            .encode_bounded(&text, parse_special, self.context_length);
+        self.encoded.0 += text.len();
+        self.encoded.1 += started.elapsed();
+        match encoded {
             Ok(ids) => Ok(ids),
             Err(TokenizerError::TooLong { at_least, limit }) => {
                 Err(wasmtime::Error::new(PromptTooLong { at_least, limit }))

@@ -4,18 +4,30 @@
 //! else: no preopened directory (every filesystem call fails), no environment, no
 //! arguments, no stdin, and no network (TCP, UDP and name lookup are refused). Those
 //! calls return errors to the guest; none reaches the host's files or sockets.
+//!
+//! No WASI call may hold a host thread past its plugin call's deadline. The epoch
+//! deadline interrupts wasm code only, so a guest that sleeps (`std::thread::sleep`
+//! is `subscribe-duration` then `pollable.block`) would block its host thread for as
+//! long as it asked. Every clock subscription is therefore cut at the calling
+//! plugin call's deadline ([`add_bounded_clocks`]): the sleep returns early, the wasm
+//! resumes past its epoch deadline and traps. The other pollables a plugin can make
+//! (its stdout and stderr, an empty stdin) are always ready, so nothing else blocks.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{Linker, Resource, ResourceTable};
+use wasmtime::StoreContextMut;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::clocks::WasiClocksView;
+use wasmtime_wasi::p2::bindings::clocks::monotonic_clock::Host as MonotonicClock;
+use wasmtime_wasi::p2::DynPollable;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
-use super::state::{write_log, LogLimiter};
+use super::state::{write_log, HostState, LogLimiter};
 use super::types::LogLevel;
 
 /// The longest line kept from a plugin's stdout or stderr before it is written out.
@@ -24,6 +36,40 @@ const MAX_LINE_BYTES: usize = 2000;
 const MAX_RESOURCES: usize = 1024;
 /// The most random bytes one call may ask for.
 const MAX_RANDOM_BYTES: u64 = 64 << 10;
+
+/// The monotonic clock interface as wasmtime-wasi links it (guests importing any
+/// 0.2.x version resolve to it).
+const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
+
+/// Replaces the monotonic clock's two subscriptions (linked by wasmtime-wasi before)
+/// with ones that end no later than the running call's deadline.
+pub fn add_bounded_clocks(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance(MONOTONIC_CLOCK)?;
+    clock.func_wrap(
+        "subscribe-duration",
+        |mut store: StoreContextMut<'_, HostState>,
+         (nanos,): (u64,)|
+         -> wasmtime::Result<(Resource<DynPollable>,)> {
+            let state = store.data_mut();
+            let nanos = state.clamp_to_deadline(nanos);
+            Ok((state.clocks().subscribe_duration(nanos)?,))
+        },
+    )?;
+    clock.func_wrap(
+        "subscribe-instant",
+        |mut store: StoreContextMut<'_, HostState>,
+         (when,): (u64,)|
+         -> wasmtime::Result<(Resource<DynPollable>,)> {
+            let state = store.data_mut();
+            let now = state.clocks().now()?;
+            let nanos = state.clamp_to_deadline(when.saturating_sub(now));
+            Ok((state.clocks().subscribe_duration(nanos)?,))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
 
 /// The WASI context of one plugin instance, and its resource table.
 pub fn context(plugin: Arc<str>, log: Arc<LogLimiter>) -> (WasiCtx, ResourceTable) {

@@ -14,12 +14,16 @@
 //! - `CHATTY`: writes 10,000 log lines holding control characters;
 //! - `HEAVY`: asks the host to encode 300 KB of whitespace again and again, so the
 //!   time goes to host code, not its own;
+//! - `SLEEP`: sleeps (`std::thread::sleep`, a blocking WASI poll) for 30 s in `push`;
+//! - `WIDE`: releases 64 KiB of text (the most one `push` may) for every token;
 //! - `/TRAP` in the path: traps in route normalization.
 //!
 //! Its constraint serves `guided_regex` requests whose regex is a trigger word, and
 //! misbehaves from the third `next` on: `TRAP` traps, `SPIN` loops forever, `JUNK`
-//! forces a token outside the vocabulary, `NOTHING` allows no token; any other regex
-//! lets every token through. Other formats it declines.
+//! forces a token outside the vocabulary, `NOTHING` allows no token, `SLEEP` sleeps
+//! 30 s; `SLOW` takes 100 ms over every `next` from the first (under the call deadline,
+//! so only a per-request budget stops it); any other regex lets every token through.
+//! Other formats it declines.
 
 use std::cell::Cell;
 
@@ -33,6 +37,8 @@ thread_local! {
     static LIAR: Cell<bool> = const { Cell::new(false) };
     static FLOOD: Cell<bool> = const { Cell::new(false) };
     static CRAWL: Cell<bool> = const { Cell::new(false) };
+    static SLEEP: Cell<bool> = const { Cell::new(false) };
+    static WIDE: Cell<bool> = const { Cell::new(false) };
     static TOKENS: Cell<u32> = const { Cell::new(0) };
     static CONSTRAINT: Cell<u8> = const { Cell::new(0) };
     static NEXT_CALLS: Cell<u32> = const { Cell::new(0) };
@@ -106,6 +112,8 @@ impl Plugin for HostilePlugin {
         }
         FLOOD.set(text.contains("FLOOD"));
         CRAWL.set(text.contains("CRAWL"));
+        SLEEP.set(text.contains("SLEEP"));
+        WIDE.set(text.contains("WIDE"));
         if text.contains("LIAR") {
             LIAR.set(true);
             events::prompt_tokens(12345);
@@ -122,6 +130,8 @@ impl Plugin for HostilePlugin {
             "SPIN" => 2,
             "JUNK" => 3,
             "NOTHING" => 4,
+            "SLEEP" => 5,
+            "SLOW" => 6,
             _ => 0,
         };
         CONSTRAINT.set(mode);
@@ -131,6 +141,10 @@ impl Plugin for HostilePlugin {
 
     fn next_token() -> NextToken {
         NEXT_CALLS.set(NEXT_CALLS.get() + 1);
+        if CONSTRAINT.get() == 6 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            return NextToken::Any;
+        }
         if NEXT_CALLS.get() < 3 {
             return NextToken::Any;
         }
@@ -144,6 +158,10 @@ impl Plugin for HostilePlugin {
             }
             3 => NextToken::Forced(vec![u32::MAX]),
             4 => NextToken::Allowed(Vec::new()),
+            5 => {
+                std::thread::sleep(std::time::Duration::from_secs(30));
+                NextToken::Any
+            }
             _ => NextToken::Any,
         }
     }
@@ -153,6 +171,16 @@ impl Plugin for HostilePlugin {
         TOKENS.set(n);
         if TRAP_AT_TOKEN.get() == Some(n) {
             panic!("hostile plugin: trap mid-stream");
+        }
+        if SLEEP.get() {
+            std::thread::sleep(std::time::Duration::from_secs(30));
+        }
+        if WIDE.get() {
+            let _ = defaults::push(token);
+            return Released {
+                text: "w".repeat(64 << 10),
+                stop: false,
+            };
         }
         if FLOOD.get() {
             return Released {

@@ -4,7 +4,8 @@
 //! The prompt `lynx:version` is refused with the code `version-v1` (or `-v2`): a probe
 //! that shows the serving version without running the model.
 //! Built with `--features smoke-trap`, it traps in route normalization, which the
-//! host's smoke call at load exercises. Built with `--features flaky`, it is `[v3]` and
+//! host's smoke call at load exercises; with `--features smoke-sleep`, it sleeps there
+//! for 60 s (a blocking WASI poll), which the call's deadline must cut. Built with `--features flaky`, it is `[v3]` and
 //! traps in its policy on every text prompt of odd length: a version that fails half
 //! of a test's requests, but passes its smoke call (a chat prompt).
 
@@ -23,6 +24,9 @@ impl Plugin for SwapPlugin {
     fn normalize(method: &str, path: &str) -> String {
         if cfg!(feature = "smoke-trap") {
             panic!("swap plugin: built to fail its smoke call");
+        }
+        if cfg!(feature = "smoke-sleep") {
+            std::thread::sleep(std::time::Duration::from_secs(60));
         }
         defaults::normalize(method, path)
     }
