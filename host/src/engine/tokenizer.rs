@@ -78,6 +78,8 @@ pub struct Tokenizer {
     /// class → the most bytes of that class one token can cover: ordinary tokens only,
     /// and with special tokens (when their text in the input is parsed).
     class_cap: [[usize; CLASSES]; 2],
+    /// The most of all classes' caps one token covers together (see [`Self::min_tokens`]).
+    class_spread: [f64; 2],
     pub bos_id: Option<u32>,
     pub eos_id: u32,
     pub add_bos: bool,
@@ -273,6 +275,7 @@ impl Tokenizer {
         // user-defined tokens (always matched whole), control tokens (matched whole
         // only when specials are parsed).
         let mut caps = [[1usize; CLASSES]; 3];
+        let mut piece_counts = Vec::with_capacity(pieces.len());
         for (piece, &w) in pieces.iter().zip(&whole) {
             let mut counts = [0usize; CLASSES];
             for &b in piece {
@@ -281,6 +284,7 @@ impl Tokenizer {
             for (cap, n) in caps[usize::from(w)].iter_mut().zip(counts) {
                 *cap = (*cap).max(n);
             }
+            piece_counts.push((counts, w));
         }
 
         let (model, pre, normalizer) = match p.kind {
@@ -328,6 +332,23 @@ impl Tokenizer {
             class_cap[0][c] = caps[0][c].max(caps[1][c]);
             class_cap[1][c] = class_cap[0][c].max(caps[2][c]);
         }
+        // The most one token can cover of all classes together, each class counted as
+        // its share of that class's cap: a text needs at least (sum over classes of
+        // bytes / cap) / spread tokens, however its classes mix.
+        let mut class_spread = [1.0f64; 2];
+        for (counts, w) in &piece_counts {
+            for (parse, spread) in class_spread.iter_mut().enumerate() {
+                if parse == 0 && *w == 2 {
+                    continue;
+                }
+                let cover: f64 = counts
+                    .iter()
+                    .zip(class_cap[parse])
+                    .map(|(&n, cap)| n as f64 / cap as f64)
+                    .sum();
+                *spread = spread.max(cover);
+            }
+        }
         let mut special = tokenizers::Tokenizer::new(model);
         special.with_pre_tokenizer(pre);
         if let Some(n) = normalizer {
@@ -363,6 +384,7 @@ impl Tokenizer {
             is_special,
             byte_class,
             class_cap,
+            class_spread,
             bos_id: p.bos_id,
             eos_id: p.eos_id,
             add_bos: p.add_bos,
@@ -420,7 +442,8 @@ impl Tokenizer {
 
     /// A lower bound on the tokens `text` encodes to: every token covers at most
     /// `cap[c]` bytes of class `c`, so a text with `n` encodable bytes of class `c` needs
-    /// at least `n / cap[c]` tokens. Special-token text counts as ordinary text unless
+    /// at least `n / cap[c]` tokens; and every token covers at most `spread` of the
+    /// classes' caps together, so the text needs at least `sum(n / cap) / spread`. Special-token text counts as ordinary text unless
     /// `parse_special`, when it may become one (long) token.
     pub fn min_tokens(&self, text: &str, parse_special: bool) -> usize {
         let mut counts = [0usize; CLASSES];
@@ -429,12 +452,24 @@ impl Tokenizer {
                 counts[usize::from(c)] += 1;
             }
         }
-        counts
+        let caps = self.class_cap[usize::from(parse_special)];
+        let by_class = counts
             .iter()
-            .zip(self.class_cap[usize::from(parse_special)])
+            .zip(caps)
             .map(|(&n, cap)| n.div_ceil(cap))
             .max()
-            .unwrap_or(0)
+            .unwrap_or(0);
+        // Summed over the classes: a text mixing classes needs more tokens than its
+        // largest class alone, and no token covers more than `class_spread` caps'
+        // worth in all. Rounded down past float error, so the bound stays a bound.
+        let covered: f64 = counts
+            .iter()
+            .zip(caps)
+            .map(|(&n, cap)| n as f64 / cap as f64)
+            .sum();
+        let summed = (covered / self.class_spread[usize::from(parse_special)] * (1.0 - 1e-9))
+            .floor() as usize;
+        by_class.max(summed)
     }
 
     /// Whether the vocabulary holds byte `b` (SmolLM2's lacks 21 of the 256, all lead
@@ -532,12 +567,15 @@ mod tests {
     #[test]
     fn the_lower_bound_never_exceeds_the_encoding() {
         let t = tiny();
+        // Classes mixed: the summed bound is the one that binds.
+        let mixed = "hell1 ,\u{e9}x".repeat(50);
         for text in [
             "hello world",
             "aaaaaaaaaaaaaaaaaaaaa",
             "a<|im_end|>b 123 \n\n  x",
             "ünïcödé and 𝄞",
             "",
+            mixed.as_str(),
         ] {
             for special in [false, true] {
                 let n = t.encode(text, special).unwrap().len();

@@ -6,11 +6,16 @@
 //! first event, so a file touched without end is still reloaded (and cannot hold back
 //! another file's swap). A file caught half-written is refused and reloaded again when
 //! its writing ends, so the result is always the complete file.
+//!
+//! The active plugin reloads on the watcher's thread; a standby file reloads on a
+//! thread of its own (one at a time per name), so a candidate that takes its smoke
+//! calls' full deadlines (a plugin sleeping in `prepare` gets a minute) holds up
+//! neither the active plugin's swap nor another file's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
@@ -70,7 +75,44 @@ impl Pending {
     }
 }
 
-fn run(plugins: &Plugins, events: &Events) {
+/// Standby files being reloaded apart: whether each must be reloaded once more.
+type Loading = Arc<Mutex<HashMap<String, bool>>>;
+
+/// Reloads the standby file `name` on a thread of its own; a reload asked for while one
+/// runs makes it run once more when it ends (the file may have changed again).
+fn reload_apart(plugins: &Arc<Plugins>, loading: &Loading, name: String) {
+    if let Ok(mut l) = loading.lock() {
+        if let Some(again) = l.get_mut(&name) {
+            *again = true;
+            return;
+        }
+        l.insert(name.clone(), false);
+    }
+    let (p, l) = (plugins.clone(), loading.clone());
+    let key = name.clone();
+    let spawned = std::thread::Builder::new()
+        .name("lynx-plugin-load".into())
+        .spawn(move || loop {
+            p.reload(&name);
+            let Ok(mut loading) = l.lock() else { return };
+            if loading.get(&name) == Some(&true) {
+                loading.insert(name.clone(), false);
+                continue;
+            }
+            loading.remove(&name);
+            return;
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no thread for a standby reload; reloading inline");
+        if let Ok(mut l) = loading.lock() {
+            l.remove(&key);
+        }
+        plugins.reload(&key);
+    }
+}
+
+fn run(plugins: &Arc<Plugins>, events: &Events) {
+    let loading: Loading = Arc::default();
     let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
     loop {
         let now = Instant::now();
@@ -81,7 +123,11 @@ fn run(plugins: &Plugins, events: &Events) {
             .collect();
         for name in due {
             pending.remove(&name);
-            plugins.reload(&name);
+            if name == plugins.active_name() {
+                plugins.reload(&name);
+            } else {
+                reload_apart(plugins, &loading, name);
+            }
         }
         let wait = pending
             .values()
