@@ -303,6 +303,18 @@ impl Server {
     }
 
     /// The status `/health` answers.
+    /// A GET of the admin API, as JSON (it must answer 200).
+    pub async fn admin_get(&self, path: &str) -> Value {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.admin))
+            .send()
+            .await
+            .expect("admin request");
+        assert_eq!(r.status(), 200, "{path}");
+        r.json().await.expect("admin json")
+    }
+
     pub async fn health_status(&self) -> u16 {
         self.health().await.0
     }

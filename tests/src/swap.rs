@@ -103,14 +103,7 @@ pub async fn served_by(server: &Server) -> &'static str {
 }
 
 pub async fn admin(server: &Server) -> Value {
-    let r = server
-        .client
-        .get(format!("{}/admin/plugins", server.admin))
-        .send()
-        .await
-        .expect("admin");
-    assert_eq!(r.status(), 200);
-    r.json().await.expect("admin json")
+    server.admin_get("/admin/plugins").await
 }
 
 pub fn entry<'a>(view: &'a Value, name: &str) -> &'a Value {

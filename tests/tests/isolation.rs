@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lynx_tests::attack::zero_window_client;
+use lynx_tests::swap::{admin, entry};
 use lynx_tests::{assert_complete, sse_data, Server};
 use serde_json::{json, Value};
 
@@ -268,19 +269,8 @@ async fn what_a_client_sends_is_its_own_cost() {
     );
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
-    let view: Value = server
-        .client
-        .get(format!("{}/admin/plugins", server.admin))
-        .send()
-        .await
-        .expect("admin")
-        .json()
-        .await
-        .expect("admin json");
-    let active = view["plugins"]
-        .as_array()
-        .and_then(|p| p.iter().find(|e| e["name"] == "default"))
-        .expect("default plugin");
+    let view = admin(&server).await;
+    let active = entry(&view, "default");
     assert_eq!(
         active["traps"], 0,
         "a client's input counted as a plugin fault: {view}"
@@ -418,14 +408,6 @@ async fn echo_with_n_prefills_the_prompt_once() {
         assert!(c["text"].as_str().is_some_and(|t| t.starts_with(prompt)));
     }
     // One cold prefill; the three others copied it.
-    let cache: Value = server
-        .client
-        .get(format!("{}/admin/cache", server.admin))
-        .send()
-        .await
-        .expect("admin cache")
-        .json()
-        .await
-        .expect("json");
+    let cache = server.admin_get("/admin/cache").await;
     assert!(cache["copies"].as_u64().is_some_and(|c| c >= 3), "{cache}");
 }

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lynx_tests::swap::{admin_until, served_by, test_plugin, PluginDir, V2};
+use lynx_tests::swap::{admin, admin_until, entry, served_by, test_plugin, PluginDir, V2};
 use lynx_tests::{plugins_dist, sse_data, Server};
 use serde_json::{json, Value};
 
@@ -144,20 +144,9 @@ async fn a_slow_constraint_fails_its_own_request_at_its_budget() {
     );
     // 100 tokens at 100 ms would take 10 s; the budget is 1 s.
     assert!(took < Duration::from_secs(6), "{took:?}");
-    let view: Value = server
-        .client
-        .get(format!("{}/admin/plugins", server.admin))
-        .send()
-        .await
-        .expect("admin")
-        .json()
-        .await
-        .expect("json");
-    let hostile = view["plugins"]
-        .as_array()
-        .and_then(|p| p.iter().find(|e| e["name"] == "hostile"))
-        .expect("hostile")
-        .clone();
+    eprintln!("a constraint taking 100 ms a token failed its request after {took:?}");
+    let view = admin(&server).await;
+    let hostile = entry(&view, "hostile");
     assert!(
         hostile["traps"].as_u64().is_some_and(|t| t >= 1),
         "not the plugin's fault: {hostile}"

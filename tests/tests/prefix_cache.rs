@@ -160,15 +160,7 @@ async fn idle_slots_are_evicted_least_recently_used_first() {
     let n = answer.2;
     let hit_b = tally(answer);
     // The admin API counts the same.
-    let view: Value = server
-        .client
-        .get(format!("{}/admin/cache", server.admin))
-        .send()
-        .await
-        .expect("admin")
-        .json()
-        .await
-        .expect("json");
+    let view = server.admin_get("/admin/cache").await;
     assert_eq!(view["enabled"], true, "{view}");
     assert_eq!(view["requests"], 6, "{view}");
     assert_eq!(view["cached_tokens"], cached, "{view}");
