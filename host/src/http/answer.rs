@@ -5,7 +5,6 @@
 //! A stream is generated whether or not its client reads ([`stream`]).
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -338,7 +337,8 @@ pub struct Delivery {
 /// held only while tokens are being made. A client that takes nothing for
 /// `write_timeout` while the buffer is full is cut, with its connection: the task drops
 /// the generations (the scheduler frees their slots before the next token) and their
-/// instances, and the request is counted with the status it was sent.
+/// instances, and the request is counted with the status it was sent. Once every
+/// event is buffered, the connection cuts a client that stops taking them.
 pub fn stream(
     state: Arc<AppState>,
     shape: Shape,
@@ -365,22 +365,11 @@ pub fn stream(
     };
     let budget = Arc::new(Semaphore::new(delivery.buffer_bytes));
     let (tx, rx) = mpsc::unbounded_channel::<Buffered>();
-    let taken = Arc::new(AtomicU64::new(0));
-    tokio::spawn(drive(
-        chunks,
-        generations,
-        (tx, taken.clone()),
-        budget,
-        delivery,
-    ));
-    let body = stream::unfold(rx, move |mut rx| {
-        let taken = taken.clone();
-        async move {
-            // The budget a chunk held is given back once it is handed to the connection.
-            let (bytes, _permit) = rx.recv().await?;
-            taken.fetch_add(1, Ordering::Release);
-            Some((Ok::<_, Infallible>(bytes), rx))
-        }
+    tokio::spawn(drive(chunks, generations, tx, budget, delivery));
+    let body = stream::unfold(rx, |mut rx| async move {
+        // The budget a chunk held is given back once it is handed to the connection.
+        let (bytes, _permit) = rx.recv().await?;
+        Some((Ok::<_, Infallible>(bytes), rx))
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -398,7 +387,7 @@ fn sse(data: &str) -> Bytes {
 async fn drive(
     mut chunks: Chunks,
     generations: Vec<Generation>,
-    (tx, taken): (mpsc::UnboundedSender<Buffered>, Arc<AtomicU64>),
+    tx: mpsc::UnboundedSender<Buffered>,
     budget: Arc<Semaphore>,
     delivery: Delivery,
 ) {
@@ -408,9 +397,13 @@ async fn drive(
         connection,
         permit,
     } = delivery;
-    let cut = |why: &str| {
+    let cut = || {
+        tracing::warn!(
+            timeout_s = write_timeout.as_secs_f64(),
+            "a client took none of its stream for the write timeout; cutting it"
+        );
         if let Some(c) = &connection {
-            c.cut(why);
+            c.cut("write timeout: the client stopped reading its stream");
         }
     };
     let n = generations.len();
@@ -446,12 +439,8 @@ async fn drive(
                 Ok(Ok(p)) => p,
                 Ok(Err(_)) => return,
                 Err(_) => {
-                    tracing::warn!(
-                        timeout_s = write_timeout.as_secs_f64(),
-                        "a client took none of its stream for the write timeout; cutting it"
-                    );
                     drop(pieces);
-                    cut("write timeout: the client stopped reading its stream");
+                    cut();
                     return;
                 }
             };
@@ -472,33 +461,12 @@ async fn drive(
         pending.extend(events);
         ended = end;
     }
-    // Everything is buffered: the instances go back now, whatever the client does.
+    // Everything is buffered: the instances go back now, whatever the client does. What
+    // is left waits for the client; one that takes nothing of it for the write timeout
+    // is cut by its connection ([`super::conn`]: a zero-window HTTP/2 stream is never
+    // even polled, so only the connection can tell).
     drop(pieces);
     drop(permit);
-    // What is left waits for the client, which must keep taking it: one that takes
-    // nothing for the write timeout is cut (a zero-window HTTP/2 stream is never even
-    // polled, so only this tells).
-    // The body ends once it has taken what is buffered; a client that leaves drops
-    // what is left, which gives its budget back as well.
-    drop(tx);
-    let all = u32::try_from(buffer_bytes).unwrap_or(u32::MAX);
-    loop {
-        let before = taken.load(Ordering::Acquire);
-        if tokio::time::timeout(write_timeout, budget.acquire_many(all))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        if taken.load(Ordering::Acquire) == before {
-            tracing::warn!(
-                timeout_s = write_timeout.as_secs_f64(),
-                "a client took none of its stream for the write timeout; cutting it"
-            );
-            cut("write timeout: the client stopped reading its stream");
-            return;
-        }
-    }
 }
 
 /// The `echo` of a prompt: its text as the client sent it, or its tokens decoded.
