@@ -411,3 +411,33 @@ async fn echo_with_n_prefills_the_prompt_once() {
     let cache = server.admin_get("/admin/cache").await;
     assert!(cache["copies"].as_u64().is_some_and(|c| c >= 3), "{cache}");
 }
+
+#[tokio::test]
+async fn tokenize_requests_do_not_vouch_for_a_new_version() {
+    use lynx_tests::swap::{self, admin_until, test_plugin, PluginDir};
+    let dir = PluginDir::new();
+    dir.install("swap", &test_plugin("swap-v1.wasm"));
+    let server = swap::start(&dir, &[]).await;
+    let v1 = entry(&admin(&server).await, "swap")["sha256"].clone();
+    dir.install("swap", &test_plugin("swap-v2.wasm"));
+    admin_until(&server, "swap", |e| e["sha256"] != v1).await;
+    // A flood of /tokenize and /detokenize generates nothing: the new version's
+    // probation has seen none of it.
+    for i in 0..30 {
+        let (status, _) = server
+            .post("/tokenize", &json!({"prompt": format!("hello {i}")}))
+            .await;
+        assert_eq!(status, 200);
+        let (status, _) = server.post("/detokenize", &json!({"tokens": [1, 2]})).await;
+        assert_eq!(status, 200);
+    }
+    let e = entry(&admin(&server).await, "swap").clone();
+    assert_eq!(e["probation"]["seen"], 0, "{e}");
+    // A completion is judged.
+    let (status, _) = server
+        .post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}))
+        .await;
+    assert_eq!(status, 200);
+    let e = admin_until(&server, "swap", |e| e["probation"]["seen"] == 1).await;
+    assert_eq!(e["probation"]["state"], "pending", "{e}");
+}
