@@ -238,9 +238,10 @@ pub struct Config {
     #[arg(long, env = "LYNX_KEEP_ALIVE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub keep_alive_timeout: u64,
 
-    /// How long a streamed answer waits for its client to take what it was sent, in
-    /// seconds: a client that reads nothing for this long (its stream buffer full) loses
-    /// its connection, and everything its requests held is freed.
+    /// How long a response's ready bytes may wait for its client to take them, in
+    /// seconds: a client that takes none for this long (an HTTP/2 window left at 0, an
+    /// HTTP/1 socket not read) loses its connection, and everything its requests held
+    /// is freed.
     #[arg(long, env = "LYNX_WRITE_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub write_timeout: u64,
 

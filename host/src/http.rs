@@ -45,7 +45,7 @@ pub struct Limits {
     pub keep_alive_timeout: Duration,
     pub max_connections: usize,
     pub http2_max_streams: u32,
-    /// How long a streamed answer waits for its client to read (then it is cut).
+    /// How long a response's ready bytes may wait for its client (then it is cut).
     pub write_timeout: Duration,
     /// Bytes of a streamed answer held for its client.
     pub stream_buffer_bytes: usize,

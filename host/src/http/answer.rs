@@ -6,7 +6,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::http::header;
@@ -17,7 +17,6 @@ use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use super::conn::Connection;
 use super::error::ApiError;
 use super::generate::{Generation, Piece};
 use super::types::{Usage, Validated};
@@ -321,24 +320,21 @@ impl Chunks {
 /// A streamed answer's bytes on their way to the client, and the budget they hold.
 type Buffered = (Bytes, OwnedSemaphorePermit);
 
-/// What a streamed answer needs beyond its generations: where to buffer it, how long
-/// to wait for its client, and the connection to cut when the client stops reading.
+/// What a streamed answer holds beyond its generations: the most bytes buffered for
+/// its client, and the connection's plugin-instance permits, held until generation ends.
 pub struct Delivery {
     pub buffer_bytes: usize,
-    pub write_timeout: Duration,
-    pub connection: Option<Connection>,
-    /// Held until generation ends: the connection's plugin instances.
     pub permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Streams the answer. Generation is not driven by the client's reading: a task of
 /// its own pulls every choice's tokens through post-processing as the scheduler makes
 /// them, into a buffer of at most `buffer_bytes`, so plugin instances and the slot are
-/// held only while tokens are being made. A client that takes nothing for
-/// `write_timeout` while the buffer is full is cut, with its connection: the task drops
-/// the generations (the scheduler frees their slots before the next token) and their
-/// instances, and the request is counted with the status it was sent. Once every
-/// event is buffered, the connection cuts a client that stops taking them.
+/// held only while tokens are being made, and generation pauses while the buffer is
+/// full. A client that stops taking its bytes is cut by its connection at the write
+/// timeout ([`super::conn`]): the body is dropped, the task sees it and drops the
+/// generations (the scheduler frees their slots before the next token) and their
+/// instances, and the request is counted with the status it was sent.
 pub fn stream(
     state: Arc<AppState>,
     shape: Shape,
@@ -393,19 +389,8 @@ async fn drive(
 ) {
     let Delivery {
         buffer_bytes,
-        write_timeout,
-        connection,
         permit,
     } = delivery;
-    let cut = || {
-        tracing::warn!(
-            timeout_s = write_timeout.as_secs_f64(),
-            "a client took none of its stream for the write timeout; cutting it"
-        );
-        if let Some(c) = &connection {
-            c.cut("write timeout: the client stopped reading its stream");
-        }
-    };
     let n = generations.len();
     // The chat API opens each choice with the assistant role.
     let mut opening = Vec::new();
@@ -429,20 +414,14 @@ async fn drive(
             let bytes = sse(&data);
             // A chunk larger than the whole buffer waits for all of it.
             let want = u32::try_from(bytes.len().min(buffer_bytes).max(1)).unwrap_or(u32::MAX);
-            let room = tokio::time::timeout(write_timeout, budget.clone().acquire_many_owned(want));
-            // A client that leaves while its buffer is full frees everything at once.
-            let room = tokio::select! {
-                room = room => room,
+            // A client that leaves, or is cut, while its buffer is full frees
+            // everything at once.
+            let permit = tokio::select! {
+                room = budget.clone().acquire_many_owned(want) => match room {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
                 () = tx.closed() => return,
-            };
-            let permit = match room {
-                Ok(Ok(p)) => p,
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    drop(pieces);
-                    cut();
-                    return;
-                }
             };
             if tx.send((bytes, permit)).is_err() {
                 // The client is gone: dropping the generations frees their slots.
@@ -461,10 +440,7 @@ async fn drive(
         pending.extend(events);
         ended = end;
     }
-    // Everything is buffered: the instances go back now, whatever the client does. What
-    // is left waits for the client; one that takes nothing of it for the write timeout
-    // is cut by its connection ([`super::conn`]: a zero-window HTTP/2 stream is never
-    // even polled, so only the connection can tell).
+    // Everything is buffered: the instances go back now, whatever the client does.
     drop(pieces);
     drop(permit);
 }

@@ -225,8 +225,6 @@ async fn respond(
             if params.stream {
                 let delivery = Delivery {
                     buffer_bytes: state.limits.stream_buffer_bytes,
-                    write_timeout: state.limits.write_timeout,
-                    connection,
                     permit,
                 };
                 answer::stream(state, shape, generations, &params, delivery)

@@ -6,9 +6,9 @@
 //! - a connection with no request in flight for the keep-alive timeout is closed
 //!   gracefully (HTTP/1 keep-alive and HTTP/2 alike);
 //! - on shutdown it finishes the requests in flight and closes;
-//! - a request may cut it ([`Connection::cut`]): a client that stopped reading a
-//!   stream loses the connection, so everything it held is dropped at once (an HTTP/2
-//!   client with a zero window would never let hyper poll the body to its end);
+//! - a response whose bytes its client does not take for the write timeout cuts it
+//!   ([`Watched`]): everything on it is dropped at once (an HTTP/2 client with a zero
+//!   window would never let hyper poll the body to its end);
 //! - it may hold at most `instances_per_connection` plugin instances at once
 //!   ([`Connection::instances`]), however many streams it opens.
 
@@ -48,21 +48,11 @@ pub struct ConnLimits {
 /// A request's handle on the connection it came on (a request extension).
 #[derive(Clone)]
 pub struct Connection {
-    activity: Arc<Activity>,
     instances: Arc<Semaphore>,
     cap: u32,
 }
 
 impl Connection {
-    /// Closes the connection at once, with every request on it: the client stopped
-    /// taking what it was sent.
-    pub fn cut(&self, why: &str) {
-        if !self.activity.cut.swap(true, Ordering::AcqRel) {
-            tracing::info!(reason = why, "connection cut");
-        }
-        self.activity.changed.notify_one();
-    }
-
     /// `n` of the connection's plugin instances, or `Err(cap)` when its requests hold
     /// too many already.
     pub fn instances(&self, n: u32) -> Result<OwnedSemaphorePermit, u32> {
@@ -79,7 +69,6 @@ struct Activity {
     seen_request: AtomicBool,
     idle_since: Mutex<Instant>,
     changed: Notify,
-    cut: AtomicBool,
     /// Responses whose bytes are ready and not taken, by response, since when.
     stalled: Mutex<HashMap<u64, Instant>>,
     next_response: AtomicU64,
@@ -133,12 +122,10 @@ pub async fn serve_connection(
         seen_request: AtomicBool::new(false),
         idle_since: Mutex::new(opened),
         changed: Notify::new(),
-        cut: AtomicBool::new(false),
         stalled: Mutex::default(),
         next_response: AtomicU64::new(0),
     });
     let handle = Connection {
-        activity: activity.clone(),
         instances: Arc::new(Semaphore::new(limits.instances_per_connection as usize)),
         cap: limits.instances_per_connection,
     };
@@ -174,9 +161,6 @@ pub async fn serve_connection(
         connection.as_mut().graceful_shutdown();
     }
     loop {
-        if activity.cut.load(Ordering::Acquire) {
-            return Err("cut: the client stopped reading".into());
-        }
         let stalled_since = activity.oldest_stall();
         if stalled_since.is_some_and(|t| t.elapsed() >= limits.write_timeout) {
             tracing::warn!(
@@ -251,11 +235,20 @@ impl Watched {
         watched
     }
 
+    /// Stalled from now. The connection's timer needs waking only when nothing was
+    /// stalled: any stall already there is older, so its timer fires first.
     fn stall(&self) {
-        if let Ok(mut s) = self.activity.stalled.lock() {
-            s.entry(self.id).or_insert_with(Instant::now);
+        let first = match self.activity.stalled.lock() {
+            Ok(mut s) => {
+                let first = s.is_empty();
+                s.insert(self.id, Instant::now());
+                first
+            }
+            Err(_) => return,
+        };
+        if first {
+            self.activity.changed.notify_one();
         }
-        self.activity.changed.notify_one();
     }
 
     fn unstall(&self) {
@@ -291,10 +284,7 @@ impl http_body::Body for Watching {
         let polled = this.inner.poll_frame(cx);
         match &polled {
             // The connection took this frame; until it comes back, the rest waits on it.
-            Poll::Ready(Some(Ok(_))) => {
-                this.watched.unstall();
-                this.watched.stall();
-            }
+            Poll::Ready(Some(Ok(_))) => this.watched.stall(),
             Poll::Ready(_) | Poll::Pending => this.watched.unstall(),
         }
         polled
