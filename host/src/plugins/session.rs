@@ -36,6 +36,16 @@ fn prompt_bytes(request: &PolicyRequest) -> usize {
     }
 }
 
+/// What the client sent that a call works on: a call that runs out of time on it may
+/// be the client's cost, not the plugin's fault ([`PluginSession::clients_cost`]).
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    /// A prompt of this many bytes, for the policy to encode.
+    Prompt(usize),
+    /// A response format, for the constraint to compile.
+    Format,
+}
+
 /// A live instance of the pool, given back when the session ends.
 struct InstanceSlot(Arc<AtomicUsize>);
 
@@ -66,6 +76,8 @@ pub struct PluginSession {
     poisoned: bool,
     /// A plugin fault (not the client's prompt) happened in this session.
     faulted: bool,
+    /// What the client sent that the running call works on, if anything.
+    sent: Option<Sent>,
     /// Set for a request's session, whose end counts toward the version's probation
     /// (not a smoke call's or a router label's): where a verdict is reported.
     verdicts: Option<std::sync::mpsc::Sender<VerdictReport>>,
@@ -144,6 +156,7 @@ impl PluginSession {
             memory_mib: (memory_cap >> 20) as u64,
             poisoned: false,
             faulted: false,
+            sent: None,
             verdicts: None,
             plugin: plugin.clone(),
             slot,
@@ -173,7 +186,10 @@ impl PluginSession {
 
     fn fail(&mut self, error: PluginError) -> PluginError {
         self.poisoned = true;
-        if !matches!(error, PluginError::PromptTooLong { .. }) {
+        if !matches!(
+            error,
+            PluginError::PromptTooLong { .. } | PluginError::ClientCost { .. }
+        ) {
             self.faulted = true;
             self.plugin.traps.fetch_add(1, Ordering::Relaxed);
         }
@@ -232,16 +248,14 @@ impl PluginSession {
                     mib: self.memory_mib,
                 }
             } else if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-                if by_budget {
-                    PluginError::BudgetExceeded {
-                        plugin,
-                        millis: self.budget.as_millis() as u64,
-                    }
-                } else {
-                    PluginError::Timeout {
-                        plugin,
-                        millis: call_timeout.as_millis() as u64,
-                    }
+                let millis = if by_budget { self.budget } else { call_timeout }.as_millis() as u64;
+                match self.clients_cost(by_budget) {
+                    Some(what) => PluginError::ClientCost {
+                        what: what.into(),
+                        millis,
+                    },
+                    None if by_budget => PluginError::BudgetExceeded { plugin, millis },
+                    None => PluginError::Timeout { plugin, millis },
                 }
             } else {
                 PluginError::Trap {
@@ -268,39 +282,42 @@ impl PluginSession {
         &mut self,
         request: &PolicyRequest,
     ) -> Result<Result<Vec<u32>, Rejection>, PluginError> {
-        let verdict = match self.call(|p, s| p.tokenize(s, request)) {
-            Err(e @ (PluginError::Timeout { .. } | PluginError::BudgetExceeded { .. }))
-                if self.client_cost(prompt_bytes(request)) =>
-            {
-                // Undo what `fail` counted: the time went to encoding what was sent.
-                self.faulted = false;
-                self.plugin.traps.fetch_sub(1, Ordering::Relaxed);
-                let millis = match e {
-                    PluginError::Timeout { millis, .. }
-                    | PluginError::BudgetExceeded { millis, .. } => millis,
-                    _ => 0,
-                };
-                return Err(PluginError::ClientCost {
-                    what: "encoding the prompt".into(),
-                    millis,
-                });
-            }
-            other => other?,
-        };
+        let sent = Sent::Prompt(prompt_bytes(request));
+        let verdict = self.call_on(sent, |p, s| p.tokenize(s, request))?;
         if let Err(r) = &verdict {
             self.check_rejection(r)?;
         }
         Ok(verdict)
     }
 
-    /// Whether the call that just ran out spent its time encoding what the client sent:
-    /// most of it in `host.encode`, on no more than twice the prompt's own bytes (a
-    /// plugin that encodes far more than it was sent spends its own time).
-    fn client_cost(&self, prompt_bytes: usize) -> bool {
-        let (bytes, took) = self.store.data().encoded;
-        bytes > 0
-            && bytes <= 2 * prompt_bytes + 4096
-            && took * 2 >= self.call_timeout.min(self.budget)
+    /// An ordinary call on what the client sent.
+    fn call_on<R>(
+        &mut self,
+        sent: Sent,
+        f: impl FnOnce(&Instance, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
+        self.sent = Some(sent);
+        let result = self.call(f);
+        self.sent = None;
+        result
+    }
+
+    /// What the client sent that the call which just ran out spent its time on, if it
+    /// did: a response format the plugin could not compile within its deadline; or a
+    /// prompt, when most of the call went to `host.encode` on no more than twice the
+    /// prompt's own bytes (a plugin that encodes far more than it was sent spends its
+    /// own time).
+    fn clients_cost(&self, by_budget: bool) -> Option<&'static str> {
+        match self.sent? {
+            Sent::Format => (!by_budget).then_some("the response format"),
+            Sent::Prompt(prompt_bytes) => {
+                let (bytes, took) = self.store.data().encoded;
+                (bytes > 0
+                    && bytes <= 2 * prompt_bytes + 4096
+                    && took * 2 >= self.call_timeout.min(self.budget))
+                .then_some("encoding the prompt")
+            }
+        }
     }
 
     pub fn start(&mut self, config: &PostConfig) -> Result<(), PluginError> {
@@ -382,19 +399,9 @@ impl PluginSession {
         format: &OutputFormat,
     ) -> Result<Result<(), Rejection>, PluginError> {
         self.spent = Duration::ZERO;
-        let verdict = match self.call(|p, s| p.constrain(s, format)) {
-            // The format is what the client sent: one the plugin cannot compile within
-            // its deadline is the client's 400, not the plugin's fault.
-            Err(PluginError::Timeout { millis, .. }) => {
-                self.faulted = false;
-                self.plugin.traps.fetch_sub(1, Ordering::Relaxed);
-                return Err(PluginError::ClientCost {
-                    what: "the response format".into(),
-                    millis,
-                });
-            }
-            other => other?,
-        };
+        // The format is what the client sent: one the plugin cannot compile within its
+        // deadline is the client's 400, not the plugin's fault.
+        let verdict = self.call_on(Sent::Format, |p, s| p.constrain(s, format))?;
         if let Err(r) = &verdict {
             self.check_rejection(r)?;
         }
