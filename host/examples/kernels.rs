@@ -4,8 +4,12 @@
 //! single-stream ceiling to read against the machine's bandwidth (`--example membw`).
 //!
 //! ```text
-//! cargo run --release -p lynx-host --example kernels
+//! cargo run --release -p lynx-host --example kernels          # the best level here
+//! LYNX_SIMD=avx2 cargo run --release -p lynx-host --example kernels
 //! ```
+//!
+//! Besides bytes per second, each height gives GMAC/s (multiply-adds of the integer
+//! dots, `m * n * k` a call): the figure to read against the CPU's int8 peak.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark's set-up may panic
 
@@ -17,6 +21,11 @@ use lynx_host::engine::qmatmul::Linear;
 
 fn main() {
     lynx_host::engine::fix_thread_count();
+    let choice = std::env::var("LYNX_SIMD").unwrap_or_else(|_| "auto".into());
+    let choice = <lynx_host::engine::qmatmul::cpu::SimdChoice as clap::ValueEnum>::from_str(&choice, true)
+        .expect("LYNX_SIMD: auto, avx512-vnni, avx2 or portable");
+    let level = lynx_host::engine::qmatmul::cpu::init(choice).expect("SIMD level");
+    println!("kernels: {level:?}; cpu: {}", lynx_host::engine::qmatmul::cpu::features());
     let (n, k, copies) = (1536, 768, 16);
     let w: Vec<f32> = (0..n * k)
         .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1)
@@ -37,7 +46,7 @@ fn main() {
             .map(|_| Linear::from_qtensor(QTensor::quantize(&t, dtype).unwrap()).unwrap())
             .collect();
         let mut line = format!("{:<5} {:>6} KiB", format!("{dtype:?}"), bytes >> 10);
-        for m in [1, 8, 16] {
+        for m in [1, 8, 16, 32] {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
             let x = Tensor::from_slice(&x, (1, m, k), &Device::Cpu).unwrap();
             let mut best = f64::MAX;
@@ -51,9 +60,10 @@ fn main() {
                 best = best.min(t0.elapsed().as_secs_f64() / copies as f64);
             }
             line += &format!(
-                "  m={m}: {:>6.1} us {:>5.1} GB/s",
+                "  m={m}: {:>6.1} us {:>5.1} GB/s {:>5.1} GMAC/s",
                 best * 1e6,
-                bytes as f64 / best / 1e9
+                bytes as f64 / best / 1e9,
+                (m * n * k) as f64 / best / 1e9
             );
         }
         println!("{line}");

@@ -15,7 +15,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen2};
-use lynx_host::engine::arch::{self, Architecture, Logits};
+use lynx_host::engine::arch::{self, Architecture, Entry, Logits};
 use lynx_host::engine::gemma3::Gemma3;
 use lynx_host::engine::{tokenizer::Tokenizer, Model};
 
@@ -160,6 +160,8 @@ struct Shape {
     biases: bool,
     /// Weight formats: attention, MLP, embeddings.
     formats: [GgmlDType; 3],
+    /// Whether the file says `rope.dimension_count` (llama.cpp defaults it).
+    rope_dim_key: bool,
 }
 
 /// A GGUF of `shape` with random weights and the tokenizer of `vocab_file`.
@@ -184,11 +186,13 @@ fn write_random(path: &Path, shape: &Shape, vocab_file: &Path) {
             Value::F32(1e-5),
         ),
         (format!("{a}.rope.freq_base"), Value::F32(shape.rope_base)),
-        (
+    ];
+    if shape.rope_dim_key {
+        meta.push((
             format!("{a}.rope.dimension_count"),
             u32v(shape.hidden / shape.heads),
-        ),
-    ];
+        ));
+    }
     for (k, v) in &vocab_ct.metadata {
         if k.starts_with("tokenizer.") {
             meta.push((k.clone(), v.clone()));
@@ -323,6 +327,7 @@ fn qwen2_random_weights_match_the_reference() {
         layers: 2,
         rope_base: 1_000_000.0,
         biases: true,
+        rope_dim_key: true,
         formats: [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q8_0],
     };
     random_model_test(
@@ -352,6 +357,7 @@ fn llama3_random_weights_match_the_reference() {
         rope_base: 500_000.0,
         biases: false,
         formats: [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4_0],
+        rope_dim_key: true,
     };
     random_model_test(
         shape,
@@ -364,4 +370,53 @@ fn llama3_random_weights_match_the_reference() {
         },
         batched::KQUANT_TOLERANCE,
     );
+}
+
+/// A llama file without `rope.dimension_count` loads (llama.cpp takes the head size)
+/// and runs exactly as the same file that says it.
+#[test]
+fn llama_without_rope_dimension_count_rotates_the_whole_head() {
+    let vocab_file = existing(
+        cache().join("conformance/llama.cpp-0.3.36/models/ggml-vocab-llama-bpe.gguf"),
+        "scripts/fetch-conformance.sh",
+    );
+    let dir = std::env::temp_dir().join(format!("lynx-rope-dim-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let logits = |rope_dim_key: bool| {
+        let shape = Shape {
+            arch: "llama",
+            hidden: 256,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 512,
+            layers: 1,
+            rope_base: 500_000.0,
+            biases: false,
+            formats: [GgmlDType::Q8_0, GgmlDType::Q8_0, GgmlDType::Q8_0],
+            rope_dim_key,
+        };
+        let path = dir.join(format!("model-{rope_dim_key}.gguf"));
+        write_random(&path, &shape, &vocab_file);
+        let (ct, mut file) = content(&path);
+        let ours = arch::load(&ct, &mut file, 64).unwrap();
+        let cache = ours.kv_cache(1, 64).unwrap();
+        let tokens = [1u32, 500, 7000, 42, 99];
+        let out = ours
+            .forward(
+                &cache,
+                &[Entry {
+                    slot: 0,
+                    pos: 0,
+                    tokens: &tokens,
+                    logits: Logits::Last,
+                }],
+            )
+            .unwrap()
+            .unwrap();
+        out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (with, without) = (logits(true), logits(false));
+    assert!(with.iter().all(|x| x.is_finite()));
+    assert_eq!(with, without);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -306,6 +306,13 @@ impl Meta<'_> {
         Ok(self.get(key)?.to_u32()? as usize)
     }
 
+    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize, EngineError> {
+        if !self.has(key) {
+            return Ok(default);
+        }
+        self.usize(key)
+    }
+
     pub fn f32_or(&self, key: &str, default: f32) -> Result<f32, EngineError> {
         if !self.has(key) {
             return Ok(default);

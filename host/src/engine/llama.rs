@@ -103,7 +103,9 @@ impl Llama {
             ));
         }
         let trunk = Trunk::load(&md, reader, None, max_positions)?;
-        let rope_dim = md.usize("rope.dimension_count")?;
+        // llama.cpp takes the head size when the file does not say (`llama.cpp`'s
+        // `n_rot = n_embd_head_k` default); many converted files leave the key out.
+        let rope_dim = md.usize_or("rope.dimension_count", trunk.head_dim)?;
         let freq_base = md.f32_or("rope.freq_base", 10_000.0)?;
         // Linear rope scaling stretches positions; llama 3.1's scaling comes as per-pair
         // frequency divisors (`rope_freqs.weight`), as llama.cpp applies them.

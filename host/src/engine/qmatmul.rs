@@ -44,6 +44,9 @@ mod acts;
 mod block32;
 pub mod cpu;
 mod kquants;
+pub mod repack;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 pub use acts::{ActKind, Acts};
 use cpu::Simd;
@@ -105,9 +108,9 @@ fn format_for(dtype: GgmlDType, simd: Simd) -> Option<&'static dyn Format> {
         (GgmlDType::Q4_1, _) => &block32::FORMAT_Q4_1,
         (GgmlDType::Q5_0, _) => &block32::FORMAT_Q5_0,
         (GgmlDType::Q8_0, _) => &block32::FORMAT_Q8_0,
-        (GgmlDType::Q4K, Simd::Avx2) => &kquants::FORMAT_Q4K,
-        (GgmlDType::Q5K, Simd::Avx2) => &kquants::FORMAT_Q5K,
-        (GgmlDType::Q6K, Simd::Avx2) => &kquants::FORMAT_Q6K,
+        (GgmlDType::Q4K, s) if s.avx2() => &kquants::FORMAT_Q4K,
+        (GgmlDType::Q5K, s) if s.avx2() => &kquants::FORMAT_Q5K,
+        (GgmlDType::Q6K, s) if s.avx2() => &kquants::FORMAT_Q6K,
         _ => return None,
     })
 }
@@ -127,6 +130,8 @@ pub struct Packed {
 
 /// A linear layer over GGUF weights `[n, k]`: `y = x Wᵀ`.
 pub enum Linear {
+    /// Repacked for the AVX-512 VNNI kernels (`Simd::Avx512Vnni`).
+    Repacked(Box<repack::Repacked>),
     Packed(Box<Packed>),
     Candle(QMatMul),
 }
@@ -137,6 +142,12 @@ impl Linear {
     }
 
     fn with_simd(t: QTensor, simd: Simd) -> Result<Self, EngineError> {
+        if simd == Simd::Avx512Vnni && repack::Spec::of(t.dtype()).is_some() {
+            let (n, k) = t.shape().dims2()?;
+            if let Some(r) = repack::Repacked::new(t.dtype(), n, k, &t.data()?) {
+                return Ok(Linear::Repacked(Box::new(r)));
+            }
+        }
         let Some(format) = format_for(t.dtype(), simd) else {
             return Ok(Linear::Candle(QMatMul::from_qtensor(t)?));
         };
@@ -175,19 +186,18 @@ impl Linear {
         let mut cached: Vec<Acts> = Vec::new();
         let mut out = Vec::with_capacity(N);
         for layer in layers {
-            let Linear::Packed(p) = layer else {
+            let Some((kind, k)) = layer.acts() else {
                 out.push(layer.forward(x, spans)?);
                 continue;
             };
-            let kind = p.format.acts();
-            let at = match cached.iter().position(|a| a.kind == kind && a.k == p.k) {
+            let at = match cached.iter().position(|a| a.kind == kind && a.k == k) {
                 Some(at) => at,
                 None => {
-                    cached.push(p.quantize(x)?);
+                    cached.push(quantize(x, kind, k)?);
                     cached.len() - 1
                 }
             };
-            out.push(p.forward(x, &cached[at])?);
+            out.push(layer.forward_quantized(x, &cached[at])?);
         }
         out.try_into()
             .map_err(|_| EngineError::Model("forward_all: a layer gave no output".into()))
@@ -201,6 +211,7 @@ impl Linear {
     /// chunk.
     pub fn forward(&self, x: &Tensor, spans: &[usize]) -> Result<Tensor, EngineError> {
         match self {
+            Linear::Repacked(r) => self.forward_quantized(x, &quantize(x, ActKind::Q8x, r.k)?),
             Linear::Packed(p) => p.forward(x, &p.quantize(x)?),
             Linear::Candle(m) => {
                 if spans.len() <= 1 {
@@ -217,9 +228,46 @@ impl Linear {
         }
     }
 
+    /// The activations' quantization this layer takes, and their width; `None` for
+    /// candle's layers.
+    fn acts(&self) -> Option<(ActKind, usize)> {
+        match self {
+            Linear::Repacked(r) => Some((ActKind::Q8x, r.k)),
+            Linear::Packed(p) => Some((p.format.acts(), p.k)),
+            Linear::Candle(_) => None,
+        }
+    }
+
+    /// `x` already quantized as [`Linear::acts`] says.
+    fn forward_quantized(&self, x: &Tensor, acts: &Acts) -> Result<Tensor, EngineError> {
+        match self {
+            Linear::Packed(p) => p.forward(x, acts),
+            Linear::Repacked(r) => {
+                if acts.kind != ActKind::Q8x || acts.k != r.k {
+                    return Err(EngineError::Model(
+                        "matmul: activations quantized for another format".into(),
+                    ));
+                }
+                let mut dims = x.dims().to_vec();
+                dims.pop();
+                dims.push(r.n);
+                let mut out = vec![0f32; acts.m * r.n];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: weights are repacked only at `Simd::Avx512Vnni`, which is only
+                // ever chosen on a CPU with the features `vnni::matmul` needs.
+                unsafe {
+                    vnni::matmul(r, acts, &mut out)
+                };
+                Ok(Tensor::from_vec(out, dims, x.device())?)
+            }
+            Linear::Candle(_) => self.forward(x, &[]),
+        }
+    }
+
     /// The block format the weights are in, and whether lynx's kernels run them.
     pub fn describe(&self) -> (String, bool) {
         match self {
+            Linear::Repacked(r) => (format!("{:?}", r.spec.dtype), true),
             Linear::Packed(p) => (format!("{:?}", p.format.dtype()), true),
             Linear::Candle(QMatMul::QTensor(t)) => (format!("{:?}", t.dtype()), false),
             Linear::Candle(_) => ("float".into(), false),
@@ -227,19 +275,21 @@ impl Linear {
     }
 }
 
+/// `x` (`[.., k]`) quantized as `kind`, or an error if its last dimension is not `k`.
+fn quantize(x: &Tensor, kind: ActKind, k: usize) -> Result<Acts, EngineError> {
+    let features = x.dims().last().copied().unwrap_or(0);
+    if features != k {
+        return Err(EngineError::Model(format!(
+            "matmul: input has {features} features, the weight {k}"
+        )));
+    }
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    Ok(Acts::quantize(kind, &xs, k))
+}
+
 impl Packed {
-    /// `x` (`[.., k]`) quantized as this format's activations, or an error if its last
-    /// dimension is not `k`.
     fn quantize(&self, x: &Tensor) -> Result<Acts, EngineError> {
-        let features = x.dims().last().copied().unwrap_or(0);
-        if features != self.k {
-            return Err(EngineError::Model(format!(
-                "matmul: input has {features} features, the weight {}",
-                self.k
-            )));
-        }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Acts::quantize(self.format.acts(), &xs, self.k))
+        quantize(x, self.format.acts(), self.k)
     }
 
     /// `x` (`[.., k]`, already quantized as `acts`) → `[.., n]`.

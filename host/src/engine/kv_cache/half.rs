@@ -7,13 +7,13 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use crate::engine::qmatmul::cpu::{self, Simd};
+use crate::engine::qmatmul::cpu;
 
 /// `Σ q[i] * k[i]` with `k` widened from f16.
 pub fn dot(q: &[f32], k: &[f16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if cpu::simd() == Simd::Avx2 {
-        // SAFETY: `Simd::Avx2` is only ever chosen on a CPU with AVX2, FMA and F16C.
+    if cpu::simd().avx2() {
+        // SAFETY: `avx2()` levels are only ever chosen on a CPU with AVX2, FMA and F16C.
         return unsafe { avx2::dot(q, k) };
     }
     q.iter().zip(k).map(|(q, k)| q * k.to_f32()).sum()
@@ -22,7 +22,7 @@ pub fn dot(q: &[f32], k: &[f16]) -> f32 {
 /// `out[i] += p * v[i]` with `v` widened from f16.
 pub fn axpy(p: f32, v: &[f16], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if cpu::simd() == Simd::Avx2 {
+    if cpu::simd().avx2() {
         // SAFETY: as in `dot`.
         return unsafe { avx2::axpy(p, v, out) };
     }
@@ -35,7 +35,7 @@ pub fn axpy(p: f32, v: &[f16], out: &mut [f32]) {
 /// scores, each exactly as [`dot`] computes it.
 pub fn scores(q: &[f32], keys: &[f16], scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if cpu::simd() == Simd::Avx2 {
+    if cpu::simd().avx2() {
         // SAFETY: as in `dot`.
         return unsafe { avx2::scores(q, keys, scale, out) };
     }
@@ -48,7 +48,7 @@ pub fn scores(q: &[f32], keys: &[f16], scale: f32, out: &mut [f32]) {
 /// order: each element accumulates exactly as repeated [`axpy`] calls would.
 pub fn weighted_sum(p: &[f32], values: &[f16], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if cpu::simd() == Simd::Avx2 {
+    if cpu::simd().avx2() {
         // SAFETY: as in `dot`.
         return unsafe { avx2::weighted_sum(p, values, out) };
     }

@@ -81,8 +81,8 @@ impl<const F: u8> Format for Block32<F> {
 
     fn dot(&self, simd: Simd, col: &[u8], acts: &Acts, r0: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if simd == Simd::Avx2 {
-            // SAFETY: `Simd::Avx2` is only ever chosen on a CPU with AVX2, FMA and F16C
+        if simd.avx2() {
+            // SAFETY: the `avx2()` levels are only ever chosen on a CPU with AVX2, FMA and F16C
             // (`cpu::init`/`cpu::simd` detect them at run time).
             unsafe {
                 match F {
@@ -113,13 +113,13 @@ impl<const F: u8> Format for Block32<F> {
         #[cfg(target_arch = "x86_64")]
         // Q8_0 stays a column at a time: its 34-byte blocks from four rows at once ran
         // slower than one (`--example kernels`).
-        if simd == Simd::Avx2 && F != Q8_0 {
+        if simd.avx2() && F != Q8_0 {
             let lanes = matches!(F, Q4_1 | Q5_0);
             let quads = out.len() / 4 * 4;
             let (four, rest) = out.split_at_mut(quads);
             for (q, o) in four.chunks_exact_mut(4).enumerate() {
                 let cols = &cols[4 * q * row_bytes..(4 * q + 4) * row_bytes];
-                // SAFETY: `Simd::Avx2` is only ever chosen on a CPU with AVX2, FMA, F16C.
+                // SAFETY: the `avx2()` levels are only ever chosen on a CPU with AVX2, FMA, F16C.
                 o.copy_from_slice(&unsafe {
                     if lanes {
                         avx2::lanes_row::<F, 4>(cols, row_bytes, acts, r)

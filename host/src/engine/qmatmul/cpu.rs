@@ -8,6 +8,10 @@ use std::sync::OnceLock;
 /// A kernel family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
+    /// AVX-512 (F, BW, VL) with VNNI, on top of AVX2: every block format repacked at
+    /// load and dotted with `vpdpbusd` (`qmatmul/vnni.rs`), in one canonical float
+    /// order whatever the batch height.
+    Avx512Vnni,
     /// AVX2 with FMA and F16C (x86-64-v3): lynx's batched kernels for every block format.
     Avx2,
     /// Plain Rust: correct everywhere, batched for Q4_1/Q8_0, and candle's own
@@ -20,6 +24,9 @@ pub enum Simd {
 pub enum SimdChoice {
     /// The best level this CPU has.
     Auto,
+    /// AVX-512 with VNNI (and AVX2+FMA+F16C); refused at start on a CPU without them.
+    #[value(name = "avx512-vnni")]
+    Avx512Vnni,
     /// AVX2+FMA+F16C; refused at start on a CPU without them.
     Avx2,
     /// The portable kernels, whatever the CPU has.
@@ -42,12 +49,53 @@ pub fn has_avx2() -> bool {
     }
 }
 
+/// Whether this CPU can run the AVX-512 VNNI kernels (and the AVX2 ones beside them).
+pub fn has_avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2()
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl Simd {
+    /// Whether the AVX2 kernels may run at this level (every level above portable).
+    pub fn avx2(self) -> bool {
+        matches!(self, Simd::Avx2 | Simd::Avx512Vnni)
+    }
+}
+
+/// The best level this CPU has.
+fn best() -> Simd {
+    if has_avx512_vnni() {
+        Simd::Avx512Vnni
+    } else if has_avx2() {
+        Simd::Avx2
+    } else {
+        Simd::Portable
+    }
+}
+
 /// Fixes the level for the life of the process. Called once by `main` before the model
 /// loads; a later call (tests, benches) cannot change it once a kernel ran.
 pub fn init(choice: SimdChoice) -> Result<Simd, String> {
     let want = match choice {
-        SimdChoice::Auto if has_avx2() => Simd::Avx2,
-        SimdChoice::Auto | SimdChoice::Portable => Simd::Portable,
+        SimdChoice::Auto => best(),
+        SimdChoice::Portable => Simd::Portable,
+        SimdChoice::Avx512Vnni if has_avx512_vnni() => Simd::Avx512Vnni,
+        SimdChoice::Avx512Vnni => {
+            return Err(format!(
+                "--simd avx512-vnni asked for, but this CPU lacks it ({})",
+                features()
+            ))
+        }
         SimdChoice::Avx2 if has_avx2() => Simd::Avx2,
         SimdChoice::Avx2 => {
             return Err(format!(
@@ -65,13 +113,7 @@ pub fn init(choice: SimdChoice) -> Result<Simd, String> {
 
 /// The level in force: `init`'s, or the best the CPU has if nothing chose.
 pub fn simd() -> Simd {
-    *LEVEL.get_or_init(|| {
-        if has_avx2() {
-            Simd::Avx2
-        } else {
-            Simd::Portable
-        }
-    })
+    *LEVEL.get_or_init(best)
 }
 
 /// The CPU's SIMD features, for the start-up log line.
@@ -94,7 +136,9 @@ pub fn features() -> String {
             "f16c",
             "avx512f",
             "avx512bw",
-            "avx512vnni"
+            "avx512vl",
+            "avx512vnni",
+            "avxvnni"
         );
         if have.is_empty() {
             "x86-64 baseline".into()

@@ -57,8 +57,8 @@ impl<const F: u8> Format for KQuant<F> {
 
     fn dot(&self, simd: Simd, col: &[u8], acts: &Acts, r0: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if simd == Simd::Avx2 {
-            // SAFETY: `Simd::Avx2` is only ever chosen on a CPU with AVX2, FMA and F16C.
+        if simd.avx2() {
+            // SAFETY: the `avx2()` levels are only ever chosen on a CPU with AVX2, FMA and F16C.
             unsafe {
                 match F {
                     Q4K => by_height!(avx2::q4k::<F>, col, acts, r0, out),

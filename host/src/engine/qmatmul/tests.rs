@@ -77,7 +77,13 @@ fn reference(dtype: GgmlDType, w: &[f32], nk: (usize, usize), x: &[f32]) -> Vec<
 
 #[test]
 fn every_format_matches_candles_kernel_bit_for_bit_at_every_batch_height() {
-    let simd = cpu::simd();
+    // The AVX2 and portable kernels keep candle's float order (the VNNI ones do not:
+    // see the test below).
+    let simd = if cpu::has_avx2() {
+        Simd::Avx2
+    } else {
+        Simd::Portable
+    };
     // 768: whole groups of eight blocks; 576 (SmolLM2's width): 18 blocks, a tail.
     for (n, k) in [(136, 768), (40, 576)] {
         let w = weights(n, k);
@@ -129,7 +135,7 @@ fn a_row_gets_the_same_bits_whatever_else_is_in_the_step() {
 
 #[test]
 fn the_portable_kernels_agree_with_the_simd_ones() {
-    if cpu::simd() != Simd::Avx2 {
+    if !cpu::has_avx2() {
         return; // nothing to compare: the portable kernels are the ones in use
     }
     let (n, k) = (70, 1536);
@@ -186,4 +192,82 @@ fn a_q4k_weight_narrower_than_a_super_block_goes_to_candle() {
     assert!(QTensor::quantize(&t, GgmlDType::Q4K).is_err());
     let ours = linear(&w[..n * k], (n, k), GgmlDType::Q4K, cpu::simd());
     assert_eq!(run(&ours, &input(1, k), k).len(), n);
+}
+
+/// The VNNI kernels over repacked weights, format by format, at every batch height:
+/// - the repacked weights are the GGUF's (exactly for the 32-value formats, within f16
+///   rounding of `d * scale` for the K-quants);
+/// - each output is within the bound of 8-bit activation quantization of the f64 dot
+///   of the dequantized weights with the unquantized input (`|w| * amax / 254` summed
+///   over the row, a rigorous bound on rounding to the nearest step), plus 1e-5 of
+///   `Σ|w x|` for f32 sums;
+/// - each row's outputs are the same bits alone (the GEMV kernel) as among 1 to 17
+///   rows (the GEMM tiles).
+#[test]
+fn the_vnni_kernels_hold_to_an_f64_reference_and_give_every_row_its_own_bits() {
+    if !cpu::has_avx512_vnni() {
+        eprintln!("this CPU has no AVX-512 VNNI: its kernels cannot run here ({})", cpu::features());
+        return;
+    }
+    for (n, k) in [(70, 1536), (37, 576), (9, 256)] {
+        let w = weights(n, k);
+        for dtype in FORMATS {
+            if k % dtype.block_size() != 0 {
+                continue;
+            }
+            let t = Tensor::from_slice(&w, (n, k), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            let candle_w: Vec<f32> =
+                q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let ours = Linear::with_simd(q, Simd::Avx512Vnni).unwrap();
+            let Linear::Repacked(r) = &ours else {
+                panic!("{dtype:?} not repacked");
+            };
+            let kquant = dtype.block_size() == QK_K;
+            let deq: Vec<Vec<f32>> = (0..n).map(|j| r.dequantize(j)).collect();
+            for j in 0..n {
+                let want = &candle_w[j * k..(j + 1) * k];
+                for (i, (a, b)) in deq[j].iter().zip(want).enumerate() {
+                    // f16 rounding of `d * scale` and `dmin * min` (2^-11 each) of terms
+                    // no larger than twice the group's largest weight.
+                    let group = &want[i / 32 * 32..(i / 32 + 1) * 32];
+                    let wmax = group.iter().fold(0f32, |m, w| m.max(w.abs()));
+                    let tol = if kquant { wmax * 2.5e-3 } else { 0.0 };
+                    assert!((a - b).abs() <= tol, "{dtype:?} w[{j}][{i}]: {a} vs {b}");
+                }
+            }
+            for m in [1, 2, 3, 8, 9, 17] {
+                let x = input(m, k);
+                let got = run(&ours, &x, k);
+                let acts = Acts::quantize(ActKind::Q8x, &x, k);
+                for r_ in 0..m {
+                    let xr = &x[r_ * k..(r_ + 1) * k];
+                    for j in 0..n {
+                        let (mut exact, mut bound, mut size) = (0f64, 0f64, 0f64);
+                        for (xs, ws) in xr.chunks(32).zip(deq[j].chunks(32)) {
+                            let amax = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
+                            for (x, w) in xs.iter().zip(ws) {
+                                exact += f64::from(*x) * f64::from(*w);
+                                bound += f64::from(w.abs()) * f64::from(amax) / 254.0;
+                                size += f64::from((x * w).abs());
+                            }
+                        }
+                        let g = f64::from(got[r_ * n + j]);
+                        assert!(
+                            (g - exact).abs() <= bound * 1.001 + 1e-5 * size + 1e-6,
+                            "{dtype:?} k={k} m={m} ({r_},{j}): {g} vs {exact} (bound {bound})"
+                        );
+                        let lanes = vnni::reference(r, &acts, r_, j);
+                        assert!(
+                            (g - lanes).abs() <= 1e-5 * size + 1e-6,
+                            "{dtype:?} k={k} m={m} ({r_},{j}): {g} vs the lanes' {lanes}"
+                        );
+                    }
+                    let alone = run(&ours, xr, k);
+                    let same = alone.iter().zip(&got[r_ * n..(r_ + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{dtype:?} k={k} m={m}: row {r_} alone differs");
+                }
+            }
+        }
+    }
 }
