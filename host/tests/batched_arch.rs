@@ -310,7 +310,7 @@ fn random_model_test(
         &prompts,
         4,
         (&[1024, 5], 7),
-        batch_tolerance,
+        batched::tolerance(batch_tolerance),
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -50,8 +50,58 @@ fn batched_logits_match_the_reference_alone_and_in_a_batch() {
         &prompts,
         6,
         (&[1024, 5], 7),
-        batched::TOLERANCE,
+        batched::tolerance(batched::TOLERANCE),
     );
+}
+
+/// Whatever kernels run, the served model predicts real text as well as candle's
+/// reference (f32 activations into candle's kernels): mean NLL within 0.5%.
+#[test]
+fn the_served_model_predicts_text_as_well_as_the_reference() {
+    let (ours, tokenizer, path) = load();
+    let text = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, \
+                France. It is named after the engineer Gustave Eiffel, whose company designed \
+                and built the tower from 1887 to 1889. Locally nicknamed the Iron Lady, it was \
+                constructed as the centrepiece of the 1889 World's Fair, and to crown the \
+                centennial anniversary of the French Revolution. Although initially criticised \
+                by some of France's leading artists and intellectuals for its design, it has \
+                since become a global cultural icon of France and one of the most recognisable \
+                structures in the world. The tower received 5,889,000 visitors in 2022. The \
+                Eiffel Tower is the most visited monument with an entrance fee in the world. \
+                The tower is 330 metres tall, about the same height as an 81-storey building, \
+                and the tallest structure in Paris. Its base is square, measuring 125 metres on \
+                each side. During its construction, the Eiffel Tower surpassed the Washington \
+                Monument to become the tallest human-made structure in the world, a title it \
+                held for 41 years until the Chrysler Building in New York City was finished in \
+                1930. It was the first structure in the world to surpass both the 200-metre and \
+                300-metre mark in height. Due to the addition of a broadcasting aerial at the \
+                top of the tower in 1957, it is now taller than the Chrysler Building by 5.2 \
+                metres. Excluding transmitters, the Eiffel Tower is the second tallest \
+                free-standing structure in France after the Millau Viaduct.";
+    let ids = tokenizer.encode(text, true).unwrap();
+    let cache = ours.kv_cache(1, 512).unwrap();
+    let mine = batched::nll(&ids, |token, pos| {
+        let tokens = [token];
+        let entry = [Entry {
+            slot: 0,
+            pos,
+            tokens: &tokens,
+            logits: Logits::Last,
+        }];
+        let logits = ours.forward(&cache, &entry).unwrap().unwrap();
+        logits.get(0).unwrap().to_vec1().unwrap()
+    });
+    let mut file = std::fs::File::open(&path).expect("model");
+    let content = gguf_file::Content::read(&mut file).expect("gguf");
+    let mut m = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("reference");
+    let theirs = batched::nll(&ids, |token, pos| {
+        let x = candle_core::Tensor::new(&[token], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = m.forward(&x, pos).unwrap();
+        logits.squeeze(0).unwrap().to_vec1().unwrap()
+    });
+    eprintln!("SmolLM2 mean NLL over {} tokens: lynx {mine:.4}, candle {theirs:.4}", ids.len() - 1);
+    assert!(mine.is_finite() && mine < 4.0, "NLL {mine}");
+    assert!((mine - theirs).abs() <= 0.005 * theirs, "lynx {mine} vs candle {theirs}");
 }
 
 #[test]

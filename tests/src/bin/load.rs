@@ -19,6 +19,11 @@
 //! to compare servers side by side (any OpenAI-compatible server, llama.cpp's
 //! `llama-server` included; `--model` names the model in the body).
 //!
+//! `--prefill N` instead sends N cold prompts of about 400 words (each different from
+//! its first word, so no server can reuse a cached prefix), one at a time, each for a
+//! single token, and prints their prompt tokens and TTFT (median and worst): prefill
+//! speed as a user waits for it.
+//!
 //! `--schema FILE` constrains every answer to the JSON schema in FILE (sent both as
 //! OpenAI's `response_format` and as llama-server's `json_schema`; each server reads its
 //! own and ignores the other), and `--max-tokens N` caps answers at N tokens (default
@@ -40,6 +45,27 @@ struct Ask {
     model: Option<String>,
     schema: Option<Value>,
     max_tokens: u64,
+    /// A cold prompt of about 400 words instead of the usual ones.
+    cold: bool,
+}
+
+/// About 400 words of prose, different from the first word for each `i`.
+fn cold_prompt(i: usize) -> String {
+    const WORDS: [&str; 24] = [
+        "river", "stone", "market", "lantern", "winter", "harbor", "signal", "orchard",
+        "engine", "valley", "letter", "copper", "meadow", "thunder", "bridge", "candle",
+        "forest", "mirror", "garden", "silver", "island", "machine", "shadow", "window",
+    ];
+    let mut out = format!("Report {i}:");
+    for w in 0..400 {
+        let word = WORDS[(w * 7 + i * 13 + w / 24) % WORDS.len()];
+        out.push(' ');
+        out.push_str(word);
+        if w % 12 == 11 {
+            out.push('.');
+        }
+    }
+    out
 }
 
 const PROMPTS: [&str; 4] = [
@@ -52,11 +78,14 @@ const PROMPTS: [&str; 4] = [
 struct Sample {
     ttft: Duration,
     tokens: u64,
+    prompt_tokens: u64,
 }
 
 /// One streamed completion: time to the first token chunk and completion tokens.
 async fn one(client: &reqwest::Client, base: &str, i: usize, ask: &Ask) -> Result<Sample, String> {
-    let (prompt, temperature) = if ask.greedy {
+    let (prompt, temperature) = if ask.cold {
+        (cold_prompt(i), 0.0)
+    } else if ask.greedy {
         let start = 1 + 7 * i;
         let counting: Vec<String> = (start..start + 12).map(|n| n.to_string()).collect();
         (format!("{},", counting.join(", ")), 0.0)
@@ -117,9 +146,14 @@ async fn one(client: &reqwest::Client, base: &str, i: usize, ask: &Ask) -> Resul
         .iter()
         .find_map(|e| e["usage"]["completion_tokens"].as_u64())
         .ok_or("no usage in the stream")?;
+    let prompt_tokens = events
+        .iter()
+        .find_map(|e| e["usage"]["prompt_tokens"].as_u64())
+        .unwrap_or(0);
     Ok(Sample {
         ttft: ttft.ok_or("no token")?,
         tokens,
+        prompt_tokens,
     })
 }
 
@@ -212,7 +246,9 @@ async fn main() {
             serde_json::from_str(&text).expect("--schema FILE holds JSON")
         }),
         max_tokens: arg("--max-tokens").map_or(MAX_TOKENS, |n| n.parse().expect("--max-tokens N")),
+        cold: false,
     };
+    let prefill: Option<usize> = arg("--prefill").map(|n| n.parse().expect("--prefill N"));
     let server;
     let base = match arg("--base") {
         Some(base) => base,
@@ -232,6 +268,28 @@ async fn main() {
     one(&client, &base, 0, &ask).await.expect("warm-up");
 
     println!("machine: {}", machine());
+    if let Some(n) = prefill {
+        let cold = Ask {
+            cold: true,
+            max_tokens: 1,
+            ..ask.clone()
+        };
+        let mut ttfts = Vec::new();
+        let mut tokens = 0;
+        for i in 0..n {
+            let s = one(&client, &base, 1000 + i, &cold).await.expect("prefill request");
+            tokens = s.prompt_tokens;
+            ttfts.push(s.ttft);
+        }
+        ttfts.sort();
+        println!(
+            "prefill: {n} cold prompts of {tokens} tokens, one token each, c=1: TTFT p50 {:.3} s, max {:.3} s ({:.0} prompt tok/s at p50)",
+            percentile(&ttfts, 0.5).as_secs_f64(),
+            percentile(&ttfts, 1.0).as_secs_f64(),
+            tokens as f64 / percentile(&ttfts, 0.5).as_secs_f64()
+        );
+        return;
+    }
     println!(
         "{per} streamed requests per client, up to {} completion tokens, {}{}",
         ask.max_tokens,

@@ -14,22 +14,9 @@ pub enum ActKind {
     Q8,
     /// Blocks of 256: `x ≈ d * q`, f32 `d`, sums of each 16 quants (Q8_K).
     Q8K,
-    /// For the repacked weights (`repack.rs`): blocks of 32, `x ≈ d * q` with f32 `d`,
-    /// laid out per row and pair of blocks as the VNNI kernels load them.
+    /// For the repacked weights (`repack.rs`): blocks of 32, `x ≈ d * q` with f32 `d`
+    /// (no f16 rounding), row-major, with `d * Σq` of each 32 and each 16 values.
     Q8x,
-}
-
-/// One row's pair of blocks (64 values) for the VNNI kernels.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-pub struct Pair {
-    pub q: [i8; 64],
-    /// Each 32-bit lane's scale: the first block's `d` in lanes 0..8, the second's in
-    /// 8..16 (`vpdpbusd` sums four bytes a lane).
-    pub d: [f32; 16],
-    /// `d * Σq` of each 16 values in lanes 0, 4, 8 and 12, zero elsewhere: what the
-    /// weights' `mw` multiplies.
-    pub s: [f32; 16],
 }
 
 /// One row's block of 256 as candle's `BlockQ8K`.
@@ -65,10 +52,12 @@ pub struct Acts {
     pub s_r: Vec<f32>,
     /// Q8K: `[row][block]`.
     pub kb: Vec<Q8K>,
-    /// Q8x: `[row][pair]`, rows padded to whole pairs with zeros.
-    pub pairs: Vec<Pair>,
-    /// Q8x: pairs per row.
-    pub np: usize,
+    /// Q8x: `[row][k]` quants, `[row][block]` scales, `[row][block]` `d * Σq`, and
+    /// `[row][half block]` `d * Σq` of each 16.
+    pub xq: Vec<i8>,
+    pub xd: Vec<f32>,
+    pub xs32: Vec<f32>,
+    pub xs16: Vec<f32>,
 }
 
 /// Rows from which the Q4_1 matmuls use the interleaved tile kernel: it always
@@ -156,12 +145,14 @@ impl Acts {
             d_r: Vec::new(),
             s_r: Vec::new(),
             kb: Vec::new(),
-            pairs: Vec::new(),
-            np: 0,
+            xq: Vec::new(),
+            xd: Vec::new(),
+            xs32: Vec::new(),
+            xs16: Vec::new(),
         };
         match kind {
             ActKind::Q8 => acts.quantize_32(xs),
-            ActKind::Q8x => acts.quantize_pairs(xs),
+            ActKind::Q8x => acts.quantize_rows(xs),
             ActKind::Q8K => {
                 acts.nb = k / QK_K;
                 acts.kb = xs.chunks_exact(QK_K).map(quantize_block_k).collect();
@@ -206,42 +197,29 @@ impl Acts {
         }
     }
 
-    fn quantize_pairs(&mut self, xs: &[f32]) {
-        let np = self.k.div_ceil(64);
-        self.np = np;
-        self.nb = self.k / QK;
-        let zero = Pair {
-            q: [0; 64],
-            d: [0.0; 16],
-            s: [0.0; 16],
-        };
-        self.pairs = vec![zero; self.m * np];
-        if self.k == 0 {
+    fn quantize_rows(&mut self, xs: &[f32]) {
+        let nb = self.k / QK;
+        self.nb = nb;
+        self.xq = vec![0; self.m * nb * QK];
+        self.xd = vec![0.0; self.m * nb];
+        self.xs32 = vec![0.0; self.m * nb];
+        self.xs16 = vec![0.0; 2 * self.m * nb];
+        if nb == 0 {
             return;
         }
-        for (row, pairs) in xs
-            .chunks_exact(self.k)
-            .zip(self.pairs.chunks_exact_mut(np))
-        {
-            for (b, block) in row.chunks(QK).enumerate() {
-                let pair = &mut pairs[b / 2];
-                let half = b % 2;
-                let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                let qs = &mut pair.q[32 * half..32 * half + block.len()];
-                for (q, x) in qs.iter_mut().zip(block) {
-                    *q = round(x * id).clamp(-127, 127) as i8;
-                }
-                pair.d[8 * half..8 * half + 8].fill(d);
-                for h in 0..2 {
-                    let sum: i32 = pair.q[32 * half + 16 * h..][..16]
-                        .iter()
-                        .map(|&q| i32::from(q))
-                        .sum();
-                    pair.s[8 * half + 4 * h] = d * sum as f32;
-                }
+        let blocks = xs.chunks_exact(QK).zip(self.xq.chunks_exact_mut(QK));
+        for (i, (block, qs)) in blocks.enumerate() {
+            let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            for (q, x) in qs.iter_mut().zip(block) {
+                *q = round(x * id).clamp(-127, 127) as i8;
             }
+            let sum = |qs: &[i8]| qs.iter().map(|&q| i32::from(q)).sum::<i32>() as f32;
+            self.xd[i] = d;
+            self.xs32[i] = d * sum(qs);
+            self.xs16[2 * i] = d * sum(&qs[..16]);
+            self.xs16[2 * i + 1] = d * sum(&qs[16..]);
         }
     }
 

@@ -12,23 +12,35 @@
 //! | Q5_K | 5 | 32 | `-dmin * min` |
 //! | Q6_K | 6 | 16 | `-32 dw` (`dw = d * scale`) |
 //!
-//! One column (a weight row: one output feature) is a run of *pairs*, 64 values each:
-//! 32 bytes of nibbles (byte `i`: value `i` low, value `i + 32` high), then for 5 and 6
-//! bits one 64-bit plane per extra bit (bit `i`: value `i`), or for 8 bits 64 plain
-//! bytes; then the pair's `dw` as f16 (2 or 4 groups) and, where the format has its own
-//! mins, its `mw`. A VNNI `vpdpbusd` takes unsigned weights and signed activations, so
-//! an offset format's sign becomes the `mw` term, dotted with the activations' sums.
-//! The K-quants' `d * scale` and `dmin * min` are rounded to f16 once here (relative
-//! 2^-11, far below 4-bit quantization's error); the 32-value formats keep their exact
-//! scales. A row shorter than whole pairs is padded with zero weights and scales.
+//! Columns (weight rows: output features) are interleaved sixteen at a time, one per
+//! 32-bit lane of a 512-bit register, as llama.cpp's repacked GEMM kernels do: a
+//! `vpdpbusd` multiplies four values of each of sixteen columns by the same four
+//! activations (broadcast), so every float step (a group's scale) serves sixteen
+//! columns at once. Per group of sixteen columns and block of 32 values:
+//! - 4 and more bits: four 64-byte vectors of nibbles; vector `L`, byte `4c + j`: value
+//!   `8L + j` of column `c` in the low nibble, value `8L + 4 + j` in the high one (each
+//!   vector gives chunks `2L` and `2L + 1` of four values);
+//! - 5 and 6 bits: then per extra bit eight 64-bit masks, mask `i` bit `4c + j` that bit
+//!   of value `4i + j` of column `c`;
+//! - 8 bits instead: eight 64-byte vectors, vector `i` byte `4c + j` value `4i + j`;
+//! - then the sixteen columns' `dw` of each group (f16), and their `mw` where the format
+//!   has its own mins (an offset format's `mw` is `-offset * dw`).
+//!
+//! A VNNI `vpdpbusd` takes unsigned weights and signed activations, so an offset
+//! format's sign becomes the `mw` term, dotted with the activations' sums. The
+//! K-quants' `d * scale` and `dmin * min` are rounded to f16 once here (relative 2^-11,
+//! far below 4-bit quantization's error); the 32-value formats keep their exact scales.
+//! Columns past `n` in the last group are zero.
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::kquants::q4k_scales;
 
-/// Values per pair: what one 512-bit `vpdpbusd` takes.
-pub const PAIR: usize = 64;
+/// Values per block: what one group of sixteen columns is laid out by.
+pub const BLOCK: usize = 32;
+/// Columns interleaved: one per 32-bit lane of a 512-bit register.
+pub const LANES: usize = 16;
 
 /// How a format repacks.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -36,7 +48,7 @@ pub struct Spec {
     pub dtype: GgmlDType,
     /// Bits of `q`: 4, 5, 6 or 8.
     pub bits: u8,
-    /// Groups (scales) per pair: 2 (groups of 32) or 4 (of 16).
+    /// Groups (scales) per block: 1 (groups of 32) or 2 (of 16).
     pub groups: usize,
     /// Whether `mw` is stored; else it is `-offset * dw`.
     pub mins: bool,
@@ -46,13 +58,13 @@ pub struct Spec {
 impl Spec {
     pub fn of(dtype: GgmlDType) -> Option<Self> {
         let (bits, groups, mins, offset) = match dtype {
-            GgmlDType::Q4_0 => (4, 2, false, 8.0),
-            GgmlDType::Q4_1 => (4, 2, true, 0.0),
-            GgmlDType::Q5_0 => (5, 2, false, 16.0),
-            GgmlDType::Q8_0 => (8, 2, false, 128.0),
-            GgmlDType::Q4K => (4, 2, true, 0.0),
-            GgmlDType::Q5K => (5, 2, true, 0.0),
-            GgmlDType::Q6K => (6, 4, false, 32.0),
+            GgmlDType::Q4_0 => (4, 1, false, 8.0),
+            GgmlDType::Q4_1 => (4, 1, true, 0.0),
+            GgmlDType::Q5_0 => (5, 1, false, 16.0),
+            GgmlDType::Q8_0 => (8, 1, false, 128.0),
+            GgmlDType::Q4K => (4, 1, true, 0.0),
+            GgmlDType::Q5K => (5, 1, true, 0.0),
+            GgmlDType::Q6K => (6, 2, false, 32.0),
             _ => return None,
         };
         Some(Self {
@@ -64,21 +76,21 @@ impl Spec {
         })
     }
 
-    /// Bytes of a pair's values.
+    /// Bytes of a block's values, sixteen columns.
     pub const fn q_bytes(&self) -> usize {
         match self.bits {
-            8 => 64,
-            b => 32 + 8 * (b as usize - 4),
+            8 => 512,
+            b => 256 + 64 * (b as usize - 4),
         }
     }
 
-    /// Bytes of a pair: values, then scales.
-    pub const fn pair_bytes(&self) -> usize {
-        self.q_bytes() + 2 * self.groups * if self.mins { 2 } else { 1 }
+    /// Bytes of a block, sixteen columns: values, then scales.
+    pub const fn block_bytes(&self) -> usize {
+        self.q_bytes() + 2 * LANES * self.groups * if self.mins { 2 } else { 1 }
     }
 
     /// Values and bytes of one GGUF block.
-    fn block(&self) -> (usize, usize) {
+    fn gguf_block(&self) -> (usize, usize) {
         match self.dtype {
             GgmlDType::Q4_0 => (32, 18),
             GgmlDType::Q4_1 => (32, 20),
@@ -91,8 +103,8 @@ impl Spec {
     }
 
     /// Values per group.
-    fn group(&self) -> usize {
-        PAIR / self.groups
+    pub const fn group(&self) -> usize {
+        BLOCK / self.groups
     }
 }
 
@@ -101,8 +113,10 @@ pub struct Repacked {
     pub spec: Spec,
     pub n: usize,
     pub k: usize,
-    pub pairs: usize,
-    pub col_bytes: usize,
+    /// Blocks of 32 per column.
+    pub blocks: usize,
+    /// Bytes of one group of sixteen columns.
+    pub group_bytes: usize,
     pub data: Vec<u8>,
 }
 
@@ -197,18 +211,18 @@ impl Repacked {
     /// repacking or the bytes are not `n` rows of whole blocks.
     pub fn new(dtype: GgmlDType, n: usize, k: usize, blocks: &[u8]) -> Option<Self> {
         let spec = Spec::of(dtype)?;
-        let (values, bytes) = spec.block();
-        if k == 0 || !k.is_multiple_of(values) || blocks.len() != n * (k / values) * bytes {
+        let (values, bytes) = spec.gguf_block();
+        let row_bytes = k / values * bytes;
+        if n == 0 || k == 0 || !k.is_multiple_of(values) || blocks.len() != n * row_bytes {
             return None;
         }
-        let pairs = k.div_ceil(PAIR);
-        let col_bytes = pairs * spec.pair_bytes();
-        let mut data = vec![0u8; n * col_bytes];
-        let padded = pairs * PAIR;
-        let groups = padded / spec.group();
-        let (mut q, mut dw, mut mw) = (vec![0u8; padded], vec![0f32; groups], vec![0f32; groups]);
+        let nb = k / BLOCK;
+        let group_bytes = nb * spec.block_bytes();
+        let mut data = vec![0u8; n.div_ceil(LANES) * group_bytes];
+        let groups = k / spec.group();
         let per_block = values / spec.group();
-        for (row, col) in blocks.chunks_exact(k / values * bytes).zip(data.chunks_exact_mut(col_bytes)) {
+        let (mut q, mut dw, mut mw) = (vec![0u8; k], vec![0f32; groups], vec![0f32; groups]);
+        for (j, row) in blocks.chunks_exact(row_bytes).enumerate() {
             for (i, b) in row.chunks_exact(bytes).enumerate() {
                 decode(
                     &spec,
@@ -218,16 +232,19 @@ impl Repacked {
                     &mut mw[i * per_block..(i + 1) * per_block],
                 );
             }
-            for (p, out) in col.chunks_exact_mut(spec.pair_bytes()).enumerate() {
-                pack_pair(&spec, &q[p * PAIR..(p + 1) * PAIR], out);
+            let (cg, c) = (j / LANES, j % LANES);
+            let group = &mut data[cg * group_bytes..(cg + 1) * group_bytes];
+            for (b, out) in group.chunks_exact_mut(spec.block_bytes()).enumerate() {
+                let qb = &q[b * BLOCK..(b + 1) * BLOCK];
+                put_values(&spec, qb, c, out);
                 let g = spec.groups;
-                let (scales, rest) = out[spec.q_bytes()..].split_at_mut(2 * g);
-                for (i, s) in scales.chunks_exact_mut(2).enumerate() {
-                    s.copy_from_slice(&to_f16(dw[p * g + i]).to_le_bytes());
-                }
-                if spec.mins {
-                    for (i, s) in rest.chunks_exact_mut(2).enumerate() {
-                        s.copy_from_slice(&to_f16(mw[p * g + i]).to_le_bytes());
+                let scales = &mut out[spec.q_bytes()..];
+                for i in 0..g {
+                    let at = 2 * (LANES * i + c);
+                    scales[at..at + 2].copy_from_slice(&to_f16(dw[b * g + i]).to_le_bytes());
+                    if spec.mins {
+                        let at = at + 2 * LANES * g;
+                        scales[at..at + 2].copy_from_slice(&to_f16(mw[b * g + i]).to_le_bytes());
                     }
                 }
             }
@@ -236,76 +253,97 @@ impl Repacked {
             spec,
             n,
             k,
-            pairs,
-            col_bytes,
+            blocks: nb,
+            group_bytes,
             data,
         })
     }
 
-    /// Column `j`'s bytes.
-    pub fn col(&self, j: usize) -> &[u8] {
-        &self.data[j * self.col_bytes..(j + 1) * self.col_bytes]
+    /// Column group `cg`'s bytes (columns `16 cg..16 cg + 16`).
+    pub fn group(&self, cg: usize) -> &[u8] {
+        &self.data[cg * self.group_bytes..(cg + 1) * self.group_bytes]
     }
 
     /// Column `j`'s weights as the kernels see them, `dw * q + mw` (the tests'
     /// reference).
     pub fn dequantize(&self, j: usize) -> Vec<f32> {
         let spec = &self.spec;
-        let g = spec.groups;
-        let mut out = Vec::with_capacity(self.pairs * PAIR);
-        for pair in self.col(j).chunks_exact(spec.pair_bytes()) {
-            let q = unpack_pair(spec, pair);
-            let scale = |i: usize| half_at(pair, spec.q_bytes() + 2 * i);
-            for (v, q) in q.iter().enumerate() {
-                let dw = scale(v / spec.group());
+        let (g, c) = (spec.groups, j % LANES);
+        let mut out = Vec::with_capacity(self.k);
+        for block in self.group(j / LANES).chunks_exact(spec.block_bytes()) {
+            let scale = |i: usize| half_at(block, spec.q_bytes() + 2 * (LANES * i + c));
+            for (v, q) in get_values(spec, block, c).iter().enumerate() {
+                let i = v / spec.group();
+                let dw = scale(i);
                 let mw = if spec.mins {
-                    scale(g + v / spec.group())
+                    scale(g + i)
                 } else {
                     -spec.offset * dw
                 };
                 out.push(dw * f32::from(*q) + mw);
             }
         }
-        out.truncate(self.k);
         out
     }
+
+    /// Column `j`'s scales of block `b`'s group `i`: `(dw, mw)` (the tests' reference).
+    pub fn scales(&self, j: usize, b: usize, i: usize) -> (f32, f32) {
+        let spec = &self.spec;
+        let block = &self.group(j / LANES)[b * spec.block_bytes()..(b + 1) * spec.block_bytes()];
+        let at = |i: usize| half_at(block, spec.q_bytes() + 2 * (LANES * i + j % LANES));
+        let dw = at(i);
+        let mw = if spec.mins {
+            at(spec.groups + i)
+        } else {
+            -spec.offset * dw
+        };
+        (dw, mw)
+    }
+
+    /// Column `j`'s 32 values of block `b` (the tests' reference).
+    pub fn values(&self, j: usize, b: usize) -> [u8; BLOCK] {
+        let spec = &self.spec;
+        let block = &self.group(j / LANES)[b * spec.block_bytes()..(b + 1) * spec.block_bytes()];
+        get_values(spec, block, j % LANES)
+    }
 }
 
-/// 64 values into a pair's value bytes.
-fn pack_pair(spec: &Spec, q: &[u8], out: &mut [u8]) {
+/// Column `c`'s 32 values of one block into the block's value bytes.
+fn put_values(spec: &Spec, q: &[u8], c: usize, out: &mut [u8]) {
     if spec.bits == 8 {
-        out[..PAIR].copy_from_slice(q);
+        for (v, q) in q.iter().enumerate() {
+            out[64 * (v / 4) + 4 * c + v % 4] = *q;
+        }
         return;
     }
-    for i in 0..32 {
-        out[i] = (q[i] & 0x0F) | ((q[i + 32] & 0x0F) << 4);
-    }
-    for plane in 0..usize::from(spec.bits - 4) {
-        let mut bits = 0u64;
-        for (i, q) in q.iter().enumerate() {
-            bits |= u64::from((q >> (4 + plane)) & 1) << i;
+    for (v, q) in q.iter().enumerate() {
+        let (chunk, j) = (v / 4, v % 4);
+        let at = 64 * (chunk / 2) + 4 * c + j;
+        out[at] |= if chunk % 2 == 0 { q & 0x0F } else { (q & 0x0F) << 4 };
+        for plane in 0..usize::from(spec.bits - 4) {
+            if (q >> (4 + plane)) & 1 == 1 {
+                let bit = 4 * c + j;
+                out[256 + 64 * plane + 8 * chunk + bit / 8] |= 1 << (bit % 8);
+            }
         }
-        out[32 + 8 * plane..40 + 8 * plane].copy_from_slice(&bits.to_le_bytes());
     }
 }
 
-/// A pair's 64 values back from its bytes (the portable kernel and the tests).
-pub fn unpack_pair(spec: &Spec, pair: &[u8]) -> [u8; PAIR] {
-    let mut q = [0u8; PAIR];
-    if spec.bits == 8 {
-        q.copy_from_slice(&pair[..PAIR]);
-        return q;
-    }
-    for i in 0..32 {
-        q[i] = pair[i] & 0x0F;
-        q[i + 32] = pair[i] >> 4;
-    }
-    for plane in 0..usize::from(spec.bits - 4) {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&pair[32 + 8 * plane..40 + 8 * plane]);
-        let bits = u64::from_le_bytes(b);
-        for (i, q) in q.iter_mut().enumerate() {
-            *q |= (((bits >> i) & 1) as u8) << (4 + plane);
+/// Column `c`'s 32 values of one block back from its bytes.
+fn get_values(spec: &Spec, block: &[u8], c: usize) -> [u8; BLOCK] {
+    let mut q = [0u8; BLOCK];
+    for (v, q) in q.iter_mut().enumerate() {
+        let (chunk, j) = (v / 4, v % 4);
+        if spec.bits == 8 {
+            *q = block[64 * chunk + 4 * c + j];
+            continue;
+        }
+        let byte = block[64 * (chunk / 2) + 4 * c + j];
+        *q = if chunk % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+        for plane in 0..usize::from(spec.bits - 4) {
+            let bit = 4 * c + j;
+            let set = (block[256 + 64 * plane + 8 * chunk + bit / 8] >> (bit % 8)) & 1;
+            *q |= set << (4 + plane);
         }
     }
     q

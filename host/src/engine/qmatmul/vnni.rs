@@ -1,174 +1,173 @@
-//! The AVX-512 VNNI kernels over repacked weights (`repack.rs`) and `Q8x` activations.
+//! The AVX-512 VNNI kernels over repacked weights (`repack.rs`: sixteen columns
+//! interleaved, one per 32-bit lane) and `Q8x` activations.
 //!
-//! One canonical order, whatever the batch: each output `(row, column)` is a sum in 16
-//! f32 lanes, one step per pair of 64 values, in pair order,
+//! One canonical order, whatever the batch: output `(row, column)` is one f32 lane,
+//! updated once per group of values (32, or 16 for Q6_K), in group order:
 //!
 //! ```text
-//! acc = fma(dw * dx, float(vpdpbusd(0, q_w, q_x)), acc)
-//! acc = fma(mw, s_x, acc)
+//! i   = Σ vpdpbusd(q_w, broadcast 4 activation bytes)   (exact integer, any order)
+//! acc = fma(dw * dx, float(i), acc)
+//! acc = fma(mw, dx * Σq_x, acc)
 //! ```
 //!
-//! then one fixed tree of adds over the lanes ([`hsum`]). A micro-kernel does that for
-//! `C` columns and `R` rows at once, unpacking each pair of a column once for all `R`
-//! rows, but every `(row, column)` goes through the same operations on the same lanes
-//! at any `C` and `R`: the single-row GEMV (`C = 4, R = 1`) and the many-row GEMM
-//! (`C = 2, R ≤ 8`) give the same bits, so a sequence's logits do not depend on what
-//! else is in the step. The integer dot of a pair is exact; the float steps are few
-//! (two FMAs a pair) and their error is that of f32 over `k / 64` steps.
+//! A micro-kernel does that for `C` groups of sixteen columns and `R` rows, unpacking
+//! each block of a column group once for all its rows; every `(row, column)` goes
+//! through the same operations at any `C` and `R`, so the single-row GEMV (`C = 4, R =
+//! 1`) and the many-row GEMM (`C = 1, R ≤ 8`) give the same bits, and a sequence's
+//! logits do not depend on what else is in the step. Each float step serves sixteen
+//! columns and 32 values: two FMAs and a multiply per 512 multiply-adds.
 
 use std::arch::x86_64::*;
 
-use super::acts::{Acts, Pair};
-use super::repack::{Repacked, Spec, PAIR};
+use super::acts::Acts;
+use super::repack::{Repacked, BLOCK, LANES};
 
 /// Rows of a GEMM micro-tile.
 pub const ROWS: usize = 8;
 
-/// The kernels' view of a format: bits, 2 or 4 groups a pair, stored mins.
+/// The lane index vectors and format constants a kernel needs.
 #[derive(Clone, Copy)]
 struct Shape {
     q_bytes: usize,
-    pair_bytes: usize,
-    groups: usize,
+    block_bytes: usize,
     mins: bool,
     offset: f32,
 }
 
 impl Shape {
-    fn of(spec: &Spec) -> Self {
+    fn of(w: &Repacked) -> Self {
         Self {
-            q_bytes: spec.q_bytes(),
-            pair_bytes: spec.pair_bytes(),
-            groups: spec.groups,
-            mins: spec.mins,
-            offset: spec.offset,
+            q_bytes: w.spec.q_bytes(),
+            block_bytes: w.spec.block_bytes(),
+            mins: w.spec.mins,
+            offset: w.spec.offset,
         }
     }
 }
 
-/// A pair's 64 values as unsigned bytes, `B` bits each.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn unpack<const B: u8>(pair: &[u8]) -> __m512i {
-    assert!(pair.len() >= if B == 8 { 64 } else { 32 + 8 * (B as usize - 4) });
+fn load(p: &[u8]) -> __m512i {
+    assert!(p.len() >= 64);
+    // SAFETY: 64 readable bytes (asserted); the load is unaligned.
+    unsafe { _mm512_loadu_si512(p.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn mask(p: &[u8], i: usize) -> __mmask64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&p[8 * i..8 * i + 8]);
+    _cvtu64_mask64(u64::from_le_bytes(b))
+}
+
+/// Chunks `2l` and `2l + 1` (four values of each column) of a block, `B` bits.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn chunks<const B: u8>(block: &[u8], l: usize) -> (__m512i, __m512i) {
     if B == 8 {
-        // SAFETY: 64 readable bytes (asserted); the load is unaligned.
-        return unsafe { _mm512_loadu_si512(pair.as_ptr().cast()) };
+        return (load(&block[128 * l..]), load(&block[128 * l + 64..]));
     }
-    // SAFETY: 32 readable bytes (asserted); the load is unaligned.
-    let v = unsafe { _mm256_loadu_si256(pair.as_ptr().cast()) };
-    let m4 = _mm256_set1_epi8(0x0F);
-    let lo = _mm256_and_si256(v, m4);
-    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-    let mut w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    let v = load(&block[64 * l..]);
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut lo = _mm512_and_si512(v, m4);
+    let mut hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
     if B >= 5 {
-        let plane = |at: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&pair[at..at + 8]);
-            _cvtu64_mask64(u64::from_le_bytes(b))
-        };
-        w = _mm512_mask_add_epi8(w, plane(32), w, _mm512_set1_epi8(16));
+        let planes = &block[256..];
+        let sixteen = _mm512_set1_epi8(16);
+        lo = _mm512_mask_add_epi8(lo, mask(planes, 2 * l), lo, sixteen);
+        hi = _mm512_mask_add_epi8(hi, mask(planes, 2 * l + 1), hi, sixteen);
         if B >= 6 {
-            w = _mm512_mask_add_epi8(w, plane(40), w, _mm512_set1_epi8(32));
+            let planes = &block[320..];
+            let t32 = _mm512_set1_epi8(32);
+            lo = _mm512_mask_add_epi8(lo, mask(planes, 2 * l), lo, t32);
+            hi = _mm512_mask_add_epi8(hi, mask(planes, 2 * l + 1), hi, t32);
         }
     }
-    w
+    (lo, hi)
 }
 
-/// `G` (2 or 4) f16 scales at `at`, each over 16 / G lanes.
+/// Sixteen f16 scales at `at`, widened.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn scales<const G: usize>(pair: &[u8], at: usize) -> __m512 {
-    let bits = if G == 2 {
-        let b: [u8; 4] = [pair[at], pair[at + 1], pair[at + 2], pair[at + 3]];
-        i64::from(u32::from_le_bytes(b))
-    } else {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&pair[at..at + 8]);
-        i64::from_le_bytes(b)
-    };
-    let h = _mm_cvtph_ps(_mm_cvtsi64_si128(bits));
-    let idx = if G == 2 {
-        _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-    } else {
-        _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
-    };
-    _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(h))
+fn scales(block: &[u8], at: usize) -> __m512 {
+    assert!(block.len() >= at + 32);
+    // SAFETY: 32 readable bytes (asserted); the load is unaligned.
+    _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(block[at..].as_ptr().cast()) })
 }
 
-/// The lanes' sum, always in this order.
+/// Four activation bytes, broadcast to every lane.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub fn hsum(v: __m512) -> f32 {
-    let lo = _mm512_castps512_ps256(v);
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    let s = _mm256_add_ps(lo, hi);
-    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
+fn bcast(q: &[i8; BLOCK], at: usize) -> __m512i {
+    assert!(at + 4 <= BLOCK);
+    // SAFETY: bytes `at..at + 4` of `q` are readable (asserted); the read is unaligned.
+    // A broadcast from memory is a load, not a shuffle competing with `vpdpbusd`.
+    _mm512_set1_epi32(unsafe { std::ptr::read_unaligned(q.as_ptr().add(at).cast::<i32>()) })
 }
 
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn load_pair(p: &Pair) -> (__m512i, __m512, __m512) {
-    // SAFETY: a `Pair` is 64 bytes of quants and two arrays of 16 f32.
-    unsafe {
-        (
-            _mm512_loadu_si512(p.q.as_ptr().cast()),
-            _mm512_loadu_ps(p.d.as_ptr()),
-            _mm512_loadu_ps(p.s.as_ptr()),
-        )
-    }
-}
-
-/// Columns `cols` (`C` of them, consecutive) against rows `r0..r0 + R`: `out[c][r]`.
+/// Column groups `cg0..cg0 + C` against rows `r0..r0 + R`: `[c][r]`, sixteen columns
+/// a vector. `G`: groups per block (1, or 2 for Q6_K).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn tile<const B: u8, const G: usize, const C: usize, const R: usize>(
     w: &Repacked,
     shape: Shape,
-    j0: usize,
+    cg0: usize,
     acts: &Acts,
     r0: usize,
-) -> [[f32; R]; C] {
-    let np = w.pairs;
-    assert!(j0 + C <= w.n && r0 + R <= acts.m && acts.np == np);
-    assert!(acts.pairs.len() >= acts.m * np);
-    let cols: [&[u8]; C] = std::array::from_fn(|c| w.col(j0 + c));
-    let rows: [&[Pair]; R] = std::array::from_fn(|r| &acts.pairs[(r0 + r) * np..(r0 + r + 1) * np]);
+) -> [[__m512; R]; C] {
+    let (k, nb) = (w.k, w.blocks);
+    assert!(r0 + R <= acts.m && acts.k == k && acts.nb == nb);
+    assert!(acts.xq.len() >= acts.m * k && acts.xd.len() >= acts.m * nb);
+    assert!(acts.xs32.len() >= acts.m * nb && acts.xs16.len() >= 2 * acts.m * nb);
+    let groups: [&[u8]; C] = std::array::from_fn(|c| w.group(cg0 + c));
+    let rows: [&[i8]; R] = std::array::from_fn(|r| &acts.xq[(r0 + r) * k..(r0 + r + 1) * k]);
     let neg_offset = _mm512_set1_ps(-shape.offset);
     let mut acc = [[_mm512_setzero_ps(); R]; C];
-    for p in 0..np {
-        let mut wq = [_mm512_setzero_si512(); C];
-        let mut dw = [_mm512_setzero_ps(); C];
-        let mut mw = [_mm512_setzero_ps(); C];
-        for c in 0..C {
-            let pair = &cols[c][p * shape.pair_bytes..(p + 1) * shape.pair_bytes];
-            wq[c] = unpack::<B>(pair);
-            dw[c] = scales::<G>(pair, shape.q_bytes);
-            mw[c] = if shape.mins {
-                scales::<G>(pair, shape.q_bytes + 2 * G)
-            } else {
-                _mm512_mul_ps(dw[c], neg_offset)
-            };
-        }
-        for r in 0..R {
-            let (y, dx, sx) = load_pair(&rows[r][p]);
+    // Pairs of four-value chunks per group: 4, or 2 for groups of 16.
+    let per_group = 4 / G;
+    for b in 0..nb {
+        let mut int = [[_mm512_setzero_si512(); R]; C];
+        let xs: [&[i8; BLOCK]; R] = std::array::from_fn(|r| {
+            let x = &rows[r][b * BLOCK..(b + 1) * BLOCK];
+            x.try_into().unwrap_or(&[0; BLOCK])
+        });
+        for g in 0..G {
+            for l in g * per_group..(g + 1) * per_group {
+                for c in 0..C {
+                    let block = &groups[c][b * shape.block_bytes..(b + 1) * shape.block_bytes];
+                    let (lo, hi) = chunks::<B>(block, l);
+                    for r in 0..R {
+                        let i = _mm512_dpbusd_epi32(int[c][r], lo, bcast(xs[r], 8 * l));
+                        int[c][r] = _mm512_dpbusd_epi32(i, hi, bcast(xs[r], 8 * l + 4));
+                    }
+                }
+            }
             for c in 0..C {
-                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[c], y);
-                let scale = _mm512_mul_ps(dw[c], dx);
-                let a = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[c][r]);
-                acc[c][r] = _mm512_fmadd_ps(mw[c], sx, a);
+                let block = &groups[c][b * shape.block_bytes..(b + 1) * shape.block_bytes];
+                let dw = scales(block, shape.q_bytes + 2 * LANES * g);
+                let mw = if shape.mins {
+                    scales(block, shape.q_bytes + 2 * LANES * (G + g))
+                } else {
+                    _mm512_mul_ps(dw, neg_offset)
+                };
+                for r in 0..R {
+                    let row = r0 + r;
+                    let dx = _mm512_set1_ps(acts.xd[row * nb + b]);
+                    let sx = _mm512_set1_ps(if G == 1 {
+                        acts.xs32[row * nb + b]
+                    } else {
+                        acts.xs16[2 * (row * nb + b) + g]
+                    });
+                    let scale = _mm512_mul_ps(dw, dx);
+                    let a = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(int[c][r]), acc[c][r]);
+                    acc[c][r] = _mm512_fmadd_ps(mw, sx, a);
+                    int[c][r] = _mm512_setzero_si512();
+                }
             }
         }
     }
-    let mut out = [[0f32; R]; C];
-    for c in 0..C {
-        for r in 0..R {
-            out[c][r] = hsum(acc[c][r]);
-        }
-    }
-    out
+    acc
 }
 
 /// A raw pointer to the output, shared by tasks that write disjoint columns.
@@ -184,66 +183,65 @@ unsafe impl Sync for Out {}
 /// # Safety
 /// The CPU must have AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C (`Simd::Avx512Vnni`).
 pub unsafe fn matmul(w: &Repacked, acts: &Acts, out: &mut [f32]) {
-    match w.spec.bits {
-        4 => by_bits::<4, 2>(w, acts, out),
-        5 => by_bits::<5, 2>(w, acts, out),
-        6 => by_bits::<6, 4>(w, acts, out),
-        _ => by_bits::<8, 2>(w, acts, out),
+    match (w.spec.bits, w.spec.groups) {
+        (4, _) => by_bits::<4, 1>(w, acts, out),
+        (5, _) => by_bits::<5, 1>(w, acts, out),
+        (6, _) => by_bits::<6, 2>(w, acts, out),
+        _ => by_bits::<8, 1>(w, acts, out),
     }
 }
 
 fn by_bits<const B: u8, const G: usize>(w: &Repacked, acts: &Acts, out: &mut [f32]) {
     use rayon::prelude::*;
     let (n, m) = (w.n, acts.m);
-    assert!(out.len() == n * m && acts.np == w.pairs && acts.k == w.k);
-    let shape = Shape::of(&w.spec);
-    assert_eq!(shape.groups, G, "6-bit formats have groups of 16, the others of 32");
-    // Enough tasks for every thread to take several, columns in fours.
+    assert!(out.len() == n * m && acts.k == w.k);
+    assert_eq!(w.spec.groups, G, "6-bit formats have groups of 16, the others of 32");
+    let shape = Shape::of(w);
+    let ngroups = n.div_ceil(LANES);
+    // Enough tasks for every thread to take several, column groups in fours.
     let threads = rayon::current_num_threads().max(1);
-    let per = (n / (4 * threads)).clamp(4, 64) / 4 * 4;
+    let per = (ngroups / (3 * threads)).clamp(1, 8);
     let ptr = Out(out.as_mut_ptr());
-    (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
-        let (j0, j1) = (t * per, ((t + 1) * per).min(n));
-        let put = |j: usize, r: usize, v: f32| {
+    (0..ngroups.div_ceil(per)).into_par_iter().for_each(|t| {
+        let (g0, g1) = (t * per, ((t + 1) * per).min(ngroups));
+        // Sixteen outputs of row `r` from column group `cg` (fewer in the last group).
+        let put = |cg: usize, r: usize, v: __m512| {
             let ptr = ptr;
-            debug_assert!(j < n && r < m);
-            // SAFETY: `j < n`, `r < m`: inside `out`; each task writes only its own
-            // columns `j0..j1`, so no two tasks write one element.
-            unsafe { *ptr.0.add(r * n + j) = v };
+            let mut lanes = [0f32; LANES];
+            // SAFETY: `lanes` is 64 writable bytes; the store is unaligned.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
+            let j0 = cg * LANES;
+            let len = (n - j0).min(LANES);
+            debug_assert!(r < m && j0 + len <= n);
+            // SAFETY: row `r < m`, columns `j0..j0 + len` of `n`: inside `out`; each
+            // task writes only its own column groups, so no two tasks write one element.
+            unsafe { std::ptr::copy_nonoverlapping(lanes.as_ptr(), ptr.0.add(r * n + j0), len) };
         };
         // SAFETY (every call below): the caller's CPU has the features `tile` enables.
         unsafe {
             if m == 1 {
-                let mut j = j0;
-                while j + 4 <= j1 {
-                    let o = tile::<B, G, 4, 1>(w, shape, j, acts, 0);
-                    (0..4).for_each(|c| put(j + c, 0, o[c][0]));
-                    j += 4;
+                let mut cg = g0;
+                while cg + 4 <= g1 {
+                    let o = tile::<B, G, 4, 1>(w, shape, cg, acts, 0);
+                    (0..4).for_each(|c| put(cg + c, 0, o[c][0]));
+                    cg += 4;
                 }
-                for j in j..j1 {
-                    put(j, 0, tile::<B, G, 1, 1>(w, shape, j, acts, 0)[0][0]);
+                for cg in cg..g1 {
+                    put(cg, 0, tile::<B, G, 1, 1>(w, shape, cg, acts, 0)[0][0]);
                 }
                 return;
             }
-            let mut j = j0;
-            while j < j1 {
-                let two = j + 2 <= j1;
+            for cg in g0..g1 {
                 let mut r0 = 0;
                 while r0 < m {
                     let h = (m - r0).min(ROWS);
                     macro_rules! run {
                         ($($h:literal)*) => {
-                            match (two, h) {
+                            match h {
                                 $(
-                                    (true, $h) => {
-                                        let o = tile::<B, G, 2, $h>(w, shape, j, acts, r0);
-                                        for c in 0..2 {
-                                            (0..$h).for_each(|r| put(j + c, r0 + r, o[c][r]));
-                                        }
-                                    }
-                                    (false, $h) => {
-                                        let o = tile::<B, G, 1, $h>(w, shape, j, acts, r0);
-                                        (0..$h).for_each(|r| put(j, r0 + r, o[0][r]));
+                                    $h => {
+                                        let o = tile::<B, G, 1, $h>(w, shape, cg, acts, r0);
+                                        (0..$h).for_each(|r| put(cg, r0 + r, o[0][r]));
                                     }
                                 )*
                                 _ => unreachable!("tile heights are 1..=8"),
@@ -253,37 +251,24 @@ fn by_bits<const B: u8, const G: usize>(w: &Repacked, acts: &Acts, out: &mut [f3
                     run!(1 2 3 4 5 6 7 8);
                     r0 += h;
                 }
-                j += if two { 2 } else { 1 };
             }
         }
     });
 }
 
-/// The same sums without SIMD, lane for lane (the tests' check of the kernels'
-/// indexing; the float steps follow the kernel's order, so it agrees to the last bits
-/// or nearly).
+/// The same sum for one output in f64, group by group (the tests' check of the
+/// kernels' indexing).
 #[cfg(test)]
 pub fn reference(w: &Repacked, acts: &Acts, r: usize, j: usize) -> f64 {
     let spec = &w.spec;
-    let col = w.col(j);
     let mut sum = 0f64;
-    for p in 0..w.pairs {
-        let pair = &col[p * spec.pair_bytes()..(p + 1) * spec.pair_bytes()];
-        let q = super::repack::unpack_pair(spec, pair);
-        let x = &acts.pairs[r * acts.np + p];
-        let g = PAIR / spec.groups;
-        let scale = |i: usize| {
-            f64::from(half::f16::from_le_bytes([pair[spec.q_bytes() + 2 * i], pair[spec.q_bytes() + 2 * i + 1]]).to_f32())
-        };
-        for v in 0..PAIR {
-            let dw = scale(v / g);
-            let mw = if spec.mins {
-                scale(spec.groups + v / g)
-            } else {
-                -f64::from(spec.offset) * dw
-            };
-            let dx = f64::from(x.d[v / 4]);
-            sum += (dw * f64::from(q[v]) + mw) * dx * f64::from(x.q[v]);
+    for b in 0..w.blocks {
+        let q = w.values(j, b);
+        let dx = f64::from(acts.xd[r * w.blocks + b]);
+        for (v, q) in q.iter().enumerate() {
+            let (dw, mw) = w.scales(j, b, v / spec.group());
+            let x = f64::from(acts.xq[r * w.k + b * BLOCK + v]);
+            sum += (f64::from(dw) * f64::from(*q) + f64::from(mw)) * dx * x;
         }
     }
     sum
