@@ -17,13 +17,12 @@ use candle_transformers::quantized_nn::RmsNorm;
 
 use super::arch::{self, Architecture, Entry, Meta, Rope, Trunk};
 use super::kv_cache::KvCache;
-use super::qmatmul::Linear;
+use super::qmatmul::{Joined, Linear};
 use super::EngineError;
 
 struct Layer {
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// q, k and v.
+    qkv: Joined<3>,
     wo: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
@@ -31,8 +30,8 @@ struct Layer {
     post_attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
     post_ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
+    /// The MLP's gate and up projections.
+    gate_up: Joined<2>,
     down: Linear,
     /// Sliding-window layers see this many positions back; global layers everything.
     window: Option<usize>,
@@ -81,9 +80,11 @@ impl Gemma3 {
         let eps = trunk.eps;
         let layers = md.layers(reader, &trunk, |t| {
             Ok(Layer {
-                wq: t.linear("attn_q")?,
-                wk: t.linear("attn_k")?,
-                wv: t.linear("attn_v")?,
+                qkv: Joined::new([
+                    t.linear("attn_q")?,
+                    t.linear("attn_k")?,
+                    t.linear("attn_v")?,
+                ]),
                 wo: t.linear("attn_output")?,
                 q_norm: t.norm("attn_q_norm", eps)?,
                 k_norm: t.norm("attn_k_norm", eps)?,
@@ -91,8 +92,7 @@ impl Gemma3 {
                 post_attn_norm: t.norm("post_attention_norm", eps)?,
                 ffn_norm: t.norm("ffn_norm", eps)?,
                 post_ffn_norm: t.norm("post_ffw_norm", eps)?,
-                gate: t.linear("ffn_gate")?,
-                up: t.linear("ffn_up")?,
+                gate_up: Joined::new([t.linear("ffn_gate")?, t.linear("ffn_up")?]),
                 down: t.linear("ffn_down")?,
                 window: ((t.layer + 1) % pattern != 0).then_some(window),
             })
@@ -134,14 +134,14 @@ impl Architecture for Gemma3 {
                 .attn(rope, layer.window, Some((&layer.q_norm, &layer.k_norm)));
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
-            let [q, k, v] = Linear::forward_all([&layer.wq, &layer.wk, &layer.wv], &h, &spans)?;
+            let [q, k, v] = layer.qkv.forward(&h, &spans)?;
             let attn = arch::attention(cache, li, entries, &shape, (q, k, v))?;
             let attn = layer
                 .post_attn_norm
                 .forward(&layer.wo.forward(&attn, &spans)?)?;
             let x1 = (attn + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
-            let [gate, up] = Linear::forward_all([&layer.gate, &layer.up], &h, &spans)?;
+            let [gate, up] = layer.gate_up.forward(&h, &spans)?;
             let gate = if self.silu_gate {
                 candle_nn::ops::silu(&gate)?
             } else {

@@ -21,20 +21,19 @@ use candle_transformers::quantized_nn::RmsNorm;
 
 use super::arch::{self, Architecture, Entry, LayerTensors, Meta, Rope, Trunk};
 use super::kv_cache::KvCache;
-use super::qmatmul::Linear;
+use super::qmatmul::{Joined, Linear};
 use super::EngineError;
 
 pub(super) struct Layer {
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// q, k and v.
+    qkv: Joined<3>,
     /// Biases of q, k and v (qwen2).
     bias: Option<[Tensor; 3]>,
     wo: Linear,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
+    /// The MLP's gate and up projections.
+    gate_up: Joined<2>,
     down: Linear,
 }
 
@@ -62,15 +61,16 @@ impl Layer {
             None
         };
         Ok(Self {
-            wq: t.linear("attn_q")?,
-            wk: t.linear("attn_k")?,
-            wv: t.linear("attn_v")?,
+            qkv: Joined::new([
+                t.linear("attn_q")?,
+                t.linear("attn_k")?,
+                t.linear("attn_v")?,
+            ]),
             bias,
             wo: t.linear("attn_output")?,
             attn_norm: t.norm("attn_norm", eps)?,
             ffn_norm: t.norm("ffn_norm", eps)?,
-            gate: t.linear("ffn_gate")?,
-            up: t.linear("ffn_up")?,
+            gate_up: Joined::new([t.linear("ffn_gate")?, t.linear("ffn_up")?]),
             down: t.linear("ffn_down")?,
         })
     }
@@ -142,7 +142,7 @@ impl Architecture for Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
-            let [q, k, v] = Linear::forward_all([&layer.wq, &layer.wk, &layer.wv], &h, &spans)?;
+            let [q, k, v] = layer.qkv.forward(&h, &spans)?;
             let (q, k, v) = match &layer.bias {
                 Some([bq, bk, bv]) => (
                     q.broadcast_add(bq)?,
@@ -155,7 +155,7 @@ impl Architecture for Llama {
             let attn = layer.wo.forward(&attn, &spans)?;
             let x1 = (attn + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
-            let [gate, up] = Linear::forward_all([&layer.gate, &layer.up], &h, &spans)?;
+            let [gate, up] = layer.gate_up.forward(&h, &spans)?;
             let mlp = layer
                 .down
                 .forward(&(candle_nn::ops::silu(&gate)? * up)?, &spans)?;

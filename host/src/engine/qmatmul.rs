@@ -43,12 +43,14 @@ macro_rules! by_height {
 mod acts;
 mod block32;
 pub mod cpu;
+mod joined;
 mod kquants;
 pub mod repack;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
 pub use acts::{ActKind, Acts};
+pub use joined::Joined;
 use cpu::Simd;
 
 /// Values per block of the 32-value formats.
@@ -256,7 +258,7 @@ impl Linear {
                 // SAFETY: weights are repacked only at `Simd::Avx512Vnni`, which is only
                 // ever chosen on a CPU with the features `vnni::matmul` needs.
                 unsafe {
-                    vnni::matmul(r, acts, &mut out)
+                    vnni::matmul(r, acts, &mut [&mut out])
                 };
                 Ok(Tensor::from_vec(out, dims, x.device())?)
             }

@@ -271,3 +271,37 @@ fn the_vnni_kernels_hold_to_an_f64_reference_and_give_every_row_its_own_bits() {
         }
     }
 }
+
+/// Joined projections give each part the bits its own layer gives, at every height;
+/// parts in different formats stay apart and still agree.
+#[test]
+fn joined_projections_give_each_part_its_own_layers_bits() {
+    let simd = cpu::simd();
+    let k = 512;
+    for (dtypes, widths) in [
+        ([GgmlDType::Q4K, GgmlDType::Q4K, GgmlDType::Q4K], [64, 32, 48]),
+        ([GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4K], [64, 32, 32]),
+        ([GgmlDType::Q4_1, GgmlDType::Q4_1, GgmlDType::Q4_1], [48, 16, 20]),
+    ] {
+        let make = |i: usize| {
+            let w = weights(widths[i], k);
+            linear(&w, (widths[i], k), dtypes[i], simd)
+        };
+        let joined = Joined::new([make(0), make(1), make(2)]);
+        let one = matches!(joined, Joined::One(..));
+        let same_format = dtypes.iter().all(|d| *d == dtypes[0]);
+        let whole = widths.iter().all(|n| n % 16 == 0);
+        assert_eq!(one, simd == Simd::Avx512Vnni && same_format && whole, "{dtypes:?} {widths:?}");
+        let apart = [make(0), make(1), make(2)];
+        for m in [1, 3, 9] {
+            let xs = input(m, k);
+            let x = Tensor::from_slice(&xs, (1, m, k), &Device::Cpu).unwrap();
+            let parts = joined.forward(&x, &[m]).unwrap();
+            for (i, (part, layer)) in parts.iter().zip(&apart).enumerate() {
+                assert_eq!(part.dims(), &[1, m, widths[i]]);
+                let got: Vec<f32> = part.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(got, run(layer, &xs, k), "{dtypes:?} part {i}, m={m}");
+            }
+        }
+    }
+}

@@ -178,44 +178,61 @@ unsafe impl Send for Out {}
 // SAFETY: as above.
 unsafe impl Sync for Out {}
 
-/// `[m, k]` activations times the weight: `out`, `[m, n]` row-major.
+/// `[m, k]` activations times the weight, into `outs`: the weight's columns split in
+/// consecutive parts of whole column groups (joined projections), part `i` written
+/// `[m, n_i]` row-major to `outs[i]`; one part is a plain matmul.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C (`Simd::Avx512Vnni`).
-pub unsafe fn matmul(w: &Repacked, acts: &Acts, out: &mut [f32]) {
+pub unsafe fn matmul(w: &Repacked, acts: &Acts, outs: &mut [&mut [f32]]) {
+    let m = acts.m;
+    let mut parts = Vec::with_capacity(outs.len());
+    let mut start = 0;
+    for out in outs.iter_mut() {
+        let n = out.len() / m.max(1);
+        parts.push((start, n, Out(out.as_mut_ptr())));
+        start += n;
+    }
+    let whole = parts.iter().all(|&(s, n, _)| s % LANES == 0 && (n % LANES == 0 || s + n == w.n));
+    assert!(start == w.n && whole, "parts of whole column groups covering the weight");
     match (w.spec.bits, w.spec.groups) {
-        (4, _) => by_bits::<4, 1>(w, acts, out),
-        (5, _) => by_bits::<5, 1>(w, acts, out),
-        (6, _) => by_bits::<6, 2>(w, acts, out),
-        _ => by_bits::<8, 1>(w, acts, out),
+        (4, _) => by_bits::<4, 1>(w, acts, &parts),
+        (5, _) => by_bits::<5, 1>(w, acts, &parts),
+        (6, _) => by_bits::<6, 2>(w, acts, &parts),
+        _ => by_bits::<8, 1>(w, acts, &parts),
     }
 }
 
-fn by_bits<const B: u8, const G: usize>(w: &Repacked, acts: &Acts, out: &mut [f32]) {
+fn by_bits<const B: u8, const G: usize>(w: &Repacked, acts: &Acts, parts: &[(usize, usize, Out)]) {
     use rayon::prelude::*;
     let (n, m) = (w.n, acts.m);
-    assert!(out.len() == n * m && acts.k == w.k);
+    assert!(acts.k == w.k);
     assert_eq!(w.spec.groups, G, "6-bit formats have groups of 16, the others of 32");
     let shape = Shape::of(w);
     let ngroups = n.div_ceil(LANES);
     // Enough tasks for every thread to take several, column groups in fours.
     let threads = rayon::current_num_threads().max(1);
     let per = (ngroups / (3 * threads)).clamp(1, 8);
-    let ptr = Out(out.as_mut_ptr());
     (0..ngroups.div_ceil(per)).into_par_iter().for_each(|t| {
         let (g0, g1) = (t * per, ((t + 1) * per).min(ngroups));
-        // Sixteen outputs of row `r` from column group `cg` (fewer in the last group).
+        // Sixteen outputs of row `r` from column group `cg` (fewer in the last group),
+        // into the part that holds the group.
         let put = |cg: usize, r: usize, v: __m512| {
-            let ptr = ptr;
             let mut lanes = [0f32; LANES];
             // SAFETY: `lanes` is 64 writable bytes; the store is unaligned.
             unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
             let j0 = cg * LANES;
-            let len = (n - j0).min(LANES);
-            debug_assert!(r < m && j0 + len <= n);
-            // SAFETY: row `r < m`, columns `j0..j0 + len` of `n`: inside `out`; each
-            // task writes only its own column groups, so no two tasks write one element.
-            unsafe { std::ptr::copy_nonoverlapping(lanes.as_ptr(), ptr.0.add(r * n + j0), len) };
+            let Some(&(start, pn, ptr)) = parts.iter().rev().find(|p| p.0 <= j0) else {
+                return;
+            };
+            let len = (n - j0).min(LANES).min(start + pn - j0);
+            debug_assert!(r < m && j0 + len <= start + pn);
+            // SAFETY: row `r < m`, columns `j0 - start..` (`len` of them) of the part's
+            // `pn`: inside its buffer of `m * pn`; each task writes only its own column
+            // groups, so no two tasks write one element.
+            unsafe {
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), ptr.0.add(r * pn + j0 - start), len)
+            };
         };
         // SAFETY (every call below): the caller's CPU has the features `tile` enables.
         unsafe {
