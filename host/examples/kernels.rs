@@ -22,10 +22,14 @@ use lynx_host::engine::qmatmul::Linear;
 fn main() {
     lynx_host::engine::fix_thread_count();
     let choice = std::env::var("LYNX_SIMD").unwrap_or_else(|_| "auto".into());
-    let choice = <lynx_host::engine::qmatmul::cpu::SimdChoice as clap::ValueEnum>::from_str(&choice, true)
-        .expect("LYNX_SIMD: auto, avx512-vnni, avx2 or portable");
+    let choice =
+        <lynx_host::engine::qmatmul::cpu::SimdChoice as clap::ValueEnum>::from_str(&choice, true)
+            .expect("LYNX_SIMD: auto, avx512-vnni, avx2 or portable");
     let level = lynx_host::engine::qmatmul::cpu::init(choice).expect("SIMD level");
-    println!("kernels: {level:?}; cpu: {}", lynx_host::engine::qmatmul::cpu::features());
+    println!(
+        "kernels: {level:?}; cpu: {}",
+        lynx_host::engine::qmatmul::cpu::features()
+    );
     let (n, k, copies) = (1536, 768, 16);
     let w: Vec<f32> = (0..n * k)
         .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1)

@@ -95,13 +95,22 @@ fn the_served_model_predicts_text_as_well_as_the_reference() {
     let content = gguf_file::Content::read(&mut file).expect("gguf");
     let mut m = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("reference");
     let theirs = batched::nll(&ids, |token, pos| {
-        let x = candle_core::Tensor::new(&[token], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let x = candle_core::Tensor::new(&[token], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let logits = m.forward(&x, pos).unwrap();
         logits.squeeze(0).unwrap().to_vec1().unwrap()
     });
-    eprintln!("SmolLM2 mean NLL over {} tokens: lynx {mine:.4}, candle {theirs:.4}", ids.len() - 1);
+    eprintln!(
+        "SmolLM2 mean NLL over {} tokens: lynx {mine:.4}, candle {theirs:.4}",
+        ids.len() - 1
+    );
     assert!(mine.is_finite() && mine < 4.0, "NLL {mine}");
-    assert!((mine - theirs).abs() <= 0.005 * theirs, "lynx {mine} vs candle {theirs}");
+    assert!(
+        (mine - theirs).abs() <= 0.005 * theirs,
+        "lynx {mine} vs candle {theirs}"
+    );
 }
 
 #[test]

@@ -50,8 +50,8 @@ pub mod repack;
 mod vnni;
 
 pub use acts::{ActKind, Acts};
-pub use joined::Joined;
 use cpu::Simd;
+pub use joined::Joined;
 
 /// Values per block of the 32-value formats.
 pub const QK: usize = 32;

@@ -52,9 +52,9 @@ struct Ask {
 /// About 400 words of prose, different from the first word for each `i`.
 fn cold_prompt(i: usize) -> String {
     const WORDS: [&str; 24] = [
-        "river", "stone", "market", "lantern", "winter", "harbor", "signal", "orchard",
-        "engine", "valley", "letter", "copper", "meadow", "thunder", "bridge", "candle",
-        "forest", "mirror", "garden", "silver", "island", "machine", "shadow", "window",
+        "river", "stone", "market", "lantern", "winter", "harbor", "signal", "orchard", "engine",
+        "valley", "letter", "copper", "meadow", "thunder", "bridge", "candle", "forest", "mirror",
+        "garden", "silver", "island", "machine", "shadow", "window",
     ];
     let mut out = format!("Report {i}:");
     for w in 0..400 {
@@ -277,7 +277,9 @@ async fn main() {
         let mut ttfts = Vec::new();
         let mut tokens = 0;
         for i in 0..n {
-            let s = one(&client, &base, 1000 + i, &cold).await.expect("prefill request");
+            let s = one(&client, &base, 1000 + i, &cold)
+                .await
+                .expect("prefill request");
             tokens = s.prompt_tokens;
             ttfts.push(s.ttft);
         }

@@ -4,6 +4,7 @@
 //! dots are candle's.
 
 use half::f16;
+use rayon::prelude::*;
 
 use super::{QK, QK_K, TILE_ROWS};
 
@@ -207,20 +208,30 @@ impl Acts {
         if nb == 0 {
             return;
         }
-        let blocks = xs.chunks_exact(QK).zip(self.xq.chunks_exact_mut(QK));
-        for (i, (block, qs)) in blocks.enumerate() {
-            let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            for (q, x) in qs.iter_mut().zip(block) {
-                *q = round(x * id).clamp(-127, 127) as i8;
-            }
-            let sum = |qs: &[i8]| qs.iter().map(|&q| i32::from(q)).sum::<i32>() as f32;
-            self.xd[i] = d;
-            self.xs32[i] = d * sum(qs);
-            self.xs16[2 * i] = d * sum(&qs[..16]);
-            self.xs16[2 * i + 1] = d * sum(&qs[16..]);
-        }
+        // Rows in parallel: a prefill step quantizes hundreds of rows per layer.
+        let k = self.k;
+        self.xq
+            .par_chunks_mut(k)
+            .zip(self.xd.par_chunks_mut(nb))
+            .zip(self.xs32.par_chunks_mut(nb))
+            .zip(self.xs16.par_chunks_mut(2 * nb))
+            .zip(xs.par_chunks(k))
+            .for_each(|((((xq, xd), xs32), xs16), row)| {
+                let blocks = row.chunks_exact(QK).zip(xq.chunks_exact_mut(QK));
+                for (i, (block, qs)) in blocks.enumerate() {
+                    let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let d = amax / 127.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    for (q, x) in qs.iter_mut().zip(block) {
+                        *q = round(x * id).clamp(-127, 127) as i8;
+                    }
+                    let sum = |qs: &[i8]| qs.iter().map(|&q| i32::from(q)).sum::<i32>() as f32;
+                    xd[i] = d;
+                    xs32[i] = d * sum(qs);
+                    xs16[2 * i] = d * sum(&qs[..16]);
+                    xs16[2 * i + 1] = d * sum(&qs[16..]);
+                }
+            });
     }
 
     /// Row `r`'s Q8K blocks.

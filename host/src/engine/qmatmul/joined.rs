@@ -60,13 +60,17 @@ impl<const N: usize> Joined<N> {
     /// Every part of `x` (`[1, rows, k]`): `[1, rows, n_i]` each.
     pub fn forward(&self, x: &Tensor, spans: &[usize]) -> Result<[Tensor; N], EngineError> {
         match self {
-            Joined::Apart(parts) => Linear::forward_all(std::array::from_fn(|i| &parts[i]), x, spans),
+            Joined::Apart(parts) => {
+                Linear::forward_all(std::array::from_fn(|i| &parts[i]), x, spans)
+            }
             Joined::One(w, widths) => {
                 let acts = quantize(x, ActKind::Q8x, w.k)?;
-                let mut outs: Vec<Vec<f32>> = widths.iter().map(|n| vec![0f32; acts.m * n]).collect();
+                let mut outs: Vec<Vec<f32>> =
+                    widths.iter().map(|n| vec![0f32; acts.m * n]).collect();
                 #[cfg(target_arch = "x86_64")]
                 {
-                    let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                    let mut views: Vec<&mut [f32]> =
+                        outs.iter_mut().map(|o| o.as_mut_slice()).collect();
                     // SAFETY: weights are repacked only at `Simd::Avx512Vnni`, which is
                     // only ever chosen on a CPU with the features `vnni::matmul` needs.
                     unsafe { super::vnni::matmul(w, &acts, &mut views) };

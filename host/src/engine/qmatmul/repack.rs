@@ -319,7 +319,11 @@ fn put_values(spec: &Spec, q: &[u8], c: usize, out: &mut [u8]) {
     for (v, q) in q.iter().enumerate() {
         let (chunk, j) = (v / 4, v % 4);
         let at = 64 * (chunk / 2) + 4 * c + j;
-        out[at] |= if chunk % 2 == 0 { q & 0x0F } else { (q & 0x0F) << 4 };
+        out[at] |= if chunk % 2 == 0 {
+            q & 0x0F
+        } else {
+            (q & 0x0F) << 4
+        };
         for plane in 0..usize::from(spec.bits - 4) {
             if (q >> (4 + plane)) & 1 == 1 {
                 let bit = 4 * c + j;
@@ -339,7 +343,11 @@ fn get_values(spec: &Spec, block: &[u8], c: usize) -> [u8; BLOCK] {
             continue;
         }
         let byte = block[64 * (chunk / 2) + 4 * c + j];
-        *q = if chunk % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+        *q = if chunk % 2 == 0 {
+            byte & 0x0F
+        } else {
+            byte >> 4
+        };
         for plane in 0..usize::from(spec.bits - 4) {
             let bit = 4 * c + j;
             let set = (block[256 + 64 * plane + 8 * chunk + bit / 8] >> (bit % 8)) & 1;

@@ -206,7 +206,10 @@ fn a_q4k_weight_narrower_than_a_super_block_goes_to_candle() {
 #[test]
 fn the_vnni_kernels_hold_to_an_f64_reference_and_give_every_row_its_own_bits() {
     if !cpu::has_avx512_vnni() {
-        eprintln!("this CPU has no AVX-512 VNNI: its kernels cannot run here ({})", cpu::features());
+        eprintln!(
+            "this CPU has no AVX-512 VNNI: its kernels cannot run here ({})",
+            cpu::features()
+        );
         return;
     }
     for (n, k) in [(70, 1536), (37, 576), (9, 256)] {
@@ -217,8 +220,13 @@ fn the_vnni_kernels_hold_to_an_f64_reference_and_give_every_row_its_own_bits() {
             }
             let t = Tensor::from_slice(&w, (n, k), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&t, dtype).unwrap();
-            let candle_w: Vec<f32> =
-                q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let candle_w: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let ours = Linear::with_simd(q, Simd::Avx512Vnni).unwrap();
             let Linear::Repacked(r) = &ours else {
                 panic!("{dtype:?} not repacked");
@@ -264,7 +272,10 @@ fn the_vnni_kernels_hold_to_an_f64_reference_and_give_every_row_its_own_bits() {
                         );
                     }
                     let alone = run(&ours, xr, k);
-                    let same = alone.iter().zip(&got[r_ * n..(r_ + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
+                    let same = alone
+                        .iter()
+                        .zip(&got[r_ * n..(r_ + 1) * n])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{dtype:?} k={k} m={m}: row {r_} alone differs");
                 }
             }
@@ -279,9 +290,18 @@ fn joined_projections_give_each_part_its_own_layers_bits() {
     let simd = cpu::simd();
     let k = 512;
     for (dtypes, widths) in [
-        ([GgmlDType::Q4K, GgmlDType::Q4K, GgmlDType::Q4K], [64, 32, 48]),
-        ([GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4K], [64, 32, 32]),
-        ([GgmlDType::Q4_1, GgmlDType::Q4_1, GgmlDType::Q4_1], [48, 16, 20]),
+        (
+            [GgmlDType::Q4K, GgmlDType::Q4K, GgmlDType::Q4K],
+            [64, 32, 48],
+        ),
+        (
+            [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4K],
+            [64, 32, 32],
+        ),
+        (
+            [GgmlDType::Q4_1, GgmlDType::Q4_1, GgmlDType::Q4_1],
+            [48, 16, 20],
+        ),
     ] {
         let make = |i: usize| {
             let w = weights(widths[i], k);
@@ -291,7 +311,11 @@ fn joined_projections_give_each_part_its_own_layers_bits() {
         let one = matches!(joined, Joined::One(..));
         let same_format = dtypes.iter().all(|d| *d == dtypes[0]);
         let whole = widths.iter().all(|n| n % 16 == 0);
-        assert_eq!(one, simd == Simd::Avx512Vnni && same_format && whole, "{dtypes:?} {widths:?}");
+        assert_eq!(
+            one,
+            simd == Simd::Avx512Vnni && same_format && whole,
+            "{dtypes:?} {widths:?}"
+        );
         let apart = [make(0), make(1), make(2)];
         for m in [1, 3, 9] {
             let xs = input(m, k);

@@ -193,8 +193,13 @@ pub unsafe fn matmul(w: &Repacked, acts: &Acts, outs: &mut [&mut [f32]]) {
         parts.push((start, n, Out(out.as_mut_ptr())));
         start += n;
     }
-    let whole = parts.iter().all(|&(s, n, _)| s % LANES == 0 && (n % LANES == 0 || s + n == w.n));
-    assert!(start == w.n && whole, "parts of whole column groups covering the weight");
+    let whole = parts
+        .iter()
+        .all(|&(s, n, _)| s % LANES == 0 && (n % LANES == 0 || s + n == w.n));
+    assert!(
+        start == w.n && whole,
+        "parts of whole column groups covering the weight"
+    );
     match (w.spec.bits, w.spec.groups) {
         (4, _) => by_bits::<4, 1>(w, acts, &parts),
         (5, _) => by_bits::<5, 1>(w, acts, &parts),
@@ -207,7 +212,10 @@ fn by_bits<const B: u8, const G: usize>(w: &Repacked, acts: &Acts, parts: &[(usi
     use rayon::prelude::*;
     let (n, m) = (w.n, acts.m);
     assert!(acts.k == w.k);
-    assert_eq!(w.spec.groups, G, "6-bit formats have groups of 16, the others of 32");
+    assert_eq!(
+        w.spec.groups, G,
+        "6-bit formats have groups of 16, the others of 32"
+    );
     let shape = Shape::of(w);
     let ngroups = n.div_ceil(LANES);
     // Enough tasks for every thread to take several, column groups in fours.
@@ -218,9 +226,8 @@ fn by_bits<const B: u8, const G: usize>(w: &Repacked, acts: &Acts, parts: &[(usi
         // Sixteen outputs of row `r` from column group `cg` (fewer in the last group),
         // into the part that holds the group.
         let put = |cg: usize, r: usize, v: __m512| {
-            let mut lanes = [0f32; LANES];
-            // SAFETY: `lanes` is 64 writable bytes; the store is unaligned.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
+            // SAFETY: `__m512` is sixteen f32, every bit pattern a valid array.
+            let lanes: [f32; LANES] = unsafe { std::mem::transmute::<__m512, [f32; LANES]>(v) };
             let j0 = cg * LANES;
             let Some(&(start, pn, ptr)) = parts.iter().rev().find(|p| p.0 <= j0) else {
                 return;
