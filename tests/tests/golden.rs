@@ -99,7 +99,18 @@ async fn reproduce(args: &[&str]) {
     // one), and what this test pins is the plugins' byte-for-byte equivalence, so the
     // host runs the f32 cache it then had (its numerics are held to candle's reference
     // by host/tests/batched_llama.rs).
-    let mut all = vec!["--max-tokens", "1000000", "--kv-dtype", "f32"];
+    // And the kernels it then had: the AVX2 ones, bit for bit candle's (the AVX-512 VNNI
+    // kernels, the default where the CPU has them, sum in their own order, held to an
+    // f64 reference and to the model's likelihood instead; every CPU these tests run
+    // on has AVX2).
+    let mut all = vec![
+        "--max-tokens",
+        "1000000",
+        "--kv-dtype",
+        "f32",
+        "--simd",
+        "avx2",
+    ];
     all.extend(args);
     let server = Server::start_with(&all).await;
     let before = counters(&server).await;
