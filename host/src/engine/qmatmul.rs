@@ -250,17 +250,8 @@ impl Linear {
                         "matmul: activations quantized for another format".into(),
                     ));
                 }
-                let mut dims = x.dims().to_vec();
-                dims.pop();
-                dims.push(r.n);
-                let mut out = vec![0f32; acts.m * r.n];
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: weights are repacked only at `Simd::Avx512Vnni`, which is only
-                // ever chosen on a CPU with the features `vnni::matmul` needs.
-                unsafe {
-                    vnni::matmul(r, acts, &mut [&mut out])
-                };
-                Ok(Tensor::from_vec(out, dims, x.device())?)
+                let [out] = run_repacked(r, x, acts, [r.n])?;
+                Ok(out)
             }
             Linear::Candle(_) => self.forward(x, &[]),
         }
@@ -275,6 +266,35 @@ impl Linear {
             Linear::Candle(_) => ("float".into(), false),
         }
     }
+}
+
+/// `x` (`[.., k]`, quantized as `acts`) through a repacked weight whose columns are
+/// parts of `widths` (one part: a plain matmul): `[.., n_i]` each.
+fn run_repacked<const N: usize>(
+    w: &repack::Repacked,
+    x: &Tensor,
+    acts: &Acts,
+    widths: [usize; N],
+) -> Result<[Tensor; N], EngineError> {
+    let mut outs: Vec<Vec<f32>> = widths.iter().map(|n| vec![0f32; acts.m * n]).collect();
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        // SAFETY: weights are repacked only at `Simd::Avx512Vnni`, which is only ever
+        // chosen on a CPU with the features `vnni::matmul` needs.
+        unsafe { vnni::matmul(w, acts, &mut views) };
+    }
+    let mut dims = x.dims().to_vec();
+    dims.pop();
+    let mut tensors = Vec::with_capacity(N);
+    for (out, n) in outs.into_iter().zip(widths) {
+        let mut d = dims.clone();
+        d.push(n);
+        tensors.push(Tensor::from_vec(out, d, x.device())?);
+    }
+    tensors
+        .try_into()
+        .map_err(|_| EngineError::Model("matmul: a part gave no output".into()))
 }
 
 /// `x` (`[.., k]`) quantized as `kind`, or an error if its last dimension is not `k`.

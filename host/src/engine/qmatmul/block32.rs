@@ -37,7 +37,7 @@ const fn block_bytes(f: u8) -> usize {
     }
 }
 
-fn half_at(block: &[u8], at: usize) -> f32 {
+pub(super) fn half_at(block: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32()
 }
 

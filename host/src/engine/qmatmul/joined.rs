@@ -8,7 +8,7 @@
 use candle_core::Tensor;
 
 use super::repack::{Repacked, LANES};
-use super::{quantize, ActKind, Linear};
+use super::{quantize, run_repacked, ActKind, Linear};
 use crate::engine::EngineError;
 
 /// `N` layers applied to one input.
@@ -63,30 +63,7 @@ impl<const N: usize> Joined<N> {
             Joined::Apart(parts) => {
                 Linear::forward_all(std::array::from_fn(|i| &parts[i]), x, spans)
             }
-            Joined::One(w, widths) => {
-                let acts = quantize(x, ActKind::Q8x, w.k)?;
-                let mut outs: Vec<Vec<f32>> =
-                    widths.iter().map(|n| vec![0f32; acts.m * n]).collect();
-                #[cfg(target_arch = "x86_64")]
-                {
-                    let mut views: Vec<&mut [f32]> =
-                        outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-                    // SAFETY: weights are repacked only at `Simd::Avx512Vnni`, which is
-                    // only ever chosen on a CPU with the features `vnni::matmul` needs.
-                    unsafe { super::vnni::matmul(w, &acts, &mut views) };
-                }
-                let mut dims = x.dims().to_vec();
-                dims.pop();
-                let mut tensors = Vec::with_capacity(N);
-                for (out, n) in outs.into_iter().zip(widths) {
-                    let mut d = dims.clone();
-                    d.push(*n);
-                    tensors.push(Tensor::from_vec(out, d, x.device())?);
-                }
-                tensors
-                    .try_into()
-                    .map_err(|_| EngineError::Model("joined: a part gave no output".into()))
-            }
+            Joined::One(w, widths) => run_repacked(w, x, &quantize(x, ActKind::Q8x, w.k)?, *widths),
         }
     }
 }

@@ -35,6 +35,7 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
+use super::block32::half_at;
 use super::kquants::q4k_scales;
 
 /// Values per block: what one group of sixteen columns is laid out by.
@@ -91,15 +92,7 @@ impl Spec {
 
     /// Values and bytes of one GGUF block.
     fn gguf_block(&self) -> (usize, usize) {
-        match self.dtype {
-            GgmlDType::Q4_0 => (32, 18),
-            GgmlDType::Q4_1 => (32, 20),
-            GgmlDType::Q5_0 => (32, 22),
-            GgmlDType::Q8_0 => (32, 34),
-            GgmlDType::Q4K => (256, 144),
-            GgmlDType::Q5K => (256, 176),
-            _ => (256, 210),
-        }
+        (self.dtype.block_size(), self.dtype.type_size())
     }
 
     /// Values per group.
@@ -118,10 +111,6 @@ pub struct Repacked {
     /// Bytes of one group of sixteen columns.
     pub group_bytes: usize,
     pub data: Vec<u8>,
-}
-
-fn half_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// f16, saturated: a scale past f16's range becomes its largest, never infinite.

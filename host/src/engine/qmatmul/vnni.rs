@@ -25,7 +25,7 @@ use super::repack::{Repacked, BLOCK, LANES};
 /// Rows of a GEMM micro-tile.
 pub const ROWS: usize = 8;
 
-/// The lane index vectors and format constants a kernel needs.
+/// The format constants a kernel needs, read once per matmul.
 #[derive(Clone, Copy)]
 struct Shape {
     q_bytes: usize,
