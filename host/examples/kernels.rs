@@ -24,7 +24,7 @@ fn main() {
     let choice = std::env::var("LYNX_SIMD").unwrap_or_else(|_| "auto".into());
     let choice =
         <lynx_host::engine::qmatmul::cpu::SimdChoice as clap::ValueEnum>::from_str(&choice, true)
-            .expect("LYNX_SIMD: auto, avx512-vnni, avx2 or portable");
+            .expect("LYNX_SIMD: auto, avx512-vnni, avx2, avx2-candle or portable");
     let level = lynx_host::engine::qmatmul::cpu::init(choice).expect("SIMD level");
     println!(
         "kernels: {level:?}; cpu: {}",

@@ -61,8 +61,10 @@ pub struct Config {
     #[arg(long, env = "LYNX_MODEL_NAME", default_value = "smollm2-135m-instruct")]
     pub model_name: String,
 
-    /// SIMD level of the matmul kernels: `auto` picks AVX2 (with FMA and F16C) where the
-    /// CPU has it and portable kernels elsewhere; `avx2` refuses to start without it.
+    /// SIMD level of the matmul kernels: `auto` picks the integer kernels over repacked
+    /// weights at AVX-512 VNNI or else AVX2 (with FMA and F16C), both giving the same
+    /// bits, and portable kernels elsewhere; `avx2-candle` keeps candle's arithmetic bit
+    /// for bit; a named level refuses to start on a CPU without it.
     #[arg(long, env = "LYNX_SIMD", value_enum, default_value_t = SimdChoice::Auto)]
     pub simd: SimdChoice,
 

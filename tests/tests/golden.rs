@@ -99,17 +99,17 @@ async fn reproduce(args: &[&str]) {
     // one), and what this test pins is the plugins' byte-for-byte equivalence, so the
     // host runs the f32 cache it then had (its numerics are held to candle's reference
     // by host/tests/batched_llama.rs).
-    // And the kernels it then had: the AVX2 ones, bit for bit candle's (the AVX-512 VNNI
-    // kernels, the default where the CPU has them, sum in their own order, held to an
-    // f64 reference and to the model's likelihood instead; every CPU these tests run
-    // on has AVX2).
+    // And the kernels it then had: the first AVX2 ones, bit for bit candle's (the
+    // integer kernels over repacked weights, the default, sum in their own order, held
+    // to an f64 reference and to the model's likelihood instead; every CPU these tests
+    // run on has AVX2).
     let mut all = vec![
         "--max-tokens",
         "1000000",
         "--kv-dtype",
         "f32",
         "--simd",
-        "avx2",
+        "avx2-candle",
     ];
     all.extend(args);
     let server = Server::start_with(&all).await;

@@ -41,11 +41,14 @@ macro_rules! by_height {
 }
 
 mod acts;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod block32;
 pub mod cpu;
 mod joined;
 mod kquants;
 pub mod repack;
+mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
@@ -132,7 +135,7 @@ pub struct Packed {
 
 /// A linear layer over GGUF weights `[n, k]`: `y = x Wᵀ`.
 pub enum Linear {
-    /// Repacked for the AVX-512 VNNI kernels (`Simd::Avx512Vnni`).
+    /// Repacked for the integer kernels (`Simd::Avx512Vnni`, `Simd::Avx2`).
     Repacked(Box<repack::Repacked>),
     Packed(Box<Packed>),
     Candle(QMatMul),
@@ -144,9 +147,14 @@ impl Linear {
     }
 
     fn with_simd(t: QTensor, simd: Simd) -> Result<Self, EngineError> {
-        if simd == Simd::Avx512Vnni && repack::Spec::of(t.dtype()).is_some() {
+        if simd.repacks() && repack::Spec::of(t.dtype()).is_some() {
             let (n, k) = t.shape().dims2()?;
-            if let Some(r) = repack::Repacked::new(t.dtype(), n, k, &t.data()?) {
+            let layout = if simd == Simd::Avx512Vnni {
+                repack::Layout::Masks
+            } else {
+                repack::Layout::Bytes
+            };
+            if let Some(r) = repack::Repacked::new(t.dtype(), layout, (n, k), &t.data()?) {
                 return Ok(Linear::Repacked(Box::new(r)));
             }
         }
@@ -277,13 +285,26 @@ fn run_repacked<const N: usize>(
     widths: [usize; N],
 ) -> Result<[Tensor; N], EngineError> {
     let mut outs: Vec<Vec<f32>> = widths.iter().map(|n| vec![0f32; acts.m * n]).collect();
-    #[cfg(target_arch = "x86_64")]
-    {
-        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-        // SAFETY: weights are repacked only at `Simd::Avx512Vnni`, which is only ever
-        // chosen on a CPU with the features `vnni::matmul` needs.
-        unsafe { vnni::matmul(w, acts, &mut views) };
+    let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+    match w.layout {
+        #[cfg(target_arch = "x86_64")]
+        repack::Layout::Masks if cpu::has_avx512_vnni() => {
+            // SAFETY: the CPU has the features the VNNI tiles need (just checked).
+            unsafe { tiles::matmul::<vnni::Vnni>(w, acts, &mut views) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        repack::Layout::Bytes if cpu::has_avx2() => {
+            // SAFETY: the CPU has the features the AVX2 tiles need (just checked).
+            unsafe { tiles::matmul::<avx2::Avx2>(w, acts, &mut views) }
+        }
+        _ => {
+            return Err(EngineError::Model(format!(
+                "matmul: weights repacked for {:?} kernels this CPU cannot run",
+                w.layout
+            )))
+        }
     }
+    drop(views);
     let mut dims = x.dims().to_vec();
     dims.pop();
     let mut tensors = Vec::with_capacity(N);

@@ -24,14 +24,14 @@ pub const TOLERANCE: f32 = 1e-3;
 pub const KQUANT_TOLERANCE: f32 = 6e-2;
 
 /// The tolerance against candle's reference at the kernels in use: `base` where lynx's
-/// kernels keep candle's arithmetic (AVX2, portable); at AVX-512 VNNI, whose kernels
-/// quantize activations with f32 scales (candle rounds them to f16, and uses Q8_K for
+/// kernels keep candle's arithmetic (`avx2-candle`, portable); at the integer kernels
+/// over repacked weights (AVX-512 VNNI, AVX2), which quantize activations with f32 scales (candle rounds them to f16, and uses Q8_K for
 /// K-quants) and sum in their own canonical order, the K-quant bound for every format:
 /// their accuracy is held to an f64 reference in `qmatmul`'s tests and to the text's
 /// likelihood (`nll`) instead.
 pub fn tolerance(base: f32) -> f32 {
-    use lynx_host::engine::qmatmul::cpu::{self, Simd};
-    if cpu::simd() == Simd::Avx512Vnni {
+    use lynx_host::engine::qmatmul::cpu;
+    if cpu::simd().repacks() {
         KQUANT_TOLERANCE.max(base)
     } else {
         base

@@ -12,8 +12,12 @@ pub enum Simd {
     /// load and dotted with `vpdpbusd` (`qmatmul/vnni.rs`), in one canonical float
     /// order whatever the batch height.
     Avx512Vnni,
-    /// AVX2 with FMA and F16C (x86-64-v3): lynx's batched kernels for every block format.
+    /// AVX2 with FMA and F16C (x86-64-v3): the same repacked weights and canonical
+    /// order with `vpmaddubsw` (`qmatmul/avx2.rs`): the VNNI kernels' bits.
     Avx2,
+    /// AVX2 with FMA and F16C: lynx's first batched kernels, weights in their GGUF
+    /// blocks and candle's arithmetic bit for bit (what the golden recordings pin).
+    Avx2Candle,
     /// Plain Rust: correct everywhere, batched for Q4_1/Q8_0, and candle's own
     /// (run-time dispatched) kernels one sequence at a time for the other formats.
     Portable,
@@ -27,8 +31,11 @@ pub enum SimdChoice {
     /// AVX-512 with VNNI (and AVX2+FMA+F16C); refused at start on a CPU without them.
     #[value(name = "avx512-vnni")]
     Avx512Vnni,
-    /// AVX2+FMA+F16C; refused at start on a CPU without them.
+    /// AVX2+FMA+F16C, repacked weights; refused at start on a CPU without them.
     Avx2,
+    /// AVX2+FMA+F16C in candle's arithmetic; refused at start on a CPU without them.
+    #[value(name = "avx2-candle")]
+    Avx2Candle,
     /// The portable kernels, whatever the CPU has.
     Portable,
 }
@@ -68,6 +75,11 @@ pub fn has_avx512_vnni() -> bool {
 impl Simd {
     /// Whether the AVX2 kernels may run at this level (every level above portable).
     pub fn avx2(self) -> bool {
+        matches!(self, Simd::Avx2 | Simd::Avx2Candle | Simd::Avx512Vnni)
+    }
+
+    /// Whether weights are repacked for the integer kernels at this level.
+    pub fn repacks(self) -> bool {
         matches!(self, Simd::Avx2 | Simd::Avx512Vnni)
     }
 }
@@ -97,9 +109,15 @@ pub fn init(choice: SimdChoice) -> Result<Simd, String> {
             ))
         }
         SimdChoice::Avx2 if has_avx2() => Simd::Avx2,
-        SimdChoice::Avx2 => {
+        SimdChoice::Avx2Candle if has_avx2() => Simd::Avx2Candle,
+        SimdChoice::Avx2 | SimdChoice::Avx2Candle => {
             return Err(format!(
-                "--simd avx2 asked for, but this CPU lacks it ({})",
+                "--simd {} asked for, but this CPU lacks AVX2, FMA or F16C ({})",
+                if choice == SimdChoice::Avx2 {
+                    "avx2"
+                } else {
+                    "avx2-candle"
+                },
                 features()
             ))
         }

@@ -32,7 +32,10 @@ impl<const N: usize> Joined<N> {
                 .collect();
             reps.len() == N
                 && reps.iter().all(|r| {
-                    r.spec == reps[0].spec && r.k == reps[0].k && r.n.is_multiple_of(LANES)
+                    r.spec == reps[0].spec
+                        && r.layout == reps[0].layout
+                        && r.k == reps[0].k
+                        && r.n.is_multiple_of(LANES)
                 })
         };
         if !joinable {

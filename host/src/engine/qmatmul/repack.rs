@@ -1,4 +1,4 @@
-//! Weights repacked at load for the VNNI kernels (`vnni.rs`). Every block format of
+//! Weights repacked at load for the integer kernels (`vnni.rs`, `avx2.rs`). Every block format of
 //! lynx's files becomes one shape, `w = dw * q + mw`, with `q` unsigned (4, 5, 6 or 8
 //! bits) and one `dw`, `mw` per group of 32 values (16 for Q6_K):
 //!
@@ -20,8 +20,10 @@
 //! - 4 and more bits: four 64-byte vectors of nibbles; vector `L`, byte `4c + j`: value
 //!   `8L + j` of column `c` in the low nibble, value `8L + 4 + j` in the high one (each
 //!   vector gives chunks `2L` and `2L + 1` of four values);
-//! - 5 and 6 bits: then per extra bit eight 64-bit masks, mask `i` bit `4c + j` that bit
-//!   of value `4i + j` of column `c`;
+//! - 5 and 6 bits: then per extra bit 64 bytes, in one of two layouts ([`Layout`]):
+//!   for AVX-512, eight 64-bit masks, mask `i` bit `4c + j` that bit of value `4i + j`
+//!   of column `c` (a mask register adds it); for AVX2, which has no mask registers,
+//!   byte `4c + j` bit `i` (a shift and an AND move it into place);
 //! - 8 bits instead: eight 64-byte vectors, vector `i` byte `4c + j` value `4i + j`;
 //! - then the sixteen columns' `dw` of each group (f16), and their `mw` where the format
 //!   has its own mins (an offset format's `mw` is `-offset * dw`).
@@ -42,6 +44,15 @@ use super::kquants::q4k_scales;
 pub const BLOCK: usize = 32;
 /// Columns interleaved: one per 32-bit lane of a 512-bit register.
 pub const LANES: usize = 16;
+
+/// Where the fifth and sixth bits go: what the kernel that reads them can unpack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Per chunk of four values a 64-bit mask (`vnni.rs`).
+    Masks,
+    /// Per column and value of a chunk a byte, one bit a chunk (`avx2.rs`).
+    Bytes,
+}
 
 /// How a format repacks.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -104,6 +115,7 @@ impl Spec {
 /// A weight `[n, k]` repacked.
 pub struct Repacked {
     pub spec: Spec,
+    pub layout: Layout,
     pub n: usize,
     pub k: usize,
     /// Blocks of 32 per column.
@@ -198,7 +210,12 @@ fn decode(spec: &Spec, b: &[u8], q: &mut [u8], dw: &mut [f32], mw: &mut [f32]) {
 impl Repacked {
     /// `blocks`: the GGUF's `[n, k]` weight, row after row. `None` when `dtype` has no
     /// repacking or the bytes are not `n` rows of whole blocks.
-    pub fn new(dtype: GgmlDType, n: usize, k: usize, blocks: &[u8]) -> Option<Self> {
+    pub fn new(
+        dtype: GgmlDType,
+        layout: Layout,
+        (n, k): (usize, usize),
+        blocks: &[u8],
+    ) -> Option<Self> {
         let spec = Spec::of(dtype)?;
         let (values, bytes) = spec.gguf_block();
         let row_bytes = k / values * bytes;
@@ -225,7 +242,7 @@ impl Repacked {
             let group = &mut data[cg * group_bytes..(cg + 1) * group_bytes];
             for (b, out) in group.chunks_exact_mut(spec.block_bytes()).enumerate() {
                 let qb = &q[b * BLOCK..(b + 1) * BLOCK];
-                put_values(&spec, qb, c, out);
+                put_values(&spec, layout, qb, c, out);
                 let g = spec.groups;
                 let scales = &mut out[spec.q_bytes()..];
                 for i in 0..g {
@@ -240,6 +257,7 @@ impl Repacked {
         }
         Some(Self {
             spec,
+            layout,
             n,
             k,
             blocks: nb,
@@ -261,7 +279,7 @@ impl Repacked {
         let mut out = Vec::with_capacity(self.k);
         for block in self.group(j / LANES).chunks_exact(spec.block_bytes()) {
             let scale = |i: usize| half_at(block, spec.q_bytes() + 2 * (LANES * i + c));
-            for (v, q) in get_values(spec, block, c).iter().enumerate() {
+            for (v, q) in get_values(spec, self.layout, block, c).iter().enumerate() {
                 let i = v / spec.group();
                 let dw = scale(i);
                 let mw = if spec.mins {
@@ -293,12 +311,12 @@ impl Repacked {
     pub fn values(&self, j: usize, b: usize) -> [u8; BLOCK] {
         let spec = &self.spec;
         let block = &self.group(j / LANES)[b * spec.block_bytes()..(b + 1) * spec.block_bytes()];
-        get_values(spec, block, j % LANES)
+        get_values(spec, self.layout, block, j % LANES)
     }
 }
 
 /// Column `c`'s 32 values of one block into the block's value bytes.
-fn put_values(spec: &Spec, q: &[u8], c: usize, out: &mut [u8]) {
+fn put_values(spec: &Spec, layout: Layout, q: &[u8], c: usize, out: &mut [u8]) {
     if spec.bits == 8 {
         for (v, q) in q.iter().enumerate() {
             out[64 * (v / 4) + 4 * c + v % 4] = *q;
@@ -315,15 +333,15 @@ fn put_values(spec: &Spec, q: &[u8], c: usize, out: &mut [u8]) {
         };
         for plane in 0..usize::from(spec.bits - 4) {
             if (q >> (4 + plane)) & 1 == 1 {
-                let bit = 4 * c + j;
-                out[256 + 64 * plane + 8 * chunk + bit / 8] |= 1 << (bit % 8);
+                let (byte, bit) = plane_bit(layout, chunk, 4 * c + j);
+                out[256 + 64 * plane + byte] |= 1 << bit;
             }
         }
     }
 }
 
 /// Column `c`'s 32 values of one block back from its bytes.
-fn get_values(spec: &Spec, block: &[u8], c: usize) -> [u8; BLOCK] {
+fn get_values(spec: &Spec, layout: Layout, block: &[u8], c: usize) -> [u8; BLOCK] {
     let mut q = [0u8; BLOCK];
     for (v, q) in q.iter_mut().enumerate() {
         let (chunk, j) = (v / 4, v % 4);
@@ -338,10 +356,19 @@ fn get_values(spec: &Spec, block: &[u8], c: usize) -> [u8; BLOCK] {
             byte >> 4
         };
         for plane in 0..usize::from(spec.bits - 4) {
-            let bit = 4 * c + j;
-            let set = (block[256 + 64 * plane + 8 * chunk + bit / 8] >> (bit % 8)) & 1;
+            let (byte, bit) = plane_bit(layout, chunk, 4 * c + j);
+            let set = (block[256 + 64 * plane + byte] >> bit) & 1;
             *q |= set << (4 + plane);
         }
     }
     q
+}
+
+/// The byte (of a plane's 64) and bit that hold chunk `chunk`'s value at lane byte
+/// `at` (`4c + j`).
+fn plane_bit(layout: Layout, chunk: usize, at: usize) -> (usize, usize) {
+    match layout {
+        Layout::Masks => (8 * chunk + at / 8, at % 8),
+        Layout::Bytes => (at, chunk),
+    }
 }

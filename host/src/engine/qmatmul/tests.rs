@@ -77,10 +77,10 @@ fn reference(dtype: GgmlDType, w: &[f32], nk: (usize, usize), x: &[f32]) -> Vec<
 
 #[test]
 fn every_format_matches_candles_kernel_bit_for_bit_at_every_batch_height() {
-    // The AVX2 and portable kernels keep candle's float order (the VNNI ones do not:
-    // see the test below).
+    // The first AVX2 kernels and the portable ones keep candle's float order (the
+    // integer kernels over repacked weights do not: see the test below).
     let simd = if cpu::has_avx2() {
-        Simd::Avx2
+        Simd::Avx2Candle
     } else {
         Simd::Portable
     };
@@ -147,7 +147,7 @@ fn the_portable_kernels_agree_with_the_simd_ones() {
         GgmlDType::Q5_0,
         GgmlDType::Q8_0,
     ] {
-        let fast = run(&linear(&w, (n, k), dtype, Simd::Avx2), &x, k);
+        let fast = run(&linear(&w, (n, k), dtype, Simd::Avx2Candle), &x, k);
         let slow = run(&linear(&w, (n, k), dtype, Simd::Portable), &x, k);
         for (f, s) in fast.iter().zip(&slow) {
             // Q4_1 and Q5_0 follow candle's scalar order in both: the same bits.
@@ -194,90 +194,121 @@ fn a_q4k_weight_narrower_than_a_super_block_goes_to_candle() {
     assert_eq!(run(&ours, &input(1, k), k).len(), n);
 }
 
-/// The VNNI kernels over repacked weights, format by format, at every batch height:
+/// The integer kernels over repacked weights (AVX-512 VNNI and AVX2, each where the
+/// CPU has it), format by format, at every batch height:
 /// - the repacked weights are the GGUF's (exactly for the 32-value formats, within f16
 ///   rounding of `d * scale` for the K-quants);
 /// - each output is within the bound of 8-bit activation quantization of the f64 dot
 ///   of the dequantized weights with the unquantized input (`|w| * amax / 254` summed
 ///   over the row, a rigorous bound on rounding to the nearest step), plus 1e-5 of
 ///   `Σ|w x|` for f32 sums;
-/// - each row's outputs are the same bits alone (the GEMV kernel) as among 1 to 17
-///   rows (the GEMM tiles).
+/// - each output is the canonical order's bits (`tiles::canonical`), so both kernels
+///   give the same bits, and each row's outputs are the same alone (the GEMV tiles) as
+///   among 1 to 17 rows (the GEMM tiles).
 #[test]
-fn the_vnni_kernels_hold_to_an_f64_reference_and_give_every_row_its_own_bits() {
-    if !cpu::has_avx512_vnni() {
+fn the_integer_kernels_hold_to_an_f64_reference_and_give_the_canonical_bits() {
+    let mut levels = Vec::new();
+    if cpu::has_avx512_vnni() {
+        levels.push(Simd::Avx512Vnni);
+    } else {
         eprintln!(
-            "this CPU has no AVX-512 VNNI: its kernels cannot run here ({})",
+            "no AVX-512 VNNI here: its kernels are not run ({})",
             cpu::features()
         );
-        return;
     }
-    for (n, k) in [(70, 1536), (37, 576), (9, 256)] {
-        let w = weights(n, k);
-        for dtype in FORMATS {
-            if k % dtype.block_size() != 0 {
-                continue;
+    if cpu::has_avx2() {
+        levels.push(Simd::Avx2);
+    }
+    assert!(
+        !levels.is_empty(),
+        "this CPU has neither AVX2 nor AVX-512 VNNI: no integer kernel to test ({})",
+        cpu::features()
+    );
+    for simd in levels {
+        for (n, k) in [(70, 1536), (37, 576), (9, 256)] {
+            integer_kernel_case(simd, n, k);
+        }
+    }
+}
+
+fn integer_kernel_case(simd: Simd, n: usize, k: usize) {
+    let w = weights(n, k);
+    for dtype in FORMATS {
+        if k % dtype.block_size() != 0 {
+            continue;
+        }
+        let t = Tensor::from_slice(&w, (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let candle_w: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let ours = Linear::with_simd(q, simd).unwrap();
+        let Linear::Repacked(r) = &ours else {
+            panic!("{simd:?} {dtype:?} not repacked");
+        };
+        let kquant = dtype.block_size() == QK_K;
+        let deq: Vec<Vec<f32>> = (0..n).map(|j| r.dequantize(j)).collect();
+        for j in 0..n {
+            let want = &candle_w[j * k..(j + 1) * k];
+            for (i, (a, b)) in deq[j].iter().zip(want).enumerate() {
+                // f16 rounding of `d * scale` and `dmin * min` (2^-11 each) of terms
+                // no larger than twice the group's largest weight.
+                let group = &want[i / 32 * 32..(i / 32 + 1) * 32];
+                let wmax = group.iter().fold(0f32, |m, w| m.max(w.abs()));
+                let tol = if kquant { wmax * 2.5e-3 } else { 0.0 };
+                assert!(
+                    (a - b).abs() <= tol,
+                    "{simd:?} {dtype:?} w[{j}][{i}]: {a} vs {b}"
+                );
             }
-            let t = Tensor::from_slice(&w, (n, k), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&t, dtype).unwrap();
-            let candle_w: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let ours = Linear::with_simd(q, Simd::Avx512Vnni).unwrap();
-            let Linear::Repacked(r) = &ours else {
-                panic!("{dtype:?} not repacked");
-            };
-            let kquant = dtype.block_size() == QK_K;
-            let deq: Vec<Vec<f32>> = (0..n).map(|j| r.dequantize(j)).collect();
-            for j in 0..n {
-                let want = &candle_w[j * k..(j + 1) * k];
-                for (i, (a, b)) in deq[j].iter().zip(want).enumerate() {
-                    // f16 rounding of `d * scale` and `dmin * min` (2^-11 each) of terms
-                    // no larger than twice the group's largest weight.
-                    let group = &want[i / 32 * 32..(i / 32 + 1) * 32];
-                    let wmax = group.iter().fold(0f32, |m, w| m.max(w.abs()));
-                    let tol = if kquant { wmax * 2.5e-3 } else { 0.0 };
-                    assert!((a - b).abs() <= tol, "{dtype:?} w[{j}][{i}]: {a} vs {b}");
-                }
-            }
-            for m in [1, 2, 3, 8, 9, 17] {
-                let x = input(m, k);
-                let got = run(&ours, &x, k);
-                let acts = Acts::quantize(ActKind::Q8x, &x, k);
-                for r_ in 0..m {
-                    let xr = &x[r_ * k..(r_ + 1) * k];
-                    for j in 0..n {
-                        let (mut exact, mut bound, mut size) = (0f64, 0f64, 0f64);
-                        for (xs, ws) in xr.chunks(32).zip(deq[j].chunks(32)) {
-                            let amax = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
-                            for (x, w) in xs.iter().zip(ws) {
-                                exact += f64::from(*x) * f64::from(*w);
-                                bound += f64::from(w.abs()) * f64::from(amax) / 254.0;
-                                size += f64::from((x * w).abs());
-                            }
+        }
+        for m in [1, 2, 3, 4, 5, 8, 9, 17] {
+            let x = input(m, k);
+            let got = run(&ours, &x, k);
+            let acts = Acts::quantize(ActKind::Q8x, &x, k);
+            for r_ in 0..m {
+                let xr = &x[r_ * k..(r_ + 1) * k];
+                for j in 0..n {
+                    let (mut exact, mut bound, mut size) = (0f64, 0f64, 0f64);
+                    for (xs, ws) in xr.chunks(32).zip(deq[j].chunks(32)) {
+                        let amax = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
+                        for (x, w) in xs.iter().zip(ws) {
+                            exact += f64::from(*x) * f64::from(*w);
+                            bound += f64::from(w.abs()) * f64::from(amax) / 254.0;
+                            size += f64::from((x * w).abs());
                         }
-                        let g = f64::from(got[r_ * n + j]);
-                        assert!(
-                            (g - exact).abs() <= bound * 1.001 + 1e-5 * size + 1e-6,
-                            "{dtype:?} k={k} m={m} ({r_},{j}): {g} vs {exact} (bound {bound})"
-                        );
-                        let lanes = vnni::reference(r, &acts, r_, j);
-                        assert!(
-                            (g - lanes).abs() <= 1e-5 * size + 1e-6,
-                            "{dtype:?} k={k} m={m} ({r_},{j}): {g} vs the lanes' {lanes}"
-                        );
                     }
-                    let alone = run(&ours, xr, k);
-                    let same = alone
-                        .iter()
-                        .zip(&got[r_ * n..(r_ + 1) * n])
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{dtype:?} k={k} m={m}: row {r_} alone differs");
+                    let g = got[r_ * n + j];
+                    let case = format!("{simd:?} {dtype:?} k={k} m={m} ({r_},{j})");
+                    assert!(
+                        (f64::from(g) - exact).abs() <= bound * 1.001 + 1e-5 * size + 1e-6,
+                        "{case}: {g} vs {exact} (bound {bound})"
+                    );
+                    let lanes = tiles::reference(r, &acts, r_, j);
+                    assert!(
+                        (f64::from(g) - lanes).abs() <= 1e-5 * size + 1e-6,
+                        "{case}: {g} vs the lanes' {lanes}"
+                    );
+                    let canonical = tiles::canonical(r, &acts, r_, j);
+                    assert_eq!(
+                        g.to_bits(),
+                        canonical.to_bits(),
+                        "{case}: {g} vs the canonical {canonical}"
+                    );
                 }
+                let alone = run(&ours, xr, k);
+                let same = alone
+                    .iter()
+                    .zip(&got[r_ * n..(r_ + 1) * n])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{simd:?} {dtype:?} k={k} m={m}: row {r_} alone differs"
+                );
             }
         }
     }
@@ -313,7 +344,7 @@ fn joined_projections_give_each_part_its_own_layers_bits() {
         let whole = widths.iter().all(|n| n % 16 == 0);
         assert_eq!(
             one,
-            simd == Simd::Avx512Vnni && same_format && whole,
+            simd.repacks() && same_format && whole,
             "{dtypes:?} {widths:?}"
         );
         let apart = [make(0), make(1), make(2)];

@@ -1,8 +1,6 @@
 //! The AVX-512 VNNI kernels over repacked weights (`repack.rs`: sixteen columns
-//! interleaved, one per 32-bit lane) and `Q8x` activations.
-//!
-//! One canonical order, whatever the batch: output `(row, column)` is one f32 lane,
-//! updated once per group of values (32, or 16 for Q6_K), in group order:
+//! interleaved, one per 32-bit lane, bit planes as 64-bit masks) and `Q8x`
+//! activations, in the canonical order of `tiles.rs`:
 //!
 //! ```text
 //! i   = Σ vpdpbusd(q_w, broadcast 4 activation bytes)   (exact integer, any order)
@@ -11,36 +9,59 @@
 //! ```
 //!
 //! A micro-kernel does that for `C` groups of sixteen columns and `R` rows, unpacking
-//! each block of a column group once for all its rows; every `(row, column)` goes
-//! through the same operations at any `C` and `R`, so the single-row GEMV (`C = 4, R =
-//! 1`) and the many-row GEMM (`C = 1, R ≤ 8`) give the same bits, and a sequence's
-//! logits do not depend on what else is in the step. Each float step serves sixteen
-//! columns and 32 values: two FMAs and a multiply per 512 multiply-adds.
+//! each block of a column group once for all its rows: the single-row GEMV (`C = 4, R =
+//! 1`) and the many-row GEMM (`C = 1, R ≤ 8`). Each float step serves sixteen columns
+//! and 32 values: two FMAs and a multiply per 512 multiply-adds.
 
 use std::arch::x86_64::*;
 
 use super::acts::Acts;
 use super::repack::{Repacked, BLOCK, LANES};
+use super::tiles::{Kernel, Put, Shape};
 
-/// Rows of a GEMM micro-tile.
-pub const ROWS: usize = 8;
+/// The AVX-512 VNNI tiles: units of sixteen columns.
+pub struct Vnni;
 
-/// The format constants a kernel needs, read once per matmul.
-#[derive(Clone, Copy)]
-struct Shape {
-    q_bytes: usize,
-    block_bytes: usize,
-    mins: bool,
-    offset: f32,
-}
+impl Kernel for Vnni {
+    const WIDTH: usize = LANES;
+    const GEMV_UNITS: usize = 4;
+    const ROWS: usize = 8;
 
-impl Shape {
-    fn of(w: &Repacked) -> Self {
-        Self {
-            q_bytes: w.spec.q_bytes(),
-            block_bytes: w.spec.block_bytes(),
-            mins: w.spec.mins,
-            offset: w.spec.offset,
+    unsafe fn tiles<const B: u8, const G: usize>(
+        w: &Repacked,
+        shape: Shape,
+        acts: &Acts,
+        u0: usize,
+        units: usize,
+        r0: usize,
+        rows: usize,
+        put: &mut Put<'_>,
+    ) {
+        let lanes = |v: __m512| {
+            // SAFETY: `__m512` is sixteen f32, every bit pattern a valid array.
+            unsafe { std::mem::transmute::<__m512, [f32; LANES]>(v) }
+        };
+        // SAFETY (each): the caller's CPU has the features `tile` enables.
+        unsafe {
+            if units == Self::GEMV_UNITS && rows == 1 {
+                let o = tile::<B, G, 4, 1>(w, shape, u0, acts, r0);
+                (0..4).for_each(|c| put(u0 + c, r0, &lanes(o[c][0])));
+                return;
+            }
+            macro_rules! run {
+                ($($h:literal)*) => {
+                    match rows {
+                        $(
+                            $h => {
+                                let o = tile::<B, G, 1, $h>(w, shape, u0, acts, r0);
+                                (0..$h).for_each(|r| put(u0, r0 + r, &lanes(o[0][r])));
+                            }
+                        )*
+                        _ => unreachable!("tile heights are 1..=8"),
+                    }
+                };
+            }
+            run!(1 2 3 4 5 6 7 8);
         }
     }
 }
@@ -168,132 +189,4 @@ fn tile<const B: u8, const G: usize, const C: usize, const R: usize>(
         }
     }
     acc
-}
-
-/// A raw pointer to the output, shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint elements (each its own columns) of one live buffer.
-unsafe impl Send for Out {}
-// SAFETY: as above.
-unsafe impl Sync for Out {}
-
-/// `[m, k]` activations times the weight, into `outs`: the weight's columns split in
-/// consecutive parts of whole column groups (joined projections), part `i` written
-/// `[m, n_i]` row-major to `outs[i]`; one part is a plain matmul.
-///
-/// # Safety
-/// The CPU must have AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C (`Simd::Avx512Vnni`).
-pub unsafe fn matmul(w: &Repacked, acts: &Acts, outs: &mut [&mut [f32]]) {
-    let m = acts.m;
-    let mut parts = Vec::with_capacity(outs.len());
-    let mut start = 0;
-    for out in outs.iter_mut() {
-        let n = out.len() / m.max(1);
-        parts.push((start, n, Out(out.as_mut_ptr())));
-        start += n;
-    }
-    let whole = parts
-        .iter()
-        .all(|&(s, n, _)| s % LANES == 0 && (n % LANES == 0 || s + n == w.n));
-    assert!(
-        start == w.n && whole,
-        "parts of whole column groups covering the weight"
-    );
-    match (w.spec.bits, w.spec.groups) {
-        (4, _) => by_bits::<4, 1>(w, acts, &parts),
-        (5, _) => by_bits::<5, 1>(w, acts, &parts),
-        (6, _) => by_bits::<6, 2>(w, acts, &parts),
-        _ => by_bits::<8, 1>(w, acts, &parts),
-    }
-}
-
-fn by_bits<const B: u8, const G: usize>(w: &Repacked, acts: &Acts, parts: &[(usize, usize, Out)]) {
-    use rayon::prelude::*;
-    let (n, m) = (w.n, acts.m);
-    assert!(acts.k == w.k);
-    assert_eq!(
-        w.spec.groups, G,
-        "6-bit formats have groups of 16, the others of 32"
-    );
-    let shape = Shape::of(w);
-    let ngroups = n.div_ceil(LANES);
-    // Enough tasks for every thread to take several, column groups in fours.
-    let threads = rayon::current_num_threads().max(1);
-    let per = (ngroups / (3 * threads)).clamp(1, 8);
-    (0..ngroups.div_ceil(per)).into_par_iter().for_each(|t| {
-        let (g0, g1) = (t * per, ((t + 1) * per).min(ngroups));
-        // Sixteen outputs of row `r` from column group `cg` (fewer in the last group),
-        // into the part that holds the group.
-        let put = |cg: usize, r: usize, v: __m512| {
-            // SAFETY: `__m512` is sixteen f32, every bit pattern a valid array.
-            let lanes: [f32; LANES] = unsafe { std::mem::transmute::<__m512, [f32; LANES]>(v) };
-            let j0 = cg * LANES;
-            let Some(&(start, pn, ptr)) = parts.iter().rev().find(|p| p.0 <= j0) else {
-                return;
-            };
-            let len = (n - j0).min(LANES).min(start + pn - j0);
-            debug_assert!(r < m && j0 + len <= start + pn);
-            // SAFETY: row `r < m`, columns `j0 - start..` (`len` of them) of the part's
-            // `pn`: inside its buffer of `m * pn`; each task writes only its own column
-            // groups, so no two tasks write one element.
-            unsafe {
-                std::ptr::copy_nonoverlapping(lanes.as_ptr(), ptr.0.add(r * pn + j0 - start), len)
-            };
-        };
-        // SAFETY (every call below): the caller's CPU has the features `tile` enables.
-        unsafe {
-            if m == 1 {
-                let mut cg = g0;
-                while cg + 4 <= g1 {
-                    let o = tile::<B, G, 4, 1>(w, shape, cg, acts, 0);
-                    (0..4).for_each(|c| put(cg + c, 0, o[c][0]));
-                    cg += 4;
-                }
-                for cg in cg..g1 {
-                    put(cg, 0, tile::<B, G, 1, 1>(w, shape, cg, acts, 0)[0][0]);
-                }
-                return;
-            }
-            for cg in g0..g1 {
-                let mut r0 = 0;
-                while r0 < m {
-                    let h = (m - r0).min(ROWS);
-                    macro_rules! run {
-                        ($($h:literal)*) => {
-                            match h {
-                                $(
-                                    $h => {
-                                        let o = tile::<B, G, 1, $h>(w, shape, cg, acts, r0);
-                                        (0..$h).for_each(|r| put(cg, r0 + r, o[0][r]));
-                                    }
-                                )*
-                                _ => unreachable!("tile heights are 1..=8"),
-                            }
-                        };
-                    }
-                    run!(1 2 3 4 5 6 7 8);
-                    r0 += h;
-                }
-            }
-        }
-    });
-}
-
-/// The same sum for one output in f64, group by group (the tests' check of the
-/// kernels' indexing).
-#[cfg(test)]
-pub fn reference(w: &Repacked, acts: &Acts, r: usize, j: usize) -> f64 {
-    let spec = &w.spec;
-    let mut sum = 0f64;
-    for b in 0..w.blocks {
-        let q = w.values(j, b);
-        let dx = f64::from(acts.xd[r * w.blocks + b]);
-        for (v, q) in q.iter().enumerate() {
-            let (dw, mw) = w.scales(j, b, v / spec.group());
-            let x = f64::from(acts.xq[r * w.k + b * BLOCK + v]);
-            sum += (f64::from(dw) * f64::from(*q) + f64::from(mw)) * dx * x;
-        }
-    }
-    sum
 }
