@@ -184,12 +184,12 @@ fn tile<const B: u8, const G: usize, const C: usize, const R: usize>(
                         let v = load(&blocks[c][64 * i + groups[c].1..]);
                         let lo = _mm256_and_si256(v, m4);
                         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
-                        for r in 0..R {
+                        for (r, sum) in int[c].iter_mut().enumerate() {
                             // SAFETY: as above.
                             let q = unsafe { bcast(x(r, 4 * i)) };
                             let l = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, q), ones);
                             let h = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, q), sixteen);
-                            int[c][r] = _mm256_add_epi32(int[c][r], _mm256_add_epi32(l, h));
+                            *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(l, h));
                         }
                     }
                 }
@@ -198,13 +198,13 @@ fn tile<const B: u8, const G: usize, const C: usize, const R: usize>(
                     let l = g * (4 / G) + p;
                     for c in 0..C {
                         let (lo, hi) = chunks::<B>(blocks[c], groups[c].1 / 32, l);
-                        for r in 0..R {
+                        for (r, sum) in int[c].iter_mut().enumerate() {
                             // SAFETY: as above.
                             let (qa, qb) = unsafe { (bcast(x(r, 8 * l)), bcast(x(r, 8 * l + 4))) };
                             let a = _mm256_maddubs_epi16(lo, qa);
                             let b = _mm256_maddubs_epi16(hi, qb);
                             let wide = _mm256_madd_epi16(_mm256_add_epi16(a, b), ones);
-                            int[c][r] = _mm256_add_epi32(int[c][r], wide);
+                            *sum = _mm256_add_epi32(*sum, wide);
                         }
                     }
                 }

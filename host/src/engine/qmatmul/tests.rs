@@ -88,7 +88,7 @@ fn every_format_matches_candles_kernel_bit_for_bit_at_every_batch_height() {
     for (n, k) in [(136, 768), (40, 576)] {
         let w = weights(n, k);
         for dtype in FORMATS {
-            if k % dtype.block_size() != 0 {
+            if !k.is_multiple_of(dtype.block_size()) {
                 continue;
             }
             let ours = linear(&w, (n, k), dtype, simd);
@@ -234,7 +234,7 @@ fn the_integer_kernels_hold_to_an_f64_reference_and_give_the_canonical_bits() {
 fn integer_kernel_case(simd: Simd, n: usize, k: usize) {
     let w = weights(n, k);
     for dtype in FORMATS {
-        if k % dtype.block_size() != 0 {
+        if !k.is_multiple_of(dtype.block_size()) {
             continue;
         }
         let t = Tensor::from_slice(&w, (n, k), &Device::Cpu).unwrap();
