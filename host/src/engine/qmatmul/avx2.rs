@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 
 use super::acts::Acts;
 use super::repack::{Repacked, BLOCK, LANES};
-use super::tiles::{Kernel, Put, Shape};
+use super::tiles::{dispatch_tiles, Kernel, Put, Shape};
 
 /// Columns of a unit.
 const WIDTH: usize = 8;
@@ -43,39 +43,24 @@ impl Kernel for Avx2 {
         rows: usize,
         put: &mut Put<'_>,
     ) {
-        let lanes = |v: __m256| {
-            // SAFETY: `__m256` is eight f32, every bit pattern a valid array.
-            unsafe { std::mem::transmute::<__m256, [f32; WIDTH]>(v) }
-        };
-        // SAFETY (each): the caller's CPU has the features `tile` enables.
+        // SAFETY: the caller's CPU has the features `tile` enables.
         unsafe {
-            if units == Self::GEMV_UNITS && rows == 1 {
-                let o = tile::<B, G, 4, 1>(w, shape, u0, acts, r0);
-                (0..4).for_each(|c| put(u0 + c, r0, &lanes(o[c][0])));
-                return;
-            }
-            macro_rules! run {
-                ($($h:literal)*) => {
-                    match rows {
-                        $(
-                            $h => {
-                                let o = tile::<B, G, 1, $h>(w, shape, u0, acts, r0);
-                                (0..$h).for_each(|r| put(u0, r0 + r, &lanes(o[0][r])));
-                            }
-                        )*
-                        _ => unreachable!("tile heights are 1..=4"),
-                    }
-                };
-            }
-            run!(1 2 3 4);
+            dispatch_tiles!(
+                tile,
+                // SAFETY: `__m256` is eight f32, every bit pattern a valid array.
+                |v: __m256| std::mem::transmute::<__m256, [f32; WIDTH]>(v),
+                (w, shape, acts, u0, units, r0, rows, put),
+                1 2 3 4
+            )
         }
     }
 }
 
+/// The first 32 bytes of `p` (any alignment): the one load of every AVX2 kernel.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn load(p: &[u8]) -> __m256i {
-    assert!(p.len() >= 32);
+#[target_feature(enable = "avx2")]
+pub(super) fn load<T: Copy>(p: &[T]) -> __m256i {
+    assert!(size_of_val(p) >= 32);
     // SAFETY: 32 readable bytes (asserted); the load is unaligned.
     unsafe { _mm256_loadu_si256(p.as_ptr().cast()) }
 }

@@ -183,6 +183,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{block_bytes, Acts, Q4_0, Q4_1, Q8_0};
+    use crate::engine::qmatmul::avx2::load;
     use crate::engine::qmatmul::TILE_ROWS;
 
     const _: () = assert!(
@@ -205,13 +206,6 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn load32(p: &[i8; 32]) -> __m256i {
-        // SAFETY: `p` is 32 readable bytes; the load is unaligned.
-        unsafe { _mm256_loadu_si256(p.as_ptr().cast()) }
     }
 
     /// 16 bytes of nibbles as 32 values: low nibbles (values 0..16) in the low half,
@@ -367,7 +361,7 @@ mod avx2 {
             let rows = &acts.qs_t[b * stride + r0..b * stride + r0 + TILE_ROWS];
             let mut p = [_mm256_setzero_si256(); TILE_ROWS];
             for r in 0..N {
-                let y = load32(&rows[r]);
+                let y = load(&rows[r]);
                 p[r] = _mm256_maddubs_epi16(w, signed(y, sign));
             }
             // Each 16-bit lane is at most 2 * 16 * 127 = 4064 in size, so three rounds
@@ -423,7 +417,7 @@ mod avx2 {
                     let b = (b0 + i).min(nb - 1);
                     let block = &col[b * bytes..(b + 1) * bytes];
                     let (w, sign) = operand::<F>(weights::<F>(block));
-                    let y = load32(&acts.qs_t[b * stride + r]);
+                    let y = load(&acts.qs_t[b * stride + r]);
                     *p = _mm256_maddubs_epi16(w, signed(y, sign));
                     d16[i] = u16::from_le_bytes([block[0], block[1]]);
                     if F == Q4_1 {
@@ -477,7 +471,7 @@ mod avx2 {
             for (g, (p, v)) in p.iter_mut().zip(v).enumerate() {
                 // Bytes 2g and 2g + 1 of each half, repeated over the half.
                 let pair = _mm256_set1_epi16(0x0100 + 0x0202 * g as i16);
-                let y = load32(v);
+                let y = load(v);
                 let sign = sign.map(|s| _mm256_shuffle_epi8(s, pair));
                 *p = _mm256_maddubs_epi16(_mm256_shuffle_epi8(w, pair), signed(y, sign));
             }
@@ -508,7 +502,7 @@ mod avx2 {
         let xd_row = &acts.d_r[r * nb..(r + 1) * nb];
         let mut acc = [_mm256_setzero_ps(); C];
         for (b, &xd) in xd_row.iter().enumerate() {
-            let y = load32(&acts.qs_t[b * stride + r]);
+            let y = load(&acts.qs_t[b * stride + r]);
             for (c, acc) in acc.iter_mut().enumerate() {
                 let block = &cols[c * row_bytes + b * bytes..c * row_bytes + (b + 1) * bytes];
                 let w = weights::<F>(block);
@@ -539,7 +533,7 @@ mod avx2 {
             let rows = &acts.qs_t[b * stride + r0..b * stride + r0 + TILE_ROWS];
             let xd = &acts.d_t[b * stride + r0..b * stride + r0 + TILE_ROWS];
             for r in 0..N {
-                let p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(load32(&rows[r]), w));
+                let p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(load(&rows[r]), w));
                 let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[r]), p, acc[r]);
             }

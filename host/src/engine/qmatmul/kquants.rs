@@ -108,6 +108,7 @@ mod avx2 {
 
     use super::{block_bytes, q4k_scales, Acts};
     use crate::engine::qmatmul::acts::Q8K;
+    use crate::engine::qmatmul::avx2::load;
     use crate::engine::qmatmul::TILE_ROWS;
 
     #[inline]
@@ -115,22 +116,6 @@ mod avx2 {
     fn half_at(block: &[u8], at: usize) -> f32 {
         let bits = u16::from_le_bytes([block[at], block[at + 1]]);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn load(p: &[u8]) -> __m256i {
-        assert!(p.len() >= 32);
-        // SAFETY: `p` is at least 32 readable bytes; the load is unaligned.
-        unsafe { _mm256_loadu_si256(p.as_ptr().cast()) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn load_q8(p: &[i8]) -> __m256i {
-        assert!(p.len() >= 32);
-        // SAFETY: `p` is at least 32 readable bytes; the load is unaligned.
-        unsafe { _mm256_loadu_si256(p.as_ptr().cast()) }
     }
 
     /// candle's `hsum_float_8`.
@@ -203,7 +188,7 @@ mod avx2 {
                 acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[r]);
                 let mut sumi = _mm256_setzero_si256();
                 for (i, (q, sc)) in q.iter().zip(&sc).enumerate() {
-                    let p16 = _mm256_maddubs_epi16(*q, load_q8(&y.qs[32 * i..]));
+                    let p16 = _mm256_maddubs_epi16(*q, load(&y.qs[32 * i..]));
                     sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(*sc, p16));
                 }
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[r]);
@@ -267,7 +252,7 @@ mod avx2 {
                 *summs += dmin * _mm_cvtsi128_si32(total) as f32;
                 let mut sumi = _mm256_setzero_si256();
                 for (i, (q, sc)) in q.iter().zip(&sc).enumerate() {
-                    let p16 = _mm256_maddubs_epi16(*q, load_q8(&y.qs[32 * i..]));
+                    let p16 = _mm256_maddubs_epi16(*q, load(&y.qs[32 * i..]));
                     sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(*sc, p16));
                 }
                 *acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *acc);
@@ -320,7 +305,7 @@ mod avx2 {
                 for j in 0..2 {
                     let mut p = [_mm256_setzero_si256(); 4];
                     for (i, p) in p.iter_mut().enumerate() {
-                        let y8 = load_q8(&y.qs[128 * j + 32 * i..]);
+                        let y8 = load(&y.qs[128 * j + 32 * i..]);
                         let p16 = _mm256_sub_epi16(
                             _mm256_maddubs_epi16(q[4 * j + i], y8),
                             _mm256_maddubs_epi16(m32s, y8),

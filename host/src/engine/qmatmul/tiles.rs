@@ -72,6 +72,33 @@ pub trait Kernel {
     );
 }
 
+/// The body of a [`Kernel::tiles`]: the single-row tile of `GEMV_UNITS` (4) units, or a
+/// one-unit tile of `rows` rows, chosen among the heights the kernel compiles. `$tile`
+/// is the kernel's `tile::<B, G, C, R>` and `$lanes` turns one of its registers into
+/// the unit's columns.
+macro_rules! dispatch_tiles {
+    ($tile:ident, $lanes:expr, ($w:ident, $shape:ident, $acts:ident, $u0:ident, $units:ident,
+     $r0:ident, $rows:ident, $put:ident), $($h:literal)*) => {{
+        const { assert!(Self::GEMV_UNITS == 4) };
+        let lanes = $lanes;
+        if $units == 4 && $rows == 1 {
+            let o = $tile::<B, G, 4, 1>($w, $shape, $u0, $acts, $r0);
+            (0..4).for_each(|c| $put($u0 + c, $r0, &lanes(o[c][0])));
+            return;
+        }
+        match $rows {
+            $(
+                $h => {
+                    let o = $tile::<B, G, 1, $h>($w, $shape, $u0, $acts, $r0);
+                    (0..$h).for_each(|r| $put($u0, $r0 + r, &lanes(o[0][r])));
+                }
+            )*
+            _ => unreachable!("a tile height the kernel does not compile"),
+        }
+    }};
+}
+pub(super) use dispatch_tiles;
+
 /// A raw pointer to the output, shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
 struct Out(*mut f32);

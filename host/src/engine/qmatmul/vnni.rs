@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 
 use super::acts::Acts;
 use super::repack::{Repacked, BLOCK, LANES};
-use super::tiles::{Kernel, Put, Shape};
+use super::tiles::{dispatch_tiles, Kernel, Put, Shape};
 
 /// The AVX-512 VNNI tiles: units of sixteen columns.
 pub struct Vnni;
@@ -37,31 +37,15 @@ impl Kernel for Vnni {
         rows: usize,
         put: &mut Put<'_>,
     ) {
-        let lanes = |v: __m512| {
-            // SAFETY: `__m512` is sixteen f32, every bit pattern a valid array.
-            unsafe { std::mem::transmute::<__m512, [f32; LANES]>(v) }
-        };
-        // SAFETY (each): the caller's CPU has the features `tile` enables.
+        // SAFETY: the caller's CPU has the features `tile` enables.
         unsafe {
-            if units == Self::GEMV_UNITS && rows == 1 {
-                let o = tile::<B, G, 4, 1>(w, shape, u0, acts, r0);
-                (0..4).for_each(|c| put(u0 + c, r0, &lanes(o[c][0])));
-                return;
-            }
-            macro_rules! run {
-                ($($h:literal)*) => {
-                    match rows {
-                        $(
-                            $h => {
-                                let o = tile::<B, G, 1, $h>(w, shape, u0, acts, r0);
-                                (0..$h).for_each(|r| put(u0, r0 + r, &lanes(o[0][r])));
-                            }
-                        )*
-                        _ => unreachable!("tile heights are 1..=8"),
-                    }
-                };
-            }
-            run!(1 2 3 4 5 6 7 8);
+            dispatch_tiles!(
+                tile,
+                // SAFETY: `__m512` is sixteen f32, every bit pattern a valid array.
+                |v: __m512| std::mem::transmute::<__m512, [f32; LANES]>(v),
+                (w, shape, acts, u0, units, r0, rows, put),
+                1 2 3 4 5 6 7 8
+            )
         }
     }
 }
