@@ -147,13 +147,11 @@ impl Linear {
     }
 
     fn with_simd(t: QTensor, simd: Simd) -> Result<Self, EngineError> {
-        if simd.repacks() && repack::Spec::of(t.dtype()).is_some() {
+        if let Some(layout) = simd
+            .layout()
+            .filter(|_| repack::Spec::of(t.dtype()).is_some())
+        {
             let (n, k) = t.shape().dims2()?;
-            let layout = if simd == Simd::Avx512Vnni {
-                repack::Layout::Masks
-            } else {
-                repack::Layout::Bytes
-            };
             if let Some(r) = repack::Repacked::new(t.dtype(), layout, (n, k), &t.data()?) {
                 return Ok(Linear::Repacked(Box::new(r)));
             }

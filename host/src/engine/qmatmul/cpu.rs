@@ -5,6 +5,8 @@
 
 use std::sync::OnceLock;
 
+use super::repack::Layout;
+
 /// A kernel family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
@@ -78,9 +80,19 @@ impl Simd {
         matches!(self, Simd::Avx2 | Simd::Avx2Candle | Simd::Avx512Vnni)
     }
 
+    /// How weights are repacked for the integer kernels at this level (`None`: they
+    /// stay in their GGUF blocks).
+    pub fn layout(self) -> Option<Layout> {
+        match self {
+            Simd::Avx512Vnni => Some(Layout::Masks),
+            Simd::Avx2 => Some(Layout::Bytes),
+            Simd::Avx2Candle | Simd::Portable => None,
+        }
+    }
+
     /// Whether weights are repacked for the integer kernels at this level.
     pub fn repacks(self) -> bool {
-        matches!(self, Simd::Avx2 | Simd::Avx512Vnni)
+        self.layout().is_some()
     }
 }
 
@@ -104,7 +116,8 @@ pub fn init(choice: SimdChoice) -> Result<Simd, String> {
         SimdChoice::Avx512Vnni if has_avx512_vnni() => Simd::Avx512Vnni,
         SimdChoice::Avx512Vnni => {
             return Err(format!(
-                "--simd avx512-vnni asked for, but this CPU lacks it ({})",
+                "--simd {} asked for, but this CPU lacks it ({})",
+                flag_name(choice),
                 features()
             ))
         }
@@ -113,11 +126,7 @@ pub fn init(choice: SimdChoice) -> Result<Simd, String> {
         SimdChoice::Avx2 | SimdChoice::Avx2Candle => {
             return Err(format!(
                 "--simd {} asked for, but this CPU lacks AVX2, FMA or F16C ({})",
-                if choice == SimdChoice::Avx2 {
-                    "avx2"
-                } else {
-                    "avx2-candle"
-                },
+                flag_name(choice),
                 features()
             ))
         }
@@ -127,6 +136,12 @@ pub fn init(choice: SimdChoice) -> Result<Simd, String> {
         return Err(format!("the SIMD level is already {got:?}"));
     }
     Ok(got)
+}
+
+/// `choice` as `--simd` spells it (clap's name for the value).
+fn flag_name(choice: SimdChoice) -> String {
+    clap::ValueEnum::to_possible_value(&choice)
+        .map_or_else(|| format!("{choice:?}"), |v| v.get_name().to_owned())
 }
 
 /// The level in force: `init`'s, or the best the CPU has if nothing chose.
