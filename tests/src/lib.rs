@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod attack;
+pub mod nll;
 pub mod prom;
 pub mod swap;
 
