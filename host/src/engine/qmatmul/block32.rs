@@ -112,7 +112,7 @@ impl<const F: u8> Format for Block32<F> {
     ) {
         #[cfg(target_arch = "x86_64")]
         // Q8_0 stays a column at a time: its 34-byte blocks from four rows at once ran
-        // slower than one (`--example kernels`).
+        // slower than one (`cargo bench --bench kernels`).
         if simd.avx2() && F != Q8_0 {
             let lanes = matches!(F, Q4_1 | Q5_0);
             let quads = out.len() / 4 * 4;
