@@ -133,10 +133,14 @@ fn tile<const B: u8, const G: usize, const C: usize, const R: usize>(
     let per_group = 4 / G;
     for b in 0..nb {
         let mut int = [[_mm512_setzero_si512(); R]; C];
-        let xs: [&[i8; BLOCK]; R] = std::array::from_fn(|r| {
-            let x = &rows[r][b * BLOCK..(b + 1) * BLOCK];
-            x.try_into().unwrap_or(&[0; BLOCK])
-        });
+        // A plain loop, as in `avx2.rs`: `array::from_fn`'s closure can stay a call per
+        // block, and every vector register is caller-saved.
+        let mut xs: [&[i8; BLOCK]; R] = [&[0; BLOCK]; R];
+        for (x, row) in xs.iter_mut().zip(&rows) {
+            if let Ok(block) = row[b * BLOCK..(b + 1) * BLOCK].try_into() {
+                *x = block;
+            }
+        }
         for g in 0..G {
             for l in g * per_group..(g + 1) * per_group {
                 for c in 0..C {
