@@ -11,6 +11,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod logprobs;
 pub mod model;
+pub mod prefill;
 mod prefix;
 pub mod qmatmul;
 pub mod qwen2;

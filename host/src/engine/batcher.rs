@@ -7,6 +7,8 @@
 //! prompt never stalls the streams already running. A prompt is always split into
 //! [`PREFILL_CHUNK`]-token chunks from its start, whatever else runs, and each sequence
 //! samples with its own RNG: its output does not depend on what else is in the batch.
+//! Which prompts a step prefills is `prefill.rs`'s policy (shortest remaining first,
+//! none passed over for long), so a short request is never stuck behind long prompts.
 //!
 //! Slots keep their keys and values after their sequence ends (automatic prefix
 //! caching, `prefix.rs`): a new request starts in the slot that shares the longest
@@ -25,6 +27,7 @@ use super::arch::{Entry, Logits};
 use super::constraint::TokenConstraint;
 use super::kv_cache::{KvCache, KvDtype};
 use super::logprobs::{self, Logprob};
+use super::prefill::{self, Pending};
 use super::prefix::{Placement, PrefixCache};
 use super::sequence::{advance, sampler, Sequence, Step};
 use super::shaping::{Seen, Shaping};
@@ -32,7 +35,8 @@ use super::{EngineError, Model};
 
 /// The prompt tokens of one prefill chunk.
 pub const PREFILL_CHUNK: usize = 128;
-/// The most prompt tokens prefilled in one step (whole chunks; the first always runs).
+/// The most prompt tokens prefilled in one step (whole chunks; the first always runs;
+/// which prompts, `prefill.rs` decides).
 pub const PREFILL_BUDGET: usize = 256;
 
 #[derive(Debug, Clone, Copy)]
@@ -396,6 +400,7 @@ impl Scheduler {
                 slot: place.slot,
                 prompt: req.prompt,
                 prefilled: place.reused,
+                passed_over: 0,
                 pos: place.reused,
                 input: Vec::new(),
                 generated: 0,
@@ -448,29 +453,40 @@ impl Scheduler {
 
     /// One batched forward pass for every running sequence; returns those that ended.
     fn step(&mut self) -> Vec<Sequence> {
-        let mut budget = PREFILL_BUDGET;
-        let mut prefilling = 0;
+        // The prompts still prefilling, in admission order, and what of each this step
+        // takes (`prefill::choose`).
+        let pending: Vec<Pending> = self
+            .running
+            .iter()
+            .filter(|seq| !seq.decoding())
+            .map(|seq| Pending {
+                remaining: seq.prompt.len() - seq.prefilled,
+                passed_over: seq.passed_over,
+            })
+            .collect();
+        let mut takes = prefill::choose(&pending, PREFILL_CHUNK, PREFILL_BUDGET).into_iter();
         // (index into running, tokens this step, logits wanted)
         let mut plan: Vec<(usize, usize, Logits)> = Vec::new();
-        for (i, seq) in self.running.iter().enumerate() {
+        for (i, seq) in self.running.iter_mut().enumerate() {
             if seq.decoding() {
                 // The sampled token, and the tokens a constraint forced after it.
                 plan.push((i, seq.input.len(), Logits::Last));
                 continue;
             }
-            let n = (seq.prompt.len() - seq.prefilled).min(PREFILL_CHUNK);
-            if prefilling == 0 || n <= budget {
-                budget = budget.saturating_sub(n);
-                prefilling += 1;
-                let logits = if seq.echo {
-                    Logits::Every
-                } else if seq.prefilled + n == seq.prompt.len() {
-                    Logits::Last
-                } else {
-                    Logits::None
-                };
-                plan.push((i, n, logits));
+            let n = takes.next().unwrap_or(0);
+            if n == 0 {
+                seq.passed_over = seq.passed_over.saturating_add(1);
+                continue;
             }
+            seq.passed_over = 0;
+            let logits = if seq.echo {
+                Logits::Every
+            } else if seq.prefilled + n == seq.prompt.len() {
+                Logits::Last
+            } else {
+                Logits::None
+            };
+            plan.push((i, n, logits));
         }
         let inputs: Vec<Vec<u32>> = plan
             .iter()

@@ -23,6 +23,8 @@ pub(super) struct Sequence {
     pub(super) prompt: Vec<u32>,
     /// Prompt tokens already in the cache; prefill is done when it reaches the prompt.
     pub(super) prefilled: usize,
+    /// Steps in a row that took none of the prompt (`prefill.rs`).
+    pub(super) passed_over: u32,
     /// Tokens in the slot's cache.
     pub(super) pos: usize,
     /// What the next decode step feeds: the token sampled, and any forced after it.
