@@ -24,6 +24,7 @@ use candle_core::{Device, Tensor};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
+use lynx_host::engine::qmatmul::repack::FORMATS;
 use lynx_host::engine::qmatmul::{cpu, Linear};
 
 const N: usize = 1536;
@@ -31,15 +32,6 @@ const K: usize = 768;
 /// Weight bytes a call reads: past the last-level cache of the CPUs these run on.
 const FOOTPRINT: usize = 64 << 20;
 const ROWS: [usize; 4] = [1, 8, 16, 32];
-const FORMATS: [GgmlDType; 7] = [
-    GgmlDType::Q4_0,
-    GgmlDType::Q4_1,
-    GgmlDType::Q5_0,
-    GgmlDType::Q8_0,
-    GgmlDType::Q4K,
-    GgmlDType::Q5K,
-    GgmlDType::Q6K,
-];
 
 fn layers(dtype: GgmlDType) -> (Vec<Linear>, usize) {
     let w: Vec<f32> = (0..N * K)

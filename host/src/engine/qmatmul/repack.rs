@@ -45,6 +45,17 @@ pub const BLOCK: usize = 32;
 /// Columns interleaved: one per 32-bit lane of a 512-bit register.
 pub const LANES: usize = 16;
 
+/// Every format that repacks ([`Spec::of`]): the block formats of lynx's files.
+pub const FORMATS: [GgmlDType; 7] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
 /// Where the fifth and sixth bits go: what the kernel that reads them can unpack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {

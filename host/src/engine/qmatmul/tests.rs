@@ -7,15 +7,7 @@ use candle_core::Device;
 
 use super::*;
 
-const FORMATS: [GgmlDType; 7] = [
-    GgmlDType::Q4_0,
-    GgmlDType::Q4_1,
-    GgmlDType::Q5_0,
-    GgmlDType::Q8_0,
-    GgmlDType::Q4K,
-    GgmlDType::Q5K,
-    GgmlDType::Q6K,
-];
+use super::repack::FORMATS;
 
 fn weights(n: usize, k: usize) -> Vec<f32> {
     (0..n * k)
