@@ -7,7 +7,7 @@
 //! BOS in each chunk's first place when the vocabulary adds one, and score every token
 //! after the middle of the chunk from the ones before it, in a fresh context.
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::Server;
 
@@ -46,10 +46,9 @@ pub async fn mean_nll(server: &Server, text: &str) -> (f64, usize) {
         let body = json!({"prompt": chunk, "max_tokens": 0, "echo": true, "logprobs": 0});
         let (status, answer) = server.post("/v1/completions", &body).await;
         assert_eq!(status, 200, "{answer}");
-        let scored: Vec<Value> = answer["choices"][0]["logprobs"]["token_logprobs"]
+        let scored = answer["choices"][0]["logprobs"]["token_logprobs"]
             .as_array()
-            .expect("token_logprobs")
-            .clone();
+            .expect("token_logprobs");
         assert_eq!(scored.len(), N_CTX, "one log-probability per prompt token");
         // llama-perplexity scores tokens first+1 .. n_ctx-1 (each from all before it).
         for lp in &scored[first + 1..] {
