@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh --serve
-exec cargo run --release -p lynx-host -- "$@"
+exec cargo run --release -p lynx-server --bin lynx-host -- "$@"

@@ -48,7 +48,7 @@ pub fn host_binary() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target/release/lynx-host"));
     assert!(
         path.exists(),
-        "lynx-host binary not found at {}: build it with `cargo build --release -p lynx-host` (scripts/test.sh does)",
+        "lynx-host binary not found at {}: build it with `cargo build --release -p lynx-server` (scripts/test.sh does)",
         path.display()
     );
     path

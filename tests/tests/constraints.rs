@@ -143,7 +143,7 @@ async fn constrained_and_unconstrained_requests_batched_leave_each_other_unchang
 
 #[tokio::test]
 async fn forced_tokens_take_fewer_forwards_than_tokens() {
-    let server = Server::start_with(&["--log", "info,lynx_host::engine::sequence=debug"]).await;
+    let server = Server::start_with(&["--log", "info,lynx_engine::sequence=debug"]).await;
     let body = with(chat("A person."), "response_format", person_schema());
     let (status, answer) = server.post("/v1/chat/completions", &body).await;
     assert_eq!(status, 200, "{answer}");

@@ -1,0 +1,63 @@
+//! The inference engine: the model and its tokenizer, the batched forward pass of each
+//! architecture behind one seam (`arch`), the slot KV cache, and the scheduler task
+//! that owns the slots and the queue.
+//! Prompt building and text post-processing are the plugins' (see the plugin host, `lynx-plugin-host`).
+
+pub mod arch;
+pub mod batcher;
+pub mod constraint;
+pub mod files;
+pub mod gemma3;
+pub mod kv_cache;
+pub mod llama;
+pub mod logprobs;
+pub mod model;
+pub mod prefill;
+mod prefix;
+pub mod qmatmul;
+pub mod qwen2;
+pub mod sampling;
+mod sequence;
+pub mod shaping;
+pub mod tokenizer;
+
+pub use batcher::{
+    Batcher, BatcherConfig, Fault, FinishReason, GenEvent, GenerateRequest, Sampling,
+};
+pub use model::Model;
+
+/// Fixes the thread count candle sizes its ops by. candle reads `RAYON_NUM_THREADS` on
+/// every op and, without it, counts cores by reading `/proc/cpuinfo` each time: a third
+/// of a decode step. Call it first thing, before any other thread exists (it sets an
+/// environment variable).
+pub fn fix_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
+    }
+}
+
+/// Errors of the engine layer; the HTTP layer maps each to one status and OpenAI type.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the request queue is full ({0} waiting)")]
+    Overloaded(usize),
+    #[error("the scheduler has stopped")]
+    Stopped,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("model: {0}")]
+    Model(String),
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizer::TokenizerError),
+    /// A request's token-level constraint failed (its plugin trapped, missed its
+    /// deadline, or ruled nonsense): that request fails, the others go on.
+    #[error("token constraint: {0}")]
+    Constraint(constraint::ConstraintError),
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        EngineError::Model(e.to_string())
+    }
+}
