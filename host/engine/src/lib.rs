@@ -4,7 +4,6 @@
 //! Prompt building and text post-processing are the plugins' (see the plugin host, `lynx-plugin-host`).
 
 pub mod arch;
-pub mod batcher;
 pub mod constraint;
 pub mod files;
 pub mod gemma3;
@@ -12,19 +11,21 @@ pub mod kv_cache;
 pub mod llama;
 pub mod logprobs;
 pub mod model;
+pub mod planner;
 pub mod prefill;
-mod prefix;
+pub mod prefix;
 pub mod qmatmul;
 pub mod qwen2;
 pub mod sampling;
+pub mod scheduler;
 mod sequence;
 pub mod shaping;
 pub mod tokenizer;
 
-pub use batcher::{
-    Batcher, BatcherConfig, Fault, FinishReason, GenEvent, GenerateRequest, Sampling,
-};
 pub use model::Model;
+pub use scheduler::{
+    Fault, FinishReason, GenEvent, GenerateRequest, Sampling, Scheduler, SchedulerConfig,
+};
 
 /// Fixes the thread count candle sizes its ops by. candle reads `RAYON_NUM_THREADS` on
 /// every op and, without it, counts cores by reading `/proc/cpuinfo` each time: a third

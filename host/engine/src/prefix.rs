@@ -18,8 +18,8 @@
 //! (`cache_salt`, or the server's sharing policy) they were computed for, so neither
 //! `cached_tokens` nor a faster first token tells one client what another sent.
 
-use super::batcher::PREFILL_CHUNK;
-use super::kv_cache::{KvCache, KvDtype};
+use super::kv_cache::KvDtype;
+use super::scheduler::PREFILL_CHUNK;
 
 #[derive(Debug, Default, Clone)]
 struct Slot {
@@ -47,10 +47,12 @@ pub struct PrefixCache {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placement {
     pub slot: usize,
-    /// Prompt tokens whose keys and values are already in the slot.
+    /// Prompt tokens whose keys and values are in the slot once the placement is
+    /// carried out.
     pub reused: usize,
-    /// The prefix was copied from another slot.
-    pub copied: bool,
+    /// The slot the `reused` prefix is to be copied from, when it is not in `slot`
+    /// already: the scheduler copies it before the slot's first step.
+    pub copy_from: Option<usize>,
 }
 
 impl PrefixCache {
@@ -121,14 +123,24 @@ impl PrefixCache {
         }
     }
 
+    /// Forgets what `slot` holds: a copy into it failed, so its positions are unknown.
+    pub fn forget(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.tokens.clear();
+            s.chunked = 0;
+            s.prompted = 0;
+        }
+    }
+
     /// Chooses the slot for `prompt` among the `free` ones, reusing the longest cached
     /// prefix any slot (free, or `running` a sequence) holds. A prefix in a running
-    /// slot, or in a free one other than the one chosen, is copied. `cold` (`echo`)
-    /// reuses nothing: it needs every prompt position's logits. Only slots of the
-    /// request's cache `space` are reused; the chosen slot becomes that space's.
+    /// slot, or in a free one other than the one chosen, is to be copied
+    /// ([`Placement::copy_from`]). `cold` (`echo`) reuses nothing: it needs every
+    /// prompt position's logits. Only slots of the request's cache `space` are reused;
+    /// the chosen slot becomes that space's. The index records the slot as holding the
+    /// reused prefix from now on, as it will once the placement is carried out.
     pub fn place(
         &mut self,
-        cache: &KvCache,
         (prompt, cold, space): (&[u32], bool, u64),
         (free, running): (&[usize], &[usize]),
     ) -> Placement {
@@ -167,19 +179,9 @@ impl PrefixCache {
             Some((_, true, s)) => s,
             _ => lru(None).unwrap_or(0),
         };
-        let mut reused = reused;
-        let mut copied = false;
-        if let Some(from) = from.filter(|&f| f != slot) {
-            match cache.copy_prefix(from, slot, reused) {
-                Ok(()) => {
-                    self.slots[slot] = self.slots[from].clone();
-                    copied = true;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "copying a cached prefix failed; prefilling cold");
-                    reused = 0;
-                }
-            }
+        let copy_from = from.filter(|&f| f != slot);
+        if let Some(from) = copy_from {
+            self.slots[slot] = self.slots[from].clone();
         }
         let s = &mut self.slots[slot];
         s.tokens.truncate(reused);
@@ -190,7 +192,7 @@ impl PrefixCache {
         Placement {
             slot,
             reused,
-            copied,
+            copy_from,
         }
     }
 }
@@ -199,11 +201,8 @@ impl PrefixCache {
 mod tests {
     use super::*;
 
-    fn cache(slots: usize, dtype: KvDtype) -> (KvCache, PrefixCache) {
-        (
-            KvCache::new(slots, 1, (1, 8), 600, dtype).unwrap(),
-            PrefixCache::new(slots, dtype),
-        )
+    fn cache(slots: usize, dtype: KvDtype) -> PrefixCache {
+        PrefixCache::new(slots, dtype)
     }
 
     fn at(p: Placement) -> (usize, usize) {
@@ -219,91 +218,84 @@ mod tests {
 
     #[test]
     fn the_longest_prefix_is_reused_in_place_and_the_last_token_recomputed() {
-        let (kv, mut p) = cache(3, KvDtype::F16);
+        let mut p = cache(3, KvDtype::F16);
         ran(&mut p, 1, &[1, 2, 3, 4], &[5, 6]);
         // A chat's next turn: its history, the answer included, then more.
         let next = [1, 2, 3, 4, 5, 6, 7, 8];
-        assert_eq!(
-            at(p.place(&kv, (&next, false, 0), (&[0, 1, 2], &[]))),
-            (1, 6)
-        );
+        assert_eq!(at(p.place((&next, false, 0), (&[0, 1, 2], &[]))), (1, 6));
         // The same prompt again: all but its last token.
-        let (kv, mut p) = cache(3, KvDtype::F16);
+        let mut p = cache(3, KvDtype::F16);
         ran(&mut p, 2, &[1, 2, 3, 4], &[]);
         assert_eq!(
-            at(p.place(&kv, (&[1, 2, 3, 4], false, 0), (&[0, 1, 2], &[]))),
+            at(p.place((&[1, 2, 3, 4], false, 0), (&[0, 1, 2], &[]))),
             (2, 3)
         );
         // `echo` reuses nothing.
         assert_eq!(
-            p.place(&kv, (&[1, 2, 3, 4], true, 0), (&[0, 1, 2], &[]))
-                .reused,
+            p.place((&[1, 2, 3, 4], true, 0), (&[0, 1, 2], &[])).reused,
             0
         );
     }
 
     #[test]
     fn another_prompt_under_the_same_prefix_is_kept_and_the_prefix_copied() {
-        let (kv, mut p) = cache(3, KvDtype::F16);
+        let mut p = cache(3, KvDtype::F16);
         ran(&mut p, 0, &[9, 9, 9, 1, 1], &[7]);
         ran(&mut p, 2, &[4, 4], &[]);
         // Slot 0's own question (1, 1) would be lost: the shared part goes to slot 1,
         // the least recently used free slot.
         let other = [9, 9, 9, 2, 2];
-        let place = p.place(&kv, (&other, false, 0), (&[0, 1, 2], &[]));
+        let place = p.place((&other, false, 0), (&[0, 1, 2], &[]));
         assert_eq!(at(place), (1, 3));
-        assert!(place.copied);
+        assert_eq!(place.copy_from, Some(0));
         assert_eq!(
-            at(p.place(&kv, (&[9, 9, 9, 1, 1, 7, 3], false, 0), (&[0, 2], &[]))),
+            at(p.place((&[9, 9, 9, 1, 1, 7, 3], false, 0), (&[0, 2], &[]))),
             (0, 6)
         );
     }
 
     #[test]
     fn a_running_slot_s_prefix_is_copied_and_eviction_is_least_recent_first() {
-        let (kv, mut p) = cache(4, KvDtype::F16);
+        let mut p = cache(4, KvDtype::F16);
         ran(&mut p, 0, &[5, 5, 5, 5], &[]);
         ran(&mut p, 1, &[6, 6], &[]);
         ran(&mut p, 2, &[7, 7], &[]);
         // Slot 0 runs; a prompt sharing its prefix gets a copy in slot 3 (never used).
         assert_eq!(
-            at(p.place(&kv, (&[5, 5, 5, 8], false, 0), (&[1, 2, 3], &[0]))),
+            at(p.place((&[5, 5, 5, 8], false, 0), (&[1, 2, 3], &[0]))),
             (3, 3)
         );
         // Nothing shared: slot 1, the idle one used longest ago, is evicted.
-        assert_eq!(
-            at(p.place(&kv, (&[3, 3], false, 0), (&[1, 2], &[0, 3]))),
-            (1, 0)
-        );
+        assert_eq!(at(p.place((&[3, 3], false, 0), (&[1, 2], &[0, 3]))), (1, 0));
         assert_eq!(p.common(1, &[6, 6]), 0, "evicted");
     }
 
     #[test]
     fn prefixes_never_cross_cache_spaces() {
-        let (kv, mut p) = cache(3, KvDtype::F16);
+        let mut p = cache(3, KvDtype::F16);
         let prompt = [1, 2, 3, 4, 5, 6];
-        let first = p.place(&kv, (&prompt, false, 7), (&[0, 1, 2], &[]));
+        let first = p.place((&prompt, false, 7), (&[0, 1, 2], &[]));
         p.tick();
         p.wrote(first.slot, 0, Some(&prompt), true);
         p.tick();
         // Another space, idle or running: nothing is reused, nothing copied.
-        let other = p.place(&kv, (&prompt, false, 8), (&[0, 1, 2], &[]));
-        assert_eq!((other.reused, other.copied), (0, false));
+        let other = p.place((&prompt, false, 8), (&[0, 1, 2], &[]));
+        assert_eq!((other.reused, other.copy_from), (0, None));
         assert_ne!(
             other.slot, first.slot,
             "the other space's prefix is not evicted first"
         );
         let free: Vec<usize> = (0..3).filter(|&s| s != first.slot).collect();
-        let running = p.place(&kv, (&prompt, false, 9), (&free, &[first.slot]));
+        let running = p.place((&prompt, false, 9), (&free, &[first.slot]));
         assert_eq!(running.reused, 0);
         // The same space reuses it.
-        let again = p.place(&kv, (&prompt, false, 7), (&[0, 1, 2], &[]));
+        let again = p.place((&prompt, false, 7), (&[0, 1, 2], &[]));
         assert_eq!(at(again), (first.slot, 5));
     }
 
     #[test]
     fn the_f32_cache_reuses_only_whole_prompt_chunks() {
-        let (kv, mut p) = cache(2, KvDtype::F32);
+        let mut p = cache(2, KvDtype::F32);
         let prompt: Vec<u32> = (0..300).collect();
         for (at, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
             p.wrote(0, at * PREFILL_CHUNK, Some(chunk), true);
@@ -312,12 +304,9 @@ mod tests {
         let mut next = prompt.clone();
         next.extend([1, 2, 3, 4]);
         assert_eq!(
-            p.place(&kv, (&next, false, 0), (&[0, 1], &[])).reused,
+            p.place((&next, false, 0), (&[0, 1], &[])).reused,
             2 * PREFILL_CHUNK
         );
-        assert_eq!(
-            p.place(&kv, (&prompt[..200], false, 0), (&[1], &[])).reused,
-            0
-        );
+        assert_eq!(p.place((&prompt[..200], false, 0), (&[1], &[])).reused, 0);
     }
 }

@@ -11,10 +11,10 @@
 use candle_core::Tensor;
 use tokio::sync::mpsc;
 
-use super::batcher::{BatcherConfig, FinishReason, GenEvent, Sampling};
 use super::constraint::{self, Rule, TokenConstraint, MAX_FORCED};
 use super::logprobs::{self, Logprob};
 use super::sampling::Sampler;
+use super::scheduler::{FinishReason, GenEvent, Sampling, SchedulerConfig};
 use super::shaping::{self, Seen, Shaping};
 use super::{EngineError, Model};
 
@@ -76,7 +76,7 @@ impl Sequence {
     /// or a limit is reached.
     fn append(
         &mut self,
-        config: &BatcherConfig,
+        config: &SchedulerConfig,
         token: u32,
         logprob: Option<Logprob>,
     ) -> Option<Step> {
@@ -107,7 +107,7 @@ pub(super) enum Step {
 /// constraint forces after it.
 pub(super) fn advance(
     model: &Model,
-    config: &BatcherConfig,
+    config: &SchedulerConfig,
     seq: &mut Sequence,
     logits: &Tensor,
 ) -> Result<Step, EngineError> {
@@ -202,7 +202,7 @@ fn check_forced(model: &Model, tokens: &[u32]) -> Result<(), EngineError> {
 /// Appends the tokens a constraint forced, then asks it what follows them.
 fn force(
     model: &Model,
-    config: &BatcherConfig,
+    config: &SchedulerConfig,
     seq: &mut Sequence,
     tokens: Vec<u32>,
 ) -> Result<Step, EngineError> {
@@ -227,7 +227,7 @@ fn force(
 /// a stop ends the sequence, any other rule waits for the next logits.
 fn ask_ahead(
     model: &Model,
-    config: &BatcherConfig,
+    config: &SchedulerConfig,
     seq: &mut Sequence,
 ) -> Result<Step, EngineError> {
     let Some(c) = &mut seq.constraint else {

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::cache::ComponentCache;
-use super::world::{WIT_PACKAGE, WIT_VERSION};
+use super::latest::WIT_VERSION;
+use super::versions::WIT_PACKAGE;
 use super::{PluginError, PluginLimits, PluginRuntime};
 use lynx_engine::tokenizer::Tokenizer;
 

@@ -88,12 +88,6 @@ macro_rules! version_glue {
             }
         }
 
-        pub(super) fn verdict(
-            v: Result<Vec<u32>, wit::Rejection>,
-        ) -> Result<Vec<u32>, types::Rejection> {
-            v.map_err(rejection)
-        }
-
         pub(super) fn post_config(c: &types::PostConfig) -> wit::PostConfig {
             wit::PostConfig {
                 stops: c.stops.clone(),
@@ -109,4 +103,78 @@ macro_rules! version_glue {
     };
 }
 
-pub(super) use {host_imports, model_import, version_glue};
+/// A version whose world is the plain `plugin` (router, policy, post-processing): its
+/// [`super::versions::Exports`] over the generated `Plugin`, and its `VERSION` entry.
+macro_rules! plugin_world_version {
+    () => {
+        use super::types::{PolicyRequest, PostConfig, Rejection, Released};
+        use super::versions::{Exports, Instance, Linked, Version};
+        use wasmtime::component::{HasSelf, InstancePre, Linker};
+        use wasmtime::Store;
+
+        /// This version's row of [`super::versions::VERSIONS`].
+        pub const VERSION: Version = Version {
+            wit: WIT_VERSION,
+            add_to_linker,
+            link,
+        };
+
+        fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+            Plugin::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)
+        }
+
+        fn link(pre: InstancePre<HostState>) -> wasmtime::Result<Box<dyn Linked>> {
+            Ok(Box::new(PluginPre::new(pre)?))
+        }
+
+        impl Linked for PluginPre<HostState> {
+            fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Instance> {
+                Ok(Box::new(PluginPre::instantiate(self, store)?))
+            }
+        }
+
+        impl Exports for Plugin {
+            fn normalize(
+                &self,
+                store: &mut Store<HostState>,
+                method: &str,
+                path: &str,
+            ) -> wasmtime::Result<String> {
+                self.lynx_plugin_router()
+                    .call_normalize(store, method, path)
+            }
+
+            fn tokenize(
+                &self,
+                store: &mut Store<HostState>,
+                request: &PolicyRequest,
+            ) -> wasmtime::Result<Result<Vec<u32>, Rejection>> {
+                let verdict = self
+                    .lynx_plugin_policy()
+                    .call_tokenize(store, &policy_request(request))?;
+                Ok(verdict.map_err(rejection))
+            }
+
+            fn start(
+                &self,
+                store: &mut Store<HostState>,
+                config: &PostConfig,
+            ) -> wasmtime::Result<()> {
+                self.lynx_plugin_postprocess()
+                    .call_start(store, &post_config(config))
+            }
+
+            fn push(&self, store: &mut Store<HostState>, token: u32) -> wasmtime::Result<Released> {
+                Ok(released(
+                    self.lynx_plugin_postprocess().call_push(store, token)?,
+                ))
+            }
+
+            fn finish(&self, store: &mut Store<HostState>) -> wasmtime::Result<String> {
+                self.lynx_plugin_postprocess().call_finish(store)
+            }
+        }
+    };
+}
+
+pub(super) use {host_imports, model_import, plugin_world_version, version_glue};

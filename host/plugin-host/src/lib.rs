@@ -1,10 +1,11 @@
 //! WebAssembly plugins: the wasmtime component host that runs lynx's request
-//! pre/post-processing in sandboxed components implementing `lynx:plugin@0.2.0` (or the
-//! released 0.1.0).
+//! pre/post-processing in sandboxed components implementing `lynx:plugin@0.3.0` (or a
+//! released older version).
 //!
-//! [`world`] owns the current version's generated bindings and [`since_v0_1`] the
-//! 0.1.0 adapter's; [`versions`] dispatches to either, and [`types`] are the host's own
-//! types every other layer sees; [`runtime`] compiles, checks and
+//! One module per released WIT version owns that version's `bindgen!`
+//! ([`since_v0_1`], [`since_v0_2`], [`since_v0_3`], the current one, also [`latest`]);
+//! [`versions`] is their table and the traits they implement, and [`types`] are the
+//! host's own types every other layer sees; [`runtime`] compiles, checks and
 //! pre-instantiates plugins ([`cache`] keeps them compiled by sha256, authenticated);
 //! [`session`] is one request's sandbox, and [`exec`] the bounded pool its calls run on,
 //! off the async workers; [`state`] is what a plugin can reach (the tokenizer, the log,
@@ -26,12 +27,15 @@ pub mod runtime;
 pub mod session;
 pub mod since_v0_1;
 pub mod since_v0_2;
+pub mod since_v0_3;
 pub mod state;
 pub mod types;
 pub mod versions;
 pub mod wasi;
 pub mod watch;
-pub mod world;
+
+/// The version this host implements; plugins of the older released ones load too.
+pub use since_v0_3 as latest;
 
 pub use exec::{PluginExec, Session};
 pub use registry::Plugins;

@@ -11,22 +11,21 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::cache::{sha256_hex, ComponentCache, Source};
 use super::constraint::WarmPool;
 use super::files::read_capped;
+use super::latest::WIT_VERSION;
 use super::probation::{Probation, Verdict};
 use super::session::PluginSession;
 use super::state::{HostState, LogLimiter};
 use super::types::{
     ChatMessage, ModelInfo, OutputFormat, PolicyRequest, PostConfig, Prompt, Vocabulary,
 };
-use super::versions::{Pre, SUPPORTED};
-use super::world::{WIT_PACKAGE, WIT_VERSION};
+use super::versions::{self, Linked, WIT_PACKAGE};
 use super::PluginError;
-use super::{since_v0_1, since_v0_2, world};
 use lynx_engine::tokenizer::Tokenizer;
 
 /// How often the epoch advances: the granularity of call deadlines.
@@ -238,7 +237,7 @@ pub struct LoadedPlugin {
     /// Its first requests after a swap, judged for a rollback.
     pub probation: Probation,
     pub(crate) log: Arc<LogLimiter>,
-    pub(crate) pre: Pre,
+    pub(crate) pre: Box<dyn Linked>,
     pub(crate) component: Component,
     /// Its constraint served the smoke call's JSON: instances are worth keeping warm.
     pub(crate) constrains: std::sync::atomic::AtomicBool,
@@ -319,15 +318,9 @@ impl PluginRuntime {
 
         let mut linker = Linker::new(&engine);
         // Every version's imports in one linker: their names differ by version.
-        world::ConstrainedPlugin::add_to_linker::<HostState, HasSelf<HostState>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(engine_error)?;
-        since_v0_2::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(engine_error)?;
-        since_v0_1::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(engine_error)?;
+        for version in &versions::VERSIONS {
+            (version.add_to_linker)(&mut linker).map_err(engine_error)?;
+        }
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_error)?;
         super::wasi::add_bounded_clocks(&mut linker).map_err(engine_error)?;
         let (verdicts, verdicts_rx) = std::sync::mpsc::channel();
@@ -453,7 +446,12 @@ impl PluginRuntime {
         let pre = self
             .linker
             .instantiate_pre(&component)
-            .and_then(|pre| Pre::new(&wit_version, pre))
+            .and_then(|pre| match versions::find(&wit_version) {
+                Some(version) => (version.link)(pre),
+                None => Err(wasmtime::format_err!(
+                    "lynx:plugin@{wit_version} is not loaded"
+                )),
+            })
             .map_err(|e| PluginError::Invalid {
                 file: file.clone(),
                 detail: super::state::escape_log(&format!("{e:#}")),
@@ -497,12 +495,13 @@ impl PluginRuntime {
                 continue;
             };
             let version = rest.split_once('@').map_or("", |(_, v)| v);
-            let known = SUPPORTED
+            let known = versions::VERSIONS
                 .iter()
+                .map(|v| v.wit)
                 .find(|v| major_minor(v) == major_minor(version));
             match (known, found) {
                 (Some(v), None) => found = Some(v),
-                (Some(v), Some(f)) if *v == f => {}
+                (Some(v), Some(f)) if v == f => {}
                 _ => {
                     return Err(PluginError::IncompatibleVersion {
                         file: file.to_string(),
@@ -511,7 +510,7 @@ impl PluginRuntime {
                         } else {
                             version.to_string()
                         },
-                        expected: SUPPORTED.join(" or "),
+                        expected: versions::supported().join(" or "),
                     })
                 }
             }

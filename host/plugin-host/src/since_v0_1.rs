@@ -3,7 +3,7 @@
 //! the same [`HostState`], its types converted to the host's. A 0.1.0 plugin has no
 //! `model` import, so it behaves exactly as it did on a 0.1.0 host.
 
-use super::glue::{host_imports, version_glue};
+use super::glue::{host_imports, plugin_world_version, version_glue};
 use super::state::HostState;
 use super::types;
 
@@ -22,3 +22,4 @@ impl lynx::plugin::host::Host for HostState {
 }
 
 version_glue!();
+plugin_world_version!();

@@ -4,7 +4,7 @@
 //! it behaves exactly as it did on a 0.2.0 host, and structured-output requests sent to
 //! it are refused.
 
-use super::glue::{host_imports, model_import, version_glue};
+use super::glue::{host_imports, model_import, plugin_world_version, version_glue};
 use super::state::HostState;
 use super::types;
 
@@ -24,3 +24,4 @@ impl lynx::plugin::host::Host for HostState {
 }
 
 version_glue!();
+plugin_world_version!();

@@ -1,7 +1,7 @@
 //! The host's own types for what crosses into a plugin and back: the HTTP layer and the
 //! engine use these whatever `lynx:plugin` version a plugin implements. Each version's
-//! bindings module (`world` for the current one, `since_v0_1` for 0.1.0) converts them
-//! to and from its generated types, which stay inside `plugins/`.
+//! bindings module (`since_vX_Y`) converts them to and from its generated types, which
+//! stay inside this crate.
 
 /// One chat message, as the client sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,162 +1,128 @@
-//! The `lynx:plugin` versions this host loads, and one plugin instance whatever its
-//! version: [`Pre`] and [`Instance`] dispatch each call to the version's bindings and
-//! hand back the host's own types.
+//! The `lynx:plugin` versions this host loads, as one table ([`VERSIONS`]), and the two
+//! traits each version's module implements over its own generated bindings: [`Linked`]
+//! (a component linked, ready to instantiate) and [`Exports`] (one instance's exports,
+//! in the host's own types). Everything above this module calls a plugin through those
+//! traits and never learns which version it is.
+//!
+//! Adding a version is one folder under `wit/` and one `since_vX_Y` module (its
+//! `bindgen!`, its `VERSION`), listed here; the module that was `latest` becomes an
+//! older version unchanged.
 
-use wasmtime::component::InstancePre;
+use wasmtime::component::{InstancePre, Linker};
 use wasmtime::Store;
 
 use super::state::HostState;
 use super::types::{OutputFormat, PolicyRequest, PostConfig, Rejection, Released};
-use super::{since_v0_1, since_v0_2, world};
+use super::{since_v0_1, since_v0_2, since_v0_3};
 use lynx_engine::constraint::Rule;
 
-/// Every version a plugin may be built for: the current one first.
-pub const SUPPORTED: [&str; 3] = [
-    world::WIT_VERSION,
-    since_v0_2::WIT_VERSION,
-    since_v0_1::WIT_VERSION,
+/// The WIT package plugins implement.
+pub const WIT_PACKAGE: &str = "lynx:plugin";
+
+/// One released version: what it links and how its components are bound.
+pub struct Version {
+    /// `lynx:plugin@{wit}`.
+    pub wit: &'static str,
+    /// Adds the version's imports to the one linker every version shares: their names
+    /// carry the version, so they never collide.
+    pub add_to_linker: fn(&mut Linker<HostState>) -> wasmtime::Result<()>,
+    /// The version's bindings over a component linked for it.
+    pub link: fn(InstancePre<HostState>) -> wasmtime::Result<Box<dyn Linked>>,
+}
+
+/// Every version a plugin may be built for, the current one first.
+pub static VERSIONS: [Version; 3] = [
+    since_v0_3::VERSION,
+    since_v0_2::VERSION,
+    since_v0_1::VERSION,
 ];
 
-/// A plugin linked and ready to instantiate.
-pub enum Pre {
-    Current(world::PluginPre),
-    V0_2(since_v0_2::PluginPre<HostState>),
-    V0_1(since_v0_1::PluginPre<HostState>),
+/// The released version of this number, if the host loads it.
+pub fn find(wit: &str) -> Option<&'static Version> {
+    VERSIONS.iter().find(|v| v.wit == wit)
 }
 
-/// One instance of a plugin.
-pub enum Instance {
-    Current(world::Plugin),
-    V0_2(since_v0_2::Plugin),
-    V0_1(since_v0_1::Plugin),
+/// The versions' numbers, newest first, for messages.
+pub fn supported() -> Vec<&'static str> {
+    VERSIONS.iter().map(|v| v.wit).collect()
 }
 
-impl Pre {
-    /// The bindings of `version` (one of [`SUPPORTED`]) over a linked component.
-    pub fn new(version: &str, pre: InstancePre<HostState>) -> wasmtime::Result<Self> {
-        Ok(match version {
-            v if v == since_v0_1::WIT_VERSION => Pre::V0_1(since_v0_1::PluginPre::new(pre)?),
-            v if v == since_v0_2::WIT_VERSION => Pre::V0_2(since_v0_2::PluginPre::new(pre)?),
-            _ => Pre::Current(world::PluginPre::new(pre)?),
-        })
-    }
-
+/// A plugin linked for one version, ready to instantiate.
+pub trait Linked: Send + Sync {
     /// Whether the plugin exports token-level control (`constraint`, from 0.3.0).
-    pub fn has_constraint(&self) -> bool {
-        matches!(self, Pre::Current(p) if p.has_constraint())
+    fn has_constraint(&self) -> bool {
+        false
     }
-
-    pub fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Instance> {
-        Ok(match self {
-            Pre::Current(p) => Instance::Current(p.instantiate(store)?),
-            Pre::V0_2(p) => Instance::V0_2(p.instantiate(store)?),
-            Pre::V0_1(p) => Instance::V0_1(p.instantiate(store)?),
-        })
-    }
+    fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Instance>;
 }
 
-/// The constraint export of an instance that has one.
-fn constraint(p: &Instance) -> wasmtime::Result<&world::exports::lynx::plugin::constraint::Guest> {
-    match p {
-        Instance::Current(world::Plugin {
-            constraint: Some(c),
-            ..
-        }) => Ok(c),
-        _ => Err(wasmtime::format_err!(
-            "the plugin has no constraint interface"
-        )),
-    }
-}
+/// One instance of a plugin, whatever its version.
+pub type Instance = Box<dyn Exports>;
 
-impl Instance {
-    pub fn normalize(
+/// One instance's exports, in the host's own types. The constraint calls fail for a
+/// plugin without the interface; the registry never routes a constrained request to one.
+pub trait Exports: Send + Sync {
+    fn normalize(
         &self,
         store: &mut Store<HostState>,
         method: &str,
         path: &str,
-    ) -> wasmtime::Result<String> {
-        match self {
-            Instance::Current(p) => p.router.call_normalize(store, method, path),
-            Instance::V0_2(p) => p.lynx_plugin_router().call_normalize(store, method, path),
-            Instance::V0_1(p) => p.lynx_plugin_router().call_normalize(store, method, path),
-        }
-    }
+    ) -> wasmtime::Result<String>;
 
-    pub fn tokenize(
+    fn tokenize(
         &self,
         store: &mut Store<HostState>,
         request: &PolicyRequest,
-    ) -> wasmtime::Result<Result<Vec<u32>, Rejection>> {
-        Ok(match self {
-            Instance::Current(p) => world::verdict(
-                p.policy
-                    .call_tokenize(store, &world::policy_request(request))?,
-            ),
-            Instance::V0_2(p) => since_v0_2::verdict(
-                p.lynx_plugin_policy()
-                    .call_tokenize(store, &since_v0_2::policy_request(request))?,
-            ),
-            Instance::V0_1(p) => since_v0_1::verdict(
-                p.lynx_plugin_policy()
-                    .call_tokenize(store, &since_v0_1::policy_request(request))?,
-            ),
-        })
+    ) -> wasmtime::Result<Result<Vec<u32>, Rejection>>;
+
+    fn start(&self, store: &mut Store<HostState>, config: &PostConfig) -> wasmtime::Result<()>;
+
+    fn push(&self, store: &mut Store<HostState>, token: u32) -> wasmtime::Result<Released>;
+
+    fn finish(&self, store: &mut Store<HostState>) -> wasmtime::Result<String>;
+
+    fn prepare(&self, _store: &mut Store<HostState>) -> wasmtime::Result<()> {
+        Err(no_constraint())
     }
 
-    pub fn start(&self, store: &mut Store<HostState>, config: &PostConfig) -> wasmtime::Result<()> {
-        match self {
-            Instance::Current(p) => p.postprocess.call_start(store, &world::post_config(config)),
-            Instance::V0_2(p) => p
-                .lynx_plugin_postprocess()
-                .call_start(store, &since_v0_2::post_config(config)),
-            Instance::V0_1(p) => p
-                .lynx_plugin_postprocess()
-                .call_start(store, &since_v0_1::post_config(config)),
-        }
-    }
-
-    pub fn push(&self, store: &mut Store<HostState>, token: u32) -> wasmtime::Result<Released> {
-        Ok(match self {
-            Instance::Current(p) => world::released(p.postprocess.call_push(store, token)?),
-            Instance::V0_2(p) => {
-                since_v0_2::released(p.lynx_plugin_postprocess().call_push(store, token)?)
-            }
-            Instance::V0_1(p) => {
-                since_v0_1::released(p.lynx_plugin_postprocess().call_push(store, token)?)
-            }
-        })
-    }
-
-    pub fn finish(&self, store: &mut Store<HostState>) -> wasmtime::Result<String> {
-        match self {
-            Instance::Current(p) => p.postprocess.call_finish(store),
-            Instance::V0_2(p) => p.lynx_plugin_postprocess().call_finish(store),
-            Instance::V0_1(p) => p.lynx_plugin_postprocess().call_finish(store),
-        }
-    }
-
-    pub fn prepare(&self, store: &mut Store<HostState>) -> wasmtime::Result<()> {
-        constraint(self)?.call_prepare(store)
-    }
-
-    pub fn constrain(
+    fn constrain(
         &self,
-        store: &mut Store<HostState>,
-        format: &OutputFormat,
+        _store: &mut Store<HostState>,
+        _format: &OutputFormat,
     ) -> wasmtime::Result<Result<(), Rejection>> {
-        let verdict = constraint(self)?.call_start(store, &world::output_format(format))?;
-        Ok(verdict.map_err(world::rejection))
+        Err(no_constraint())
     }
 
-    pub fn next_token(&self, store: &mut Store<HostState>) -> wasmtime::Result<Rule> {
-        Ok(world::rule(constraint(self)?.call_next(store)?))
+    fn next_token(&self, _store: &mut Store<HostState>) -> wasmtime::Result<Rule> {
+        Err(no_constraint())
     }
 
-    pub fn taken(
+    fn taken(
         &self,
-        store: &mut Store<HostState>,
-        tokens: &[u32],
+        _store: &mut Store<HostState>,
+        _tokens: &[u32],
     ) -> wasmtime::Result<Result<(), String>> {
-        constraint(self)?.call_taken(store, tokens)
+        Err(no_constraint())
+    }
+}
+
+pub(crate) fn no_constraint() -> wasmtime::Error {
+    wasmtime::format_err!("the plugin has no constraint interface")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_lists_each_released_version_once_newest_first() {
+        let versions = supported();
+        assert_eq!(versions, ["0.3.0", "0.2.0", "0.1.0"]);
+        assert_eq!(crate::latest::VERSION.wit, versions[0]);
+        for v in &versions {
+            assert_eq!(find(v).map(|found| found.wit), Some(*v));
+        }
+        assert!(find("0.4.0").is_none());
+        assert!(find("").is_none());
     }
 }

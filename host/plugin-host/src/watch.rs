@@ -18,7 +18,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+pub use notify::RecommendedWatcher;
+use notify::{RecursiveMode, Watcher};
 
 use super::files::plugin_name;
 use super::{PluginError, Plugins};

@@ -293,6 +293,8 @@ pub struct Config {
     /// Testing only: prompts `lynx-fault:handler` and `lynx-fault:scheduler` make the
     /// request's handler, or the scheduler while sampling it, panic, to prove a panic
     /// costs only its own request.
+    /// Only in a build with the `fault-injection` feature (scripts/test.sh's).
+    #[cfg(feature = "fault-injection")]
     #[arg(long, env = "LYNX_FAULT_INJECTION", hide = true)]
     pub fault_injection: bool,
 
@@ -359,8 +361,16 @@ impl Config {
             max_chat_messages: self.max_chat_messages as usize,
             shared_cache: self.prefix_cache_sharing == CacheSharing::Shared,
             postprocess_fail_open: self.plugin_failure_policy == FailurePolicy::Open,
-            fault_injection: self.fault_injection,
+            fault_injection: self.fault_injection(),
         }
+    }
+
+    /// `--fault-injection`, in a build that has it.
+    fn fault_injection(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.fault_injection;
+        #[cfg(not(feature = "fault-injection"))]
+        false
     }
 
     pub fn plugin_limits(&self) -> lynx_plugin_host::PluginLimits {

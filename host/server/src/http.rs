@@ -26,9 +26,9 @@ use axum::{middleware, Json, Router};
 use serde_json::json;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use crate::backend::Backend;
 use crate::metrics;
 use error::ApiError;
-use lynx_engine::{Batcher, Model};
 use lynx_plugin_host::Plugins;
 use observe::EndpointLabels;
 
@@ -64,10 +64,10 @@ pub struct Limits {
 }
 
 pub struct AppState {
-    pub model: Arc<Model>,
+    /// What generates: the engine, or a test's scripted backend.
+    pub backend: Arc<dyn Backend>,
     /// The `model` field of responses and the `model_name` metric label.
     pub model_name: Arc<str>,
-    pub batcher: Batcher,
     pub plugins: Arc<Plugins>,
     /// The `endpoint` label values seen, capped whatever the router plugin returns.
     pub endpoints: EndpointLabels,
@@ -82,17 +82,15 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(
-        model: Arc<Model>,
+        backend: Arc<dyn Backend>,
         model_name: String,
-        batcher: Batcher,
         plugins: Arc<Plugins>,
         started: u64,
         limits: Limits,
     ) -> Self {
         Self {
-            model,
+            backend,
             model_name: model_name.into(),
-            batcher,
             plugins,
             endpoints: EndpointLabels::default(),
             started,
@@ -169,11 +167,11 @@ async fn get_model(
 /// `draining` for shutdown, `scheduler_stopped` when the scheduler thread is gone,
 /// `plugin_pool_exhausted` while every plugin instance is in use.
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
-    let stats = state.batcher.stats();
+    let stats = state.backend.stats();
     let (instances, max_instances) = state.plugins.runtime.instances();
     let (status, word) = if state.draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else if !state.batcher.is_running() {
+    } else if !state.backend.is_running() {
         (StatusCode::SERVICE_UNAVAILABLE, "scheduler_stopped")
     } else if instances >= max_instances {
         (StatusCode::SERVICE_UNAVAILABLE, "plugin_pool_exhausted")
@@ -184,7 +182,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
         "status": word,
         "model": &*state.model_name,
         "kv_cache_slots_used": stats.slots_used(),
-        "kv_cache_slots": state.batcher.config().kv_slots,
+        "kv_cache_slots": state.backend.config().kv_slots,
         "queue_depth": stats.queue_depth(),
         "plugin_instances": instances,
         "plugin_instances_max": max_instances,
@@ -193,7 +191,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
-    match metrics::render(state.batcher.stats()) {
+    match metrics::render(state.backend.stats()) {
         Ok(text) => (
             [(
                 header::CONTENT_TYPE,

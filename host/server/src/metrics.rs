@@ -9,7 +9,7 @@ use prometheus::{
     IntCounterVec, IntGauge, TextEncoder,
 };
 
-use lynx_engine::batcher::BatcherStats;
+use lynx_engine::scheduler::SchedulerStats;
 
 /// LLM request latency: sub-second to two minutes (+Inf is implicit).
 pub const LLM_LATENCY_BUCKETS: &[f64] = &[
@@ -141,7 +141,7 @@ pub fn method_label(method: &str) -> &'static str {
 }
 
 /// The text exposition of the default registry, gauges read from `stats` now.
-pub fn render(stats: &BatcherStats) -> Result<String, prometheus::Error> {
+pub fn render(stats: &SchedulerStats) -> Result<String, prometheus::Error> {
     KV_CACHE_SLOTS_USED.set(stats.slots_used() as i64);
     QUEUE_DEPTH.set(stats.queue_depth() as i64);
     let mut buf = Vec::new();

@@ -7,7 +7,7 @@ pub use lynx_plugin_core as core;
 pub mod bindings {
     //! The generated bindings of the `constrained-plugin` world.
     wit_bindgen::generate!({
-        path: "../../wit",
+        path: "../../wit/v0.3.0",
         world: "constrained-plugin",
         pub_export_macro: true,
         export_macro_name: "export_plugin",

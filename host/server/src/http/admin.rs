@@ -139,8 +139,8 @@ async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
 
 /// The prefix cache: what it has reused since start-up, and what each slot holds now.
 async fn cache(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let config = state.batcher.config();
-    let p = state.batcher.stats().prefix();
+    let config = state.backend.config();
+    let p = state.backend.stats().prefix();
     let n = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed);
     let reuse = match config.kv_dtype {
         KvDtype::F16 => "any prefix",

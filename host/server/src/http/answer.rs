@@ -173,7 +173,7 @@ pub async fn whole(state: Arc<AppState>, shape: Shape, generations: Vec<Generati
         usages.push(w.usage);
         let mut scores = Scores {
             api: shape.api,
-            tokenizer: state.model.tokenizer.clone(),
+            tokenizer: state.backend.tokenizer().clone(),
             offset: 0,
         };
         let mut entries: Vec<(u32, Option<&Logprob>)> = Vec::new();
@@ -346,7 +346,7 @@ pub fn stream(
     let scores = (0..n)
         .map(|_| Scores {
             api: shape.api,
-            tokenizer: state.model.tokenizer.clone(),
+            tokenizer: state.backend.tokenizer().clone(),
             offset: 0,
         })
         .collect();

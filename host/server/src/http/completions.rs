@@ -114,7 +114,7 @@ fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<plugin::Prompt,
             ))
         }
         Prompt::Tokens(ids) => {
-            let vocab = state.model.tokenizer.vocab_size();
+            let vocab = state.backend.tokenizer().vocab_size();
             if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
                 return Err(ApiError::invalid(
                     format!("`prompt` holds token id {bad}, outside the vocabulary of {vocab}."),
@@ -150,7 +150,7 @@ pub(super) async fn apply_policy(
 ) -> Result<(Vec<u32>, Option<u32>), ApiError> {
     let request = PolicyRequest {
         prompt,
-        context_length: u32::try_from(state.batcher.config().max_seq_len).unwrap_or(u32::MAX),
+        context_length: u32::try_from(state.backend.config().max_seq_len).unwrap_or(u32::MAX),
         max_tokens: max_tokens.map(|m| u32::try_from(m).unwrap_or(u32::MAX)),
     };
     let (verdict, reported) = session
@@ -175,7 +175,7 @@ pub(super) async fn apply_policy(
             code: Some(code),
         }
     })?;
-    let vocab = state.model.tokenizer.vocab_size();
+    let vocab = state.backend.tokenizer().vocab_size();
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(PluginError::Misbehaved {
             plugin: session.plugin_name().to_string(),
@@ -216,7 +216,7 @@ async fn respond(
             let echo = params
                 .scoring
                 .echo
-                .then(|| answer::echo_of(text.as_deref(), &state.model.tokenizer, &prompt));
+                .then(|| answer::echo_of(text.as_deref(), state.backend.tokenizer(), &prompt));
             let shape = Shape {
                 api,
                 logprobs: params.scoring.logprobs.is_some(),
@@ -345,7 +345,8 @@ async fn constrain(
 
 /// Testing only (`--fault-injection`): the prompt `lynx-fault:handler` panics here, in
 /// the handler; `lynx-fault:scheduler` asks the scheduler to panic while sampling it,
-/// `lynx-fault:scheduler-stop` to stop.
+/// `lynx-fault:scheduler-stop` to stop. Only in a `fault-injection` build.
+#[cfg(feature = "fault-injection")]
 fn fault(state: &AppState, prompt: &plugin::Prompt) -> Option<Fault> {
     if !state.limits.fault_injection {
         return None;
@@ -358,4 +359,9 @@ fn fault(state: &AppState, prompt: &plugin::Prompt) -> Option<Fault> {
         plugin::Prompt::Text(t) if t == "lynx-fault:scheduler-stop" => Some(Fault::StopScheduler),
         _ => None,
     }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn fault(_: &AppState, _: &plugin::Prompt) -> Option<Fault> {
+    None
 }

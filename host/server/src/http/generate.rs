@@ -147,7 +147,7 @@ impl Generation {
         for (index, (mut session, constraint)) in choices.into_iter().enumerate() {
             let post = if state.limits.postprocess_fail_open {
                 Post::PluginOrHost(HostPost {
-                    tokenizer: state.model.tokenizer.clone(),
+                    tokenizer: state.backend.tokenizer().clone(),
                     events: sink.clone(),
                     text: TextStream::new(params.stops.clone()),
                 })
@@ -203,7 +203,7 @@ impl Generation {
                 max_answer_bytes: state.limits.max_answer_bytes,
             });
         }
-        state.batcher.submit_all(requests)?;
+        state.backend.submit_all(requests)?;
         if reported != u32::try_from(n).ok() {
             tracing::warn!(
                 plugin = generations.first().map_or("", |g| g.session.plugin_name()),
@@ -424,7 +424,7 @@ fn engine_failure(e: EngineError) -> ApiError {
 /// Checks a prompt of `n` tokens and the request's settings against the model; returns
 /// the most tokens to generate.
 fn check(state: &AppState, n: usize, params: &Validated) -> Result<usize, ApiError> {
-    let context = state.batcher.config().max_seq_len;
+    let context = state.backend.config().max_seq_len;
     if n == 0 {
         return Err(ApiError::invalid("The prompt is empty.", Some("prompt")));
     }
@@ -437,7 +437,7 @@ fn check(state: &AppState, n: usize, params: &Validated) -> Result<usize, ApiErr
             code: Some("context_length_exceeded".into()),
         });
     }
-    let vocab = state.model.tokenizer.vocab_size();
+    let vocab = state.backend.tokenizer().vocab_size();
     if let Some((bad, _)) = params
         .shaping
         .logit_bias

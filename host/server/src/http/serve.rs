@@ -88,7 +88,7 @@ pub async fn serve(
         _ = &mut drained => tracing::info!("drained: every connection closed"),
         () = tokio::time::sleep(grace) => {
             tracing::warn!("grace period over: ending the requests still running");
-            state.batcher.cancel_all();
+            state.backend.cancel_all();
             if tokio::time::timeout(FLUSH_AFTER_CANCEL, drained).await.is_err() {
                 tracing::warn!("connections still open after the cancellations; exiting anyway");
             }

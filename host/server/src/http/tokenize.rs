@@ -45,7 +45,7 @@ pub async fn tokenize(
     match run_tokenize(&state, serving, body).await {
         Ok(ids) => Json(json!({
             "count": ids.len(),
-            "max_model_len": state.batcher.config().max_seq_len,
+            "max_model_len": state.backend.config().max_seq_len,
             "tokens": ids,
         }))
         .into_response(),
@@ -81,7 +81,7 @@ async fn run_tokenize(
     let text = matches!(prompt, Prompt::Text(_));
     let mut session = Session::open_unjudged(&state.plugins, serving.0).await?;
     let (mut ids, _) = apply_policy(state, &mut session, prompt, None).await?;
-    let tokenizer = &state.model.tokenizer;
+    let tokenizer = state.backend.tokenizer();
     if text && req.add_special_tokens == Some(false) && ids.first() == tokenizer.bos_id.as_ref() {
         ids.remove(0);
     }
@@ -107,14 +107,14 @@ async fn run_detokenize(
     let body = parse_body(&body_bytes(state, body)?)?;
     let req: DetokenizeRequest = fields(&body)?;
     check_model(req.model.as_deref(), &state.model_name)?;
-    let vocab = state.model.tokenizer.vocab_size();
+    let vocab = state.backend.tokenizer().vocab_size();
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(ApiError::invalid(
             format!("`tokens` holds token id {bad}, outside the vocabulary of {vocab}."),
             Some("tokens"),
         ));
     }
-    let context = state.batcher.config().max_seq_len;
+    let context = state.backend.config().max_seq_len;
     if req.tokens.len() > context {
         return Err(ApiError::invalid(
             format!(

@@ -27,7 +27,7 @@ use super::arch::{Entry, Logits};
 use super::constraint::TokenConstraint;
 use super::kv_cache::{KvCache, KvDtype};
 use super::logprobs::{self, Logprob};
-use super::prefill::{self, Pending};
+use super::planner::{self, Work};
 use super::prefix::{Placement, PrefixCache};
 use super::sequence::{advance, sampler, Sequence, Step};
 use super::shaping::{Seen, Shaping};
@@ -40,7 +40,7 @@ pub const PREFILL_CHUNK: usize = 128;
 pub const PREFILL_BUDGET: usize = 256;
 
 #[derive(Debug, Clone, Copy)]
-pub struct BatcherConfig {
+pub struct SchedulerConfig {
     pub kv_slots: usize,
     pub max_queue: usize,
     /// Positions per slot: the longest prompt + completion served.
@@ -80,7 +80,7 @@ pub struct GenerateRequest {
     pub choice: Option<(u64, usize)>,
     /// The prefix-cache space: a request reuses only prefixes computed in its own.
     pub cache_space: u64,
-    /// Testing only (`--fault-injection`).
+    /// Testing only: inert unless the engine is built with `fault-injection`.
     pub fault: Option<Fault>,
 }
 
@@ -126,7 +126,7 @@ pub enum GenEvent {
 
 /// Live scheduler figures, read at scrape time.
 #[derive(Debug, Default)]
-pub struct BatcherStats {
+pub struct SchedulerStats {
     slots_used: AtomicUsize,
     /// Requests accepted and not yet gone: waiting, in the channel, or running.
     in_system: AtomicUsize,
@@ -152,7 +152,7 @@ pub struct PrefixStats {
     pub slots: Vec<AtomicUsize>,
 }
 
-impl BatcherStats {
+impl SchedulerStats {
     /// Requests waiting for a slot: those accepted and not running.
     pub fn queue_depth(&self) -> usize {
         self.in_system
@@ -168,30 +168,30 @@ impl BatcherStats {
 }
 
 #[derive(Clone)]
-pub struct Batcher {
+pub struct Scheduler {
     tx: mpsc::UnboundedSender<GenerateRequest>,
-    stats: Arc<BatcherStats>,
-    config: BatcherConfig,
+    stats: Arc<SchedulerStats>,
+    config: SchedulerConfig,
 }
 
-impl Batcher {
-    pub fn start(model: Arc<Model>, config: BatcherConfig) -> Result<Self, EngineError> {
+impl Scheduler {
+    pub fn start(model: Arc<Model>, config: SchedulerConfig) -> Result<Self, EngineError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let stats = Arc::new(BatcherStats {
+        let stats = Arc::new(SchedulerStats {
             prefix: PrefixStats {
                 slots: (0..config.kv_slots).map(|_| AtomicUsize::new(0)).collect(),
                 ..PrefixStats::default()
             },
-            ..BatcherStats::default()
+            ..SchedulerStats::default()
         });
         let cache = model
             .arch
             .kv_cache_as(config.kv_slots, config.max_seq_len, config.kv_dtype)?;
-        let config = BatcherConfig {
+        let config = SchedulerConfig {
             max_seq_len: cache.capacity,
             ..config
         };
-        let scheduler = Scheduler {
+        let task = Task {
             model,
             cache,
             rx,
@@ -204,7 +204,7 @@ impl Batcher {
         };
         std::thread::Builder::new()
             .name("lynx-scheduler".into())
-            .spawn(move || scheduler.run())
+            .spawn(move || task.run())
             .map_err(|e| EngineError::Model(format!("spawning the scheduler: {e}")))?;
         Ok(Self { tx, stats, config })
     }
@@ -253,21 +253,21 @@ impl Batcher {
         !self.tx.is_closed()
     }
 
-    pub fn stats(&self) -> &BatcherStats {
+    pub fn stats(&self) -> &SchedulerStats {
         &self.stats
     }
 
-    pub fn config(&self) -> BatcherConfig {
+    pub fn config(&self) -> SchedulerConfig {
         self.config
     }
 }
 
-struct Scheduler {
+struct Task {
     model: Arc<Model>,
     cache: KvCache,
     rx: mpsc::UnboundedReceiver<GenerateRequest>,
-    stats: Arc<BatcherStats>,
-    config: BatcherConfig,
+    stats: Arc<SchedulerStats>,
+    config: SchedulerConfig,
     waiting: VecDeque<GenerateRequest>,
     running: Vec<Sequence>,
     free: Vec<usize>,
@@ -275,7 +275,7 @@ struct Scheduler {
     prefix: PrefixCache,
 }
 
-impl Scheduler {
+impl Task {
     fn run(mut self) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
@@ -287,10 +287,11 @@ impl Scheduler {
             while let Ok(req) = self.rx.try_recv() {
                 self.waiting.push_back(req);
             }
-            if self
-                .waiting
-                .iter()
-                .any(|r| r.fault == Some(Fault::StopScheduler))
+            if cfg!(feature = "fault-injection")
+                && self
+                    .waiting
+                    .iter()
+                    .any(|r| r.fault == Some(Fault::StopScheduler))
             {
                 tracing::error!("fault injected: the scheduler thread stops");
                 return;
@@ -300,23 +301,7 @@ impl Scheduler {
                 continue;
             }
             self.leave_abandoned();
-            self.admit();
-            if self.running.is_empty() {
-                continue;
-            }
-            // The step runs on a rayon worker, so its serial candle ops and the kernels'
-            // parallel tiles share the pool's threads (one per core) instead of this
-            // thread competing with the workers for the cores.
-            let step = std::panic::catch_unwind(AssertUnwindSafe(|| rayon::scope(|_| self.step())));
-            let finished = step.unwrap_or_else(|_| {
-                // Not reachable by design; if it happens, the step's sequences fail and
-                // the scheduler serves on.
-                tracing::error!("a scheduler step panicked");
-                let all = vec![true; self.running.len()];
-                self.fail(&all, || {
-                    EngineError::Model("the scheduler step panicked".into())
-                })
-            });
+            let finished = self.plan_and_step();
             self.release(finished);
         }
     }
@@ -343,8 +328,12 @@ impl Scheduler {
             .store(self.running.len(), Ordering::Relaxed);
     }
 
-    /// Sequences whose client went away leave before another token is computed.
+    /// Requests whose client went away leave before another token is computed, and
+    /// waiting ones before they take a slot.
     fn leave_abandoned(&mut self) {
+        let queued = self.waiting.len();
+        self.waiting.retain(|req| !req.events.is_closed());
+        self.gone(queued - self.waiting.len());
         let before = self.running.len();
         let free = &mut self.free;
         self.running.retain(|seq| {
@@ -360,33 +349,92 @@ impl Scheduler {
         }
     }
 
-    /// Starts waiting requests while slots are free, in arrival order, each in the slot
-    /// that gives it the longest cached prefix. A choice after a request's first waits
-    /// (without holding up the others) until the first has prefilled the prompt.
-    fn admit(&mut self) {
-        let mut i = 0;
-        while !self.free.is_empty() && i < self.waiting.len() {
-            if self.waiting[i].events.is_closed() {
-                self.waiting.remove(i);
-                self.gone(1);
+    /// Asks the planner what this step does, starts the requests it admits, and runs
+    /// the step when anything runs; returns the sequences that ended.
+    fn plan_and_step(&mut self) -> Vec<Sequence> {
+        let views: Vec<planner::Waiting<'_>> = self
+            .waiting
+            .iter()
+            .map(|r| planner::Waiting {
+                prompt: &r.prompt,
+                echo: r.echo,
+                choice: r.choice,
+                space: r.cache_space,
+            })
+            .collect();
+        let running: Vec<planner::Running> = self
+            .running
+            .iter()
+            .map(|seq| planner::Running {
+                slot: seq.slot,
+                choice: seq.choice,
+                remaining: seq.prompt.len() - seq.prefilled,
+                input: seq.input.len(),
+                passed_over: seq.passed_over,
+                echo: seq.echo,
+            })
+            .collect();
+        let limits = planner::Limits {
+            prefix_cache: self.config.prefix_cache,
+            chunk: PREFILL_CHUNK,
+            budget: PREFILL_BUDGET,
+        };
+        let plan = planner::plan(&views, &running, &self.free, &mut self.prefix, limits);
+        drop(views);
+        self.admit(&plan.admit);
+        if self.running.is_empty() {
+            return Vec::new();
+        }
+        for &i in &plan.passed_over {
+            let seq = &mut self.running[i];
+            seq.passed_over = seq.passed_over.saturating_add(1);
+        }
+        // The step runs on a rayon worker, so its serial candle ops and the kernels'
+        // parallel tiles share the pool's threads (one per core) instead of this
+        // thread competing with the workers for the cores.
+        let step =
+            std::panic::catch_unwind(AssertUnwindSafe(|| rayon::scope(|_| self.step(&plan.work))));
+        step.unwrap_or_else(|_| {
+            // Not reachable by design; if it happens, the step's sequences fail and
+            // the scheduler serves on.
+            tracing::error!("a scheduler step panicked");
+            let all = vec![true; self.running.len()];
+            self.fail(&all, || {
+                EngineError::Model("the scheduler step panicked".into())
+            })
+        })
+    }
+
+    /// Starts the requests the plan admits, in its order: copies each one's cached
+    /// prefix into its slot where the plan says, and tells its client it has started.
+    fn admit(&mut self, admit: &[(usize, Placement)]) {
+        if admit.is_empty() {
+            return;
+        }
+        let mut queue: Vec<Option<GenerateRequest>> = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .map(Some)
+            .collect();
+        // Slots a copy failed into hold nothing reliable: copies from them fail too.
+        let mut failed: Vec<usize> = Vec::new();
+        for &(i, mut place) in admit {
+            let Some(req) = queue.get_mut(i).and_then(Option::take) else {
                 continue;
-            }
-            if !self.may_start(&self.waiting[i]) {
-                i += 1;
-                continue;
-            }
-            let Some(req) = self.waiting.remove(i) else {
-                break;
             };
-            let running: Vec<usize> = self.running.iter().map(|s| s.slot).collect();
-            // Without the prefix cache, only a request's own choices share a prefix.
-            let follows = req.choice.is_some_and(|(_, i)| i > 0);
-            let cold = req.echo || !(self.config.prefix_cache || follows);
-            let place = self.prefix.place(
-                &self.cache,
-                (&req.prompt, cold, req.cache_space),
-                (&self.free, &running),
-            );
+            if let Some(from) = place.copy_from {
+                let copy = if failed.contains(&from) {
+                    Err(EngineError::Model("its source slot's copy failed".into()))
+                } else {
+                    self.cache.copy_prefix(from, place.slot, place.reused)
+                };
+                if let Err(e) = copy {
+                    tracing::warn!(error = %e, "copying a cached prefix failed; prefilling cold");
+                    self.prefix.forget(place.slot);
+                    failed.push(place.slot);
+                    place.reused = 0;
+                    place.copy_from = None;
+                }
+            }
             self.free.retain(|&s| s != place.slot);
             self.count_placement(&place, req.prompt.len());
             let _ = req.events.send(GenEvent::Started {
@@ -415,9 +463,11 @@ impl Scheduler {
                 forwards: 0,
                 events: req.events,
                 last: None,
-                inject_panic: req.fault == Some(Fault::PanicWhileSampling),
+                inject_panic: cfg!(feature = "fault-injection")
+                    && req.fault == Some(Fault::PanicWhileSampling),
             });
         }
+        self.waiting = queue.into_iter().flatten().collect();
         self.publish_slots();
     }
 
@@ -429,108 +479,52 @@ impl Scheduler {
             p.hits.fetch_add(1, Ordering::Relaxed);
             p.cached_tokens.fetch_add(place.reused, Ordering::Relaxed);
         }
-        if place.copied {
+        if place.copy_from.is_some() {
             p.copies.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Whether a waiting request may start: a choice after its request's first only
-    /// once the first has its prompt in the cache (or is gone).
-    fn may_start(&self, req: &GenerateRequest) -> bool {
-        let Some((group, index)) = req.choice else {
-            return true;
-        };
-        if index == 0 {
-            return true;
-        }
-        let first_waits = self.waiting.iter().any(|r| r.choice == Some((group, 0)));
-        let first_prefills = self
-            .running
+    /// Runs the plan's forward pass and samples; returns the sequences that ended.
+    fn step(&mut self, work: &[Work]) -> Vec<Sequence> {
+        let inputs: Vec<Vec<u32>> = work
             .iter()
-            .any(|s| s.choice == Some((group, 0)) && !s.decoding());
-        !first_waits && !first_prefills
-    }
-
-    /// One batched forward pass for every running sequence; returns those that ended.
-    fn step(&mut self) -> Vec<Sequence> {
-        // The prompts still prefilling, in admission order, and what of each this step
-        // takes (`prefill::choose`).
-        let pending: Vec<Pending> = self
-            .running
-            .iter()
-            .filter(|seq| !seq.decoding())
-            .map(|seq| Pending {
-                remaining: seq.prompt.len() - seq.prefilled,
-                passed_over: seq.passed_over,
-            })
-            .collect();
-        let mut takes = prefill::choose(&pending, PREFILL_CHUNK, PREFILL_BUDGET).into_iter();
-        // (index into running, tokens this step, logits wanted)
-        let mut plan: Vec<(usize, usize, Logits)> = Vec::new();
-        for (i, seq) in self.running.iter_mut().enumerate() {
-            if seq.decoding() {
-                // The sampled token, and the tokens a constraint forced after it.
-                plan.push((i, seq.input.len(), Logits::Last));
-                continue;
-            }
-            let n = takes.next().unwrap_or(0);
-            if n == 0 {
-                seq.passed_over = seq.passed_over.saturating_add(1);
-                continue;
-            }
-            seq.passed_over = 0;
-            let logits = if seq.echo {
-                Logits::Every
-            } else if seq.prefilled + n == seq.prompt.len() {
-                Logits::Last
-            } else {
-                Logits::None
-            };
-            plan.push((i, n, logits));
-        }
-        let inputs: Vec<Vec<u32>> = plan
-            .iter()
-            .map(|&(i, n, _)| {
-                let seq = &self.running[i];
-                if seq.decoding() {
-                    seq.input.clone()
+            .map(|w| {
+                let seq = &self.running[w.seq];
+                if w.prompt {
+                    seq.prompt[seq.prefilled..seq.prefilled + w.tokens].to_vec()
                 } else {
-                    seq.prompt[seq.prefilled..seq.prefilled + n].to_vec()
+                    seq.input.clone()
                 }
             })
             .collect();
-        let entries: Vec<Entry> = plan
+        let entries: Vec<Entry> = work
             .iter()
             .zip(&inputs)
-            .map(|(&(i, _, logits), tokens)| Entry {
-                slot: self.running[i].slot,
-                pos: self.running[i].pos,
+            .map(|(w, tokens)| Entry {
+                slot: self.running[w.seq].slot,
+                pos: self.running[w.seq].pos,
                 tokens,
-                logits,
+                logits: w.logits,
             })
             .collect();
         let started = std::time::Instant::now();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
             self.model.arch.forward(&self.cache, &entries)
         }));
-        let chunks: Vec<bool> = plan
-            .iter()
-            .map(|&(i, _, _)| !self.running[i].decoding())
-            .collect();
         let wrote = |prefix: &mut PrefixCache, ok: bool| {
-            for (e, &chunk) in entries.iter().zip(&chunks) {
-                prefix.wrote(e.slot, e.pos, ok.then_some(e.tokens), chunk);
+            for (e, w) in entries.iter().zip(work) {
+                prefix.wrote(e.slot, e.pos, ok.then_some(e.tokens), w.prompt);
             }
         };
         let logits = match outcome {
             Ok(Ok(logits)) => logits,
             Ok(Err(e)) => {
                 wrote(&mut self.prefix, false);
-                return self.fail_batch(&plan, &e.to_string());
+                return self.fail_batch(work, &e.to_string());
             }
             Err(_) => {
                 wrote(&mut self.prefix, false);
-                return self.fail_batch(&plan, "the forward pass panicked");
+                return self.fail_batch(work, "the forward pass panicked");
             }
         };
         wrote(&mut self.prefix, true);
@@ -540,20 +534,21 @@ impl Scheduler {
         // (first row, rows, whether they are a prompt chunk's every row, to be echoed)
         let mut rows: Vec<Option<(usize, usize, bool)>> = vec![None; self.running.len()];
         let mut row = 0;
-        for &(i, n, wants) in &plan {
-            let seq = &mut self.running[i];
-            if !seq.decoding() {
-                seq.prefilled += n;
+        for w in work {
+            let seq = &mut self.running[w.seq];
+            if w.prompt {
+                seq.prefilled += w.tokens;
+                seq.passed_over = 0;
             }
-            seq.pos += n;
+            seq.pos += w.tokens;
             seq.forwards += 1;
-            let count = match wants {
+            let count = match w.logits {
                 Logits::None => 0,
                 Logits::Last => 1,
-                Logits::Every => n,
+                Logits::Every => w.tokens,
             };
             if count > 0 {
-                rows[i] = Some((row, count, wants == Logits::Every));
+                rows[w.seq] = Some((row, count, w.logits == Logits::Every));
                 row += count;
             }
         }
@@ -593,7 +588,7 @@ impl Scheduler {
             .collect();
         // Where a step's time goes, for profiling (`RUST_LOG=lynx_engine=debug`).
         tracing::debug!(
-            sequences = plan.len(),
+            sequences = work.len(),
             rows = inputs.iter().map(Vec::len).sum::<usize>(),
             forward_us = forward.as_micros() as u64,
             sample_us = (started.elapsed() - forward).as_micros() as u64,
@@ -617,15 +612,15 @@ impl Scheduler {
     }
 
     /// A failed forward pass fails the sequences that were in it; the scheduler goes on.
-    fn fail_batch(&mut self, plan: &[(usize, usize, Logits)], message: &str) -> Vec<Sequence> {
+    fn fail_batch(&mut self, work: &[Work], message: &str) -> Vec<Sequence> {
         tracing::error!(
             error = message,
-            sequences = plan.len(),
+            sequences = work.len(),
             "forward pass failed"
         );
         let mut done = vec![false; self.running.len()];
-        for &(i, _, _) in plan {
-            done[i] = true;
+        for w in work {
+            done[w.seq] = true;
         }
         self.fail(&done, || {
             EngineError::Model("the forward pass failed".into())

@@ -1,22 +1,23 @@
-//! The one module that owns `bindgen!` for the current `lynx:plugin` version (0.3.0):
-//! its generated imports forward to [`HostState`], and its types convert to and from
-//! the host's own ([`super::types`]), so nothing generated leaves `plugins/`.
+//! `lynx:plugin@0.3.0` (`wit/v0.3.0`), the current version ([`crate::latest`]): its
+//! `bindgen!`, its generated imports forwarded to [`HostState`], its types converted to
+//! and from the host's own ([`super::types`]), so nothing generated leaves this crate.
 //!
 //! 0.3.0 has two worlds: `plugin`, and `constrained-plugin`, which adds the
 //! `constraint` export. The bindings are generated for the larger one, and
 //! [`PluginPre`] looks each export up itself, so a component of either world loads:
 //! the constraint is there when the component exports it.
 
-use wasmtime::component::InstancePre;
+use wasmtime::component::{HasSelf, InstancePre, Linker};
 use wasmtime::Store;
 
 use super::glue::{host_imports, model_import, version_glue};
 use super::state::HostState;
-use super::types;
+use super::types::{self, OutputFormat, PolicyRequest, PostConfig, Rejection, Released};
+use super::versions::{Exports, Instance, Linked, Version};
 use lynx_engine::constraint::Rule;
 
 wasmtime::component::bindgen!({
-    path: "../../wit",
+    path: "../../wit/v0.3.0",
     world: "constrained-plugin",
     imports: { default: trappable },
 });
@@ -24,10 +25,22 @@ wasmtime::component::bindgen!({
 use exports::lynx::plugin::{constraint, policy, postprocess, router};
 use lynx::plugin::types as wit;
 
-/// The WIT package plugins implement.
-pub const WIT_PACKAGE: &str = "lynx:plugin";
-/// The version this host implements; older released ones load through their adapter.
 pub const WIT_VERSION: &str = "0.3.0";
+
+/// This version's row of [`super::versions::VERSIONS`].
+pub const VERSION: Version = Version {
+    wit: WIT_VERSION,
+    add_to_linker,
+    link,
+};
+
+fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    ConstrainedPlugin::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)
+}
+
+fn link(pre: InstancePre<HostState>) -> wasmtime::Result<Box<dyn Linked>> {
+    Ok(Box::new(PluginPre::new(pre)?))
+}
 
 /// A 0.3.0 component linked, its exports found: the constraint only when it has one.
 pub struct PluginPre {
@@ -40,10 +53,77 @@ pub struct PluginPre {
 
 /// One instance of a 0.3.0 plugin.
 pub struct Plugin {
-    pub(super) router: router::Guest,
-    pub(super) policy: policy::Guest,
-    pub(super) postprocess: postprocess::Guest,
-    pub(super) constraint: Option<constraint::Guest>,
+    router: router::Guest,
+    policy: policy::Guest,
+    postprocess: postprocess::Guest,
+    constraint: Option<constraint::Guest>,
+}
+
+impl Plugin {
+    fn constraint(&self) -> wasmtime::Result<&constraint::Guest> {
+        self.constraint
+            .as_ref()
+            .ok_or_else(super::versions::no_constraint)
+    }
+}
+
+impl Exports for Plugin {
+    fn normalize(
+        &self,
+        store: &mut Store<HostState>,
+        method: &str,
+        path: &str,
+    ) -> wasmtime::Result<String> {
+        self.router.call_normalize(store, method, path)
+    }
+
+    fn tokenize(
+        &self,
+        store: &mut Store<HostState>,
+        request: &PolicyRequest,
+    ) -> wasmtime::Result<Result<Vec<u32>, Rejection>> {
+        let verdict = self.policy.call_tokenize(store, &policy_request(request))?;
+        Ok(verdict.map_err(rejection))
+    }
+
+    fn start(&self, store: &mut Store<HostState>, config: &PostConfig) -> wasmtime::Result<()> {
+        self.postprocess.call_start(store, &post_config(config))
+    }
+
+    fn push(&self, store: &mut Store<HostState>, token: u32) -> wasmtime::Result<Released> {
+        Ok(released(self.postprocess.call_push(store, token)?))
+    }
+
+    fn finish(&self, store: &mut Store<HostState>) -> wasmtime::Result<String> {
+        self.postprocess.call_finish(store)
+    }
+
+    fn prepare(&self, store: &mut Store<HostState>) -> wasmtime::Result<()> {
+        self.constraint()?.call_prepare(store)
+    }
+
+    fn constrain(
+        &self,
+        store: &mut Store<HostState>,
+        format: &OutputFormat,
+    ) -> wasmtime::Result<Result<(), Rejection>> {
+        let verdict = self
+            .constraint()?
+            .call_start(store, &output_format(format))?;
+        Ok(verdict.map_err(rejection))
+    }
+
+    fn next_token(&self, store: &mut Store<HostState>) -> wasmtime::Result<Rule> {
+        Ok(rule(self.constraint()?.call_next(store)?))
+    }
+
+    fn taken(
+        &self,
+        store: &mut Store<HostState>,
+        tokens: &[u32],
+    ) -> wasmtime::Result<Result<(), String>> {
+        self.constraint()?.call_taken(store, tokens)
+    }
 }
 
 impl PluginPre {
@@ -58,14 +138,16 @@ impl PluginPre {
             pre,
         })
     }
+}
 
-    pub fn has_constraint(&self) -> bool {
+impl Linked for PluginPre {
+    fn has_constraint(&self) -> bool {
         self.constraint.is_some()
     }
 
-    pub fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Plugin> {
+    fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Instance> {
         let instance = self.pre.instantiate(&mut *store)?;
-        Ok(Plugin {
+        Ok(Box::new(Plugin {
             router: self.router.load(&mut *store, &instance)?,
             policy: self.policy.load(&mut *store, &instance)?,
             postprocess: self.postprocess.load(&mut *store, &instance)?,
@@ -73,7 +155,7 @@ impl PluginPre {
                 Some(c) => Some(c.load(&mut *store, &instance)?),
                 None => None,
             },
-        })
+        }))
     }
 }
 
@@ -93,7 +175,7 @@ impl lynx::plugin::host::Host for HostState {
 
 version_glue!();
 
-pub(super) fn output_format(f: &types::OutputFormat) -> wit::OutputFormat {
+fn output_format(f: &types::OutputFormat) -> wit::OutputFormat {
     match f {
         types::OutputFormat::JsonObject => wit::OutputFormat::JsonObject,
         types::OutputFormat::JsonSchema {
@@ -110,7 +192,7 @@ pub(super) fn output_format(f: &types::OutputFormat) -> wit::OutputFormat {
     }
 }
 
-pub(super) fn rule(n: wit::NextToken) -> Rule {
+fn rule(n: wit::NextToken) -> Rule {
     match n {
         wit::NextToken::Any => Rule::Any,
         wit::NextToken::Allowed(mask) => Rule::Allowed(mask),
