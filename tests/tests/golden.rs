@@ -98,7 +98,7 @@ async fn reproduce(args: &[&str]) {
     // cache: f16 keys and values change some greedy texts (an f16 cache is not an f32
     // one), and what this test pins is the plugins' byte-for-byte equivalence, so the
     // host runs the f32 cache it then had (its numerics are held to candle's reference
-    // by host/tests/batched_llama.rs).
+    // by host/engine/tests/batched_llama.rs).
     // And the kernels it then had: the first AVX2 ones, bit for bit candle's (the
     // integer kernels over repacked weights, the default, sum in their own order, held
     // to an f64 reference and to the model's likelihood instead; every CPU these tests

@@ -284,38 +284,6 @@ async fn n_choices_have_their_own_index_and_sampler_and_reproduce_with_a_seed() 
     assert_eq!(err["error"]["param"], "n");
 }
 
-#[tokio::test]
-async fn out_of_range_scoring_fields_are_refused_naming_them() {
-    let server = Server::start().await;
-    for (path, body, param) in [
-        (
-            "/v1/completions",
-            json!({"prompt": "x", "logprobs": 6}),
-            "logprobs",
-        ),
-        (
-            "/v1/completions",
-            json!({"prompt": "x", "max_tokens": 0}),
-            "max_tokens",
-        ),
-        (
-            "/v1/chat/completions",
-            json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
-            "top_logprobs",
-        ),
-        (
-            "/v1/chat/completions",
-            json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
-            "top_logprobs",
-        ),
-    ] {
-        let (status, err) = server.post(path, &body).await;
-        assert_eq!(status, 400, "{body}: {err}");
-        assert_eq!(err["error"]["param"], param, "{body}: {err}");
-        assert_eq!(err["error"]["type"], "invalid_request_error");
-    }
-}
-
 /// A constraint's forced tokens are scored too: with log-probabilities asked for, each
 /// goes through a forward of its own instead of being fast-forwarded unscored.
 #[tokio::test]

@@ -71,7 +71,8 @@ fn bench(c: &mut Criterion) {
     // two heads side by side encode the very same bytes.
     let root = std::env::var_os("LYNX_BENCH_ROOT")
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
-    let prose = std::fs::read_to_string(root.join("../../README.md")).expect("README.md");
+    let prose =
+        std::fs::read_to_string(root.join("../../docs/security.md")).expect("docs/security.md");
     let mut code = String::new();
     sources(&root.join("src"), &mut code);
     let shapes = [

@@ -49,16 +49,13 @@ pub enum EngineError {
     ShuttingDown,
     #[error("model: {0}")]
     Model(String),
+    /// A tensor operation failed; the candle error is kept as the source.
+    #[error("model: {0}")]
+    Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Tokenizer(#[from] tokenizer::TokenizerError),
     /// A request's token-level constraint failed (its plugin trapped, missed its
     /// deadline, or ruled nonsense): that request fails, the others go on.
     #[error("token constraint: {0}")]
     Constraint(constraint::ConstraintError),
-}
-
-impl From<candle_core::Error> for EngineError {
-    fn from(e: candle_core::Error) -> Self {
-        EngineError::Model(e.to_string())
-    }
 }

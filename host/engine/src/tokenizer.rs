@@ -397,6 +397,13 @@ impl Tokenizer {
     }
 
     /// Whether `id` ends a generation (EOS or an end-of-turn control token).
+    /// The first of `ids` outside the vocabulary: the one check every id a client or a
+    /// plugin names goes through before it reaches the model.
+    pub fn first_unknown(&self, ids: impl IntoIterator<Item = u32>) -> Option<u32> {
+        let vocab = self.vocab_size();
+        ids.into_iter().find(|&id| id as usize >= vocab)
+    }
+
     pub fn is_end(&self, id: u32) -> bool {
         self.end_ids.contains(&id)
     }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use candle_core::quantized::gguf_file;
 use lynx_engine::tokenizer::Tokenizer;
 
-/// The vocabularies lynx claims (the README lists them).
+/// The vocabularies lynx claims (docs/models.md lists them).
 const CLAIMED: [&str; 10] = [
     "llama-spm",
     "llama-bpe",

@@ -54,13 +54,13 @@ impl PluginExec {
 
 /// One request's sandbox, called through the pool. Each call moves the session to a
 /// pool thread and back; a call abandoned half-way (its client left) drops it there.
-pub struct Session {
+pub struct PooledSession {
     inner: Option<PluginSession>,
     plugins: Arc<Plugins>,
     name: Arc<str>,
 }
 
-impl Session {
+impl PooledSession {
     /// Instantiates `plugin` (the version the request arrived on) for one request.
     pub async fn open(
         plugins: &Arc<Plugins>,

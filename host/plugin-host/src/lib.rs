@@ -37,7 +37,7 @@ pub mod watch;
 /// The version this host implements; plugins of the older released ones load too.
 pub use since_v0_3 as latest;
 
-pub use exec::{PluginExec, Session};
+pub use exec::{PluginExec, PooledSession};
 pub use registry::Plugins;
 pub use runtime::{LoadedPlugin, PluginLimits, PluginRuntime};
 pub use session::PluginSession;

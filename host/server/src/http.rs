@@ -9,10 +9,12 @@ pub mod conn;
 pub mod error;
 pub mod generate;
 pub mod observe;
+pub mod requests;
+pub mod responses;
 pub mod serve;
 pub mod site;
 pub mod tokenize;
-pub mod types;
+pub mod validation;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,7 +25,6 @@ use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
-use serde_json::json;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::backend::Backend;
@@ -31,6 +32,7 @@ use crate::metrics;
 use error::ApiError;
 use lynx_plugin_host::Plugins;
 use observe::EndpointLabels;
+use responses::{Health, ModelList, ModelObject};
 
 /// What a request may ask and how long it may take (`Config::limits`).
 #[derive(Debug, Clone, Copy)]
@@ -144,22 +146,28 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn model_object(state: &AppState) -> serde_json::Value {
-    json!({"id": &*state.model_name, "object": "model", "created": state.started, "owned_by": "lynx"})
+fn model_object(state: &AppState) -> ModelObject<'_> {
+    ModelObject {
+        id: &state.model_name,
+        object: "model",
+        created: state.started,
+        owned_by: "lynx",
+    }
 }
 
-async fn list_models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(json!({"object": "list", "data": [model_object(&state)]}))
+async fn list_models(State(state): State<Arc<AppState>>) -> Response {
+    Json(ModelList {
+        object: "list",
+        data: vec![model_object(&state)],
+    })
+    .into_response()
 }
 
-async fn get_model(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+async fn get_model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
     if *id == *state.model_name {
-        Ok(Json(model_object(&state)))
+        Json(model_object(&state)).into_response()
     } else {
-        Err(ApiError::ModelNotFound(id))
+        ApiError::ModelNotFound(id).into_response()
     }
 }
 
@@ -178,15 +186,15 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     } else {
         (StatusCode::OK, "ok")
     };
-    let body = Json(json!({
-        "status": word,
-        "model": &*state.model_name,
-        "kv_cache_slots_used": stats.slots_used(),
-        "kv_cache_slots": state.backend.config().kv_slots,
-        "queue_depth": stats.queue_depth(),
-        "plugin_instances": instances,
-        "plugin_instances_max": max_instances,
-    }));
+    let body = Json(Health {
+        status: word,
+        model: &state.model_name,
+        kv_cache_slots_used: stats.slots_used(),
+        kv_cache_slots: state.backend.config().kv_slots,
+        queue_depth: stats.queue_depth(),
+        plugin_instances: instances,
+        plugin_instances_max: max_instances,
+    });
     (status, body).into_response()
 }
 

@@ -1,5 +1,5 @@
 //! Every metric lynx exposes, in one place: name, help, labels, buckets. These six are a
-//! contract (see the README's table): exactly these families, in the default registry,
+//! contract (see docs/operations.md's table): exactly these families, in the default registry,
 //! with bounded label values. Gauges are set from live scheduler state at scrape time.
 
 use std::sync::LazyLock;

@@ -148,6 +148,37 @@ async fn a_chat_is_rendered_with_the_template_and_answered_as_the_assistant() {
 }
 
 #[tokio::test]
+async fn a_chat_stream_opens_with_the_role_and_ends_with_an_empty_delta() {
+    let (status, _, body) = post(
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "chat streamed"}], "max_tokens": 50,
+               "stream": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(events(&body).last().unwrap(), "[DONE]");
+    let chunks = json_events(&body);
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let ids: std::collections::HashSet<&str> =
+        chunks.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 1, "one id for the whole stream");
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, reply(0));
+    let last = &chunks.last().unwrap()["choices"][0];
+    assert_eq!(last["delta"], json!({}));
+    assert_eq!(last["finish_reason"], "stop");
+}
+
+#[tokio::test]
 async fn completion_logprobs_have_openai_s_legacy_shape() {
     let (status, _, body) = post(
         "/v1/completions",
@@ -322,6 +353,22 @@ async fn bad_requests_are_400s_naming_the_parameter_and_reach_no_backend() {
     for marker in ["bad zero", "bad n", "bad lp", "bad temp", "bad cap"] {
         assert!(server().submitted(marker).is_empty(), "{marker}");
     }
+    // Token ids outside the vocabulary (259 ids here), wherever a request names them.
+    for (path, body, param) in [
+        ("/v1/completions", json!({"prompt": [72, 300]}), "prompt"),
+        (
+            "/v1/completions",
+            json!({"prompt": "biased", "logit_bias": {"259": 5}}),
+            "logit_bias",
+        ),
+        ("/detokenize", json!({"tokens": [72, 999]}), "tokens"),
+    ] {
+        let (status, _, text) = post(path, body.clone()).await;
+        assert_eq!(status, 400, "{body}: {text}");
+        let v = assert_openai_error(&text, "invalid_request_error");
+        assert_eq!(v["error"]["param"], param, "{body}: {text}");
+    }
+    assert!(server().submitted("biased").is_empty());
     let (status, _, text) = post(
         "/v1/completions",
         json!({"prompt": "wrong model", "model": "nope"}),
@@ -351,4 +398,37 @@ async fn health_and_models_describe_what_is_served() {
         .await
         .unwrap();
     assert_eq!(models["data"][0]["id"], "smollm2-135m-instruct");
+}
+
+/// Moved from the end-to-end `tests/tests/logprobs.rs`: it tests the HTTP layer only.
+#[tokio::test]
+async fn out_of_range_scoring_fields_are_refused_naming_them() {
+    for (path, body, param) in [
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "logprobs": 6}),
+            "logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+            "top_logprobs",
+        ),
+    ] {
+        let (status, _, text) = post(path, body.clone()).await;
+        let err: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(status, 400, "{body}: {err}");
+        assert_eq!(err["error"]["param"], param, "{body}: {err}");
+        assert_eq!(err["error"]["type"], "invalid_request_error");
+    }
 }

@@ -10,7 +10,9 @@ use candle_core::quantized::gguf_file;
 use clap::Parser;
 use lynx_engine::tokenizer::Tokenizer;
 use lynx_server::config::Cli;
-use lynx_server::http::types::{fields, parse_body, ChatRequest, CommonParams, CompletionRequest};
+use lynx_server::http::requests::{
+    fields, parse_body, ChatRequest, CommonParams, CompletionRequest,
+};
 use proptest::prelude::*;
 use serde_json::{Map, Value};
 

@@ -19,7 +19,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
 use super::generate::{Generation, Piece};
-use super::types::{Usage, Validated};
+use super::responses::{Answer, Choice, Delta, Message, Usage};
+use super::validation::Validated;
 use super::AppState;
 use lynx_engine::logprobs::Logprob;
 use lynx_engine::tokenizer::Tokenizer;
@@ -189,27 +190,33 @@ pub async fn whole(state: Arc<AppState>, shape: Shape, generations: Vec<Generati
         } else {
             Value::Null
         };
+        let finish_reason = Some(w.reason.as_str());
         choices.push(match shape.api {
-            Api::Completion => json!({
-                "index": index, "text": text, "logprobs": logprobs,
-                "finish_reason": w.reason.as_str()
-            }),
-            Api::Chat => json!({
-                "index": index,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs,
-                "finish_reason": w.reason.as_str()
-            }),
+            Api::Completion => Choice::Text {
+                index,
+                text,
+                logprobs,
+                finish_reason,
+            },
+            Api::Chat => Choice::Message {
+                index,
+                message: Message {
+                    role: "assistant",
+                    content: text,
+                },
+                logprobs,
+                finish_reason,
+            },
         });
     }
-    Json(json!({
-        "id": new_id(shape.api),
-        "object": object(shape.api, false),
-        "created": created(),
-        "model": &*state.model_name,
-        "choices": choices,
-        "usage": Usage::of_choices(&usages),
-    }))
+    Json(Answer {
+        id: &new_id(shape.api),
+        object: object(shape.api, false),
+        created: created(),
+        model: &state.model_name,
+        choices,
+        usage: Some(Usage::of_choices(&usages)),
+    })
     .into_response()
 }
 
@@ -231,32 +238,38 @@ impl Chunks {
         index: usize,
         text: Option<&str>,
         logprobs: Value,
-        finish: Option<&str>,
-    ) -> Value {
+        finish_reason: Option<&'static str>,
+    ) -> Choice {
         match self.shape.api {
-            Api::Completion => json!({
-                "index": index, "text": text.unwrap_or(""), "logprobs": logprobs,
-                "finish_reason": finish
-            }),
-            Api::Chat => {
-                let mut delta = Map::new();
-                if let Some(t) = text {
-                    delta.insert("content".into(), json!(t));
-                }
-                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
-            }
+            Api::Completion => Choice::Text {
+                index,
+                text: text.unwrap_or("").to_string(),
+                logprobs,
+                finish_reason,
+            },
+            Api::Chat => Choice::Delta {
+                index,
+                delta: Delta {
+                    role: None,
+                    content: text.map(str::to_string),
+                },
+                logprobs,
+                finish_reason,
+            },
         }
     }
 
-    fn event(&self, choices: Vec<Value>, usage: Option<Usage>) -> String {
-        let mut chunk = json!({
-            "id": self.id, "object": object(self.shape.api, true), "created": self.created,
-            "model": self.model, "choices": choices,
-        });
-        if let Some(usage) = usage {
-            chunk["usage"] = json!(usage);
-        }
-        chunk.to_string()
+    fn event(&self, choices: Vec<Choice>, usage: Option<Usage>) -> String {
+        let chunk = Answer {
+            id: &self.id,
+            object: object(self.shape.api, true),
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage: usage.map(Some),
+        };
+        // Plain structs with string keys: serializing them cannot fail.
+        serde_json::to_string(&chunk).unwrap_or_default()
     }
 
     /// A chunk of choice `index`'s text, with its tokens' scores when asked for.
@@ -396,9 +409,16 @@ async fn drive(
     let mut opening = Vec::new();
     if chunks.shape.api == Api::Chat {
         for i in 0..n {
-            let mut c = chunks.choice(i, Some(""), Value::Null, None);
-            c["delta"]["role"] = json!("assistant");
-            opening.push(chunks.event(vec![c], None));
+            let opens = Choice::Delta {
+                index: i,
+                delta: Delta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                },
+                logprobs: Value::Null,
+                finish_reason: None,
+            };
+            opening.push(chunks.event(vec![opens], None));
         }
     }
     let mut pieces = stream::select_all(generations.into_iter().enumerate().map(|(i, g)| {

@@ -17,14 +17,13 @@ use super::conn::Connection;
 use super::error::ApiError;
 use super::generate::{Generation, Prepared};
 use super::observe::{RequestInfo, ServingPlugin};
-use super::types::{
-    fields, parse_body, ChatRequest, CommonParams, CompletionRequest, Prompt, Validated,
-};
+use super::requests::{fields, parse_body, ChatRequest, CommonParams, CompletionRequest, Prompt};
+use super::validation::{known_tokens, Validated};
 use super::AppState;
 use lynx_engine::constraint::TokenConstraint;
 use lynx_engine::{EngineError, Fault};
 use lynx_plugin_host::types::{self as plugin, PolicyRequest};
-use lynx_plugin_host::{LoadedPlugin, PluginError, Session};
+use lynx_plugin_host::{LoadedPlugin, PluginError, PooledSession};
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
@@ -114,13 +113,7 @@ fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<plugin::Prompt,
             ))
         }
         Prompt::Tokens(ids) => {
-            let vocab = state.backend.tokenizer().vocab_size();
-            if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-                return Err(ApiError::invalid(
-                    format!("`prompt` holds token id {bad}, outside the vocabulary of {vocab}."),
-                    Some("prompt"),
-                ));
-            }
+            known_tokens(state.backend.tokenizer(), ids.iter().copied(), "prompt")?;
             if ids.is_empty() {
                 return Err(ApiError::invalid(
                     "`prompt` must not be empty.",
@@ -144,7 +137,7 @@ fn completion_prompt(state: &AppState, prompt: Prompt) -> Result<plugin::Prompt,
 /// fault, not the client's.
 pub(super) async fn apply_policy(
     state: &AppState,
-    session: &mut Session,
+    session: &mut PooledSession,
     prompt: plugin::Prompt,
     max_tokens: Option<usize>,
 ) -> Result<(Vec<u32>, Option<u32>), ApiError> {
@@ -175,11 +168,14 @@ pub(super) async fn apply_policy(
             code: Some(code),
         }
     })?;
-    let vocab = state.backend.tokenizer().vocab_size();
-    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+    let tokenizer = state.backend.tokenizer();
+    if let Some(bad) = tokenizer.first_unknown(ids.iter().copied()) {
         return Err(PluginError::Misbehaved {
             plugin: session.plugin_name().to_string(),
-            detail: format!("policy returned token id {bad}, outside the vocabulary of {vocab}"),
+            detail: format!(
+                "policy returned token id {bad}, outside the vocabulary of {}",
+                tokenizer.vocab_size()
+            ),
         }
         .into());
     }
@@ -265,7 +261,7 @@ async fn start(
         }
     }
     let work = async {
-        let mut session = Session::open(&state.plugins, plugin.clone()).await?;
+        let mut session = PooledSession::open(&state.plugins, plugin.clone()).await?;
         // Each constraint starts (its grammar compiles) in its own instance while the
         // policy tokenizes the prompt: neither waits for the other. Choices after the
         // first post-process in instances of their own.
@@ -280,8 +276,9 @@ async fn start(
             }))
             .await
         };
-        let others =
-            try_join_all((1..params.n).map(|_| Session::open(&state.plugins, plugin.clone())));
+        let others = try_join_all(
+            (1..params.n).map(|_| PooledSession::open(&state.plugins, plugin.clone())),
+        );
         let (policy, constraints, others) = tokio::join!(
             apply_policy(&state, &mut session, prompt, params.max_tokens),
             constraints,

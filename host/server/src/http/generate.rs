@@ -20,7 +20,8 @@ use rand::Rng;
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
-use super::types::{PromptTokensDetails, Usage, Validated};
+use super::responses::{PromptTokensDetails, Usage};
+use super::validation::{known_tokens, Validated};
 use super::AppState;
 use crate::metrics;
 use crate::telemetry::{RequestInfo, TokenEvents};
@@ -30,7 +31,7 @@ use lynx_engine::tokenizer::Tokenizer;
 use lynx_engine::{EngineError, Fault, FinishReason, GenEvent, GenerateRequest, Sampling};
 use lynx_plugin_host::state::TokenSink;
 use lynx_plugin_host::types::PostConfig;
-use lynx_plugin_host::{PluginError, Session};
+use lynx_plugin_host::{PluginError, PooledSession};
 
 #[derive(Debug)]
 pub enum Piece {
@@ -52,13 +53,13 @@ pub struct Prepared {
     pub prompt: Vec<u32>,
     /// The prompt length the plugin reported.
     pub reported: Option<u32>,
-    pub choices: Vec<(Session, Option<Box<dyn TokenConstraint>>)>,
+    pub choices: Vec<(PooledSession, Option<Box<dyn TokenConstraint>>)>,
 }
 
 pub struct Generation {
     info: Arc<RequestInfo>,
     rx: mpsc::UnboundedReceiver<GenEvent>,
-    session: Session,
+    session: PooledSession,
     prompt_tokens: usize,
     /// Prompt tokens the prefix cache gave.
     cached_tokens: usize,
@@ -437,18 +438,8 @@ fn check(state: &AppState, n: usize, params: &Validated) -> Result<usize, ApiErr
             code: Some("context_length_exceeded".into()),
         });
     }
-    let vocab = state.backend.tokenizer().vocab_size();
-    if let Some((bad, _)) = params
-        .shaping
-        .logit_bias
-        .iter()
-        .find(|(t, _)| *t as usize >= vocab)
-    {
-        return Err(ApiError::invalid(
-            format!("`logit_bias` names token {bad}, outside the vocabulary of {vocab}."),
-            Some("logit_bias"),
-        ));
-    }
+    let biased = params.shaping.logit_bias.iter().map(|&(t, _)| t);
+    known_tokens(state.backend.tokenizer(), biased, "logit_bias")?;
     let cap = state.limits.max_tokens;
     Ok(match params.max_tokens {
         Some(m) if n.saturating_add(m) > context => {

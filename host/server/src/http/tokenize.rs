@@ -6,21 +6,22 @@
 
 use std::sync::Arc;
 
+use super::responses::{Detokenized, Tokenized};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
-use serde_json::json;
 
 use super::completions::{apply_policy, body_bytes};
 use super::error::ApiError;
 use super::observe::ServingPlugin;
-use super::types::{check_model, fields, parse_body, ChatRequest, WireMessage};
+use super::requests::{fields, parse_body, ChatRequest, WireMessage};
+use super::validation::{check_model, known_tokens};
 use super::AppState;
 use lynx_plugin_host::types::{PostConfig, Prompt};
-use lynx_plugin_host::Session;
+use lynx_plugin_host::PooledSession;
 
 #[derive(Debug, Deserialize)]
 struct TokenizeRequest {
@@ -43,11 +44,11 @@ pub async fn tokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     match run_tokenize(&state, serving, body).await {
-        Ok(ids) => Json(json!({
-            "count": ids.len(),
-            "max_model_len": state.backend.config().max_seq_len,
-            "tokens": ids,
-        }))
+        Ok(tokens) => Json(Tokenized {
+            count: tokens.len(),
+            max_model_len: state.backend.config().max_seq_len,
+            tokens,
+        })
         .into_response(),
         Err(e) => e.into_response(),
     }
@@ -79,7 +80,7 @@ async fn run_tokenize(
         }
     };
     let text = matches!(prompt, Prompt::Text(_));
-    let mut session = Session::open_unjudged(&state.plugins, serving.0).await?;
+    let mut session = PooledSession::open_unjudged(&state.plugins, serving.0).await?;
     let (mut ids, _) = apply_policy(state, &mut session, prompt, None).await?;
     let tokenizer = state.backend.tokenizer();
     if text && req.add_special_tokens == Some(false) && ids.first() == tokenizer.bos_id.as_ref() {
@@ -94,7 +95,7 @@ pub async fn detokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     match run_detokenize(&state, serving, body).await {
-        Ok(text) => Json(json!({ "prompt": text })).into_response(),
+        Ok(prompt) => Json(Detokenized { prompt }).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -107,13 +108,11 @@ async fn run_detokenize(
     let body = parse_body(&body_bytes(state, body)?)?;
     let req: DetokenizeRequest = fields(&body)?;
     check_model(req.model.as_deref(), &state.model_name)?;
-    let vocab = state.backend.tokenizer().vocab_size();
-    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::invalid(
-            format!("`tokens` holds token id {bad}, outside the vocabulary of {vocab}."),
-            Some("tokens"),
-        ));
-    }
+    known_tokens(
+        state.backend.tokenizer(),
+        req.tokens.iter().copied(),
+        "tokens",
+    )?;
     let context = state.backend.config().max_seq_len;
     if req.tokens.len() > context {
         return Err(ApiError::invalid(
@@ -124,7 +123,7 @@ async fn run_detokenize(
             Some("tokens"),
         ));
     }
-    let mut session = Session::open_unjudged(&state.plugins, serving.0).await?;
+    let mut session = PooledSession::open_unjudged(&state.plugins, serving.0).await?;
     // No event sink is set: the post-processing's token reports move no metric.
     let text = session
         .call(move |s| {

@@ -1,102 +1,13 @@
-//! The OpenAI wire types for completions and chat completions, and their validation into
-//! what the engine needs. Unknown fields are ignored, as OpenAI does.
-
-use serde::{Deserialize, Serialize};
+//! What a request's fields may hold, and the request they validate into
+//! ([`Validated`]): ranges, caps, one output format, the served model's name, and the
+//! token ids a request names. Every refusal is a 400 naming the parameter.
 
 use super::error::ApiError;
+use super::requests::{ChatRequest, CommonParams, CompletionRequest, Content, Stop};
 use super::Limits;
 use lynx_engine::shaping::Shaping;
+use lynx_engine::tokenizer::Tokenizer;
 use lynx_plugin_host::types::{ChatMessage, OutputFormat};
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Prompt {
-    Text(String),
-    Texts(Vec<String>),
-    Tokens(Vec<u32>),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct StreamOptions {
-    #[serde(default)]
-    pub include_usage: bool,
-}
-
-/// The fields both endpoints share.
-#[derive(Debug, Deserialize)]
-pub struct CommonParams {
-    pub model: Option<String>,
-    pub max_tokens: Option<i64>,
-    /// The chat API's newer name for `max_tokens`.
-    pub max_completion_tokens: Option<i64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub seed: Option<u64>,
-    pub stop: Option<Stop>,
-    #[serde(default)]
-    pub stream: bool,
-    pub stream_options: Option<StreamOptions>,
-    pub n: Option<i64>,
-    /// OpenAI's structured outputs: `{"type": "text" | "json_object" | "json_schema"}`.
-    pub response_format: Option<ResponseFormat>,
-    /// vLLM's extras: a JSON schema (an object, or its JSON text), a regular
-    /// expression, or a list of choices the whole output must be.
-    pub guided_json: Option<serde_json::Value>,
-    pub guided_regex: Option<String>,
-    pub guided_choice: Option<Vec<String>>,
-    /// OpenAI's: token id (as a string) to a bias from -100 to 100.
-    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
-    pub presence_penalty: Option<f64>,
-    pub frequency_penalty: Option<f64>,
-    /// vLLM's extras.
-    pub repetition_penalty: Option<f64>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f64>,
-    pub ignore_eos: Option<bool>,
-    pub min_tokens: Option<i64>,
-    /// vLLM's: a request reuses only cached prefixes computed under the same salt.
-    pub cache_salt: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ResponseFormat {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub json_schema: Option<JsonSchemaFormat>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct JsonSchemaFormat {
-    pub name: Option<String>,
-    pub schema: Option<serde_json::Value>,
-    pub strict: Option<bool>,
-}
-
-/// The completions-only fields; the shared ones are read from the same body into
-/// [`CommonParams`] (not flattened: serde's flatten loses the path of a bad field).
-#[derive(Debug, Deserialize)]
-pub struct CompletionRequest {
-    pub prompt: Prompt,
-    /// 0 to 5: each token's log-probability, with this many alternatives.
-    pub logprobs: Option<i64>,
-    /// The prompt comes back before the completion, with its log-probabilities.
-    pub echo: Option<bool>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ChatRequest {
-    pub messages: Vec<WireMessage>,
-    pub logprobs: Option<bool>,
-    /// 0 to 20 alternatives per token; needs `logprobs: true`.
-    pub top_logprobs: Option<i64>,
-}
 
 /// What a route asks of log-probabilities, read from its own fields.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -155,52 +66,6 @@ impl ChatRequest {
             echo: false,
         })
     }
-}
-
-#[derive(Debug, Deserialize)]
-pub struct WireMessage {
-    pub role: String,
-    pub content: Option<Content>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Content {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ContentPart {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub text: Option<String>,
-}
-
-/// Parses a request body that must be one JSON object.
-pub fn parse_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid(format!("The request body is not valid JSON: {e}"), None))?;
-    if !value.is_object() {
-        return Err(ApiError::invalid(
-            "The request body must be a JSON object.",
-            None,
-        ));
-    }
-    Ok(value)
-}
-
-/// Reads `T` out of a parsed body; the error names the field at fault.
-pub fn fields<T: serde::de::DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(body).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." {
-            ApiError::invalid(format!("Invalid request: {inner}"), None)
-        } else {
-            ApiError::invalid(format!("Invalid value for `{path}`: {inner}"), Some(&path))
-        }
-    })
 }
 
 /// What a validated request asks of generation.
@@ -609,202 +474,25 @@ impl ChatRequest {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    pub total_tokens: usize,
-    pub prompt_tokens_details: PromptTokensDetails,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-pub struct PromptTokensDetails {
-    /// Prompt tokens whose keys and values came from the prefix cache.
-    pub cached_tokens: usize,
-}
-
-impl Usage {
-    /// A request's usage from its choices' own: the prompt counted once (with the
-    /// first choice's cached tokens), the completions summed.
-    pub fn of_choices(choices: &[Usage]) -> Option<Usage> {
-        let first = choices.first()?;
-        let completion_tokens = choices.iter().map(|u| u.completion_tokens).sum();
-        Some(Usage {
-            completion_tokens,
-            total_tokens: first.prompt_tokens + completion_tokens,
-            ..*first
-        })
+/// The token ids a request names in `param` (`prompt`, `tokens`, `logit_bias`): 400
+/// for the first outside the vocabulary.
+pub fn known_tokens(
+    tokenizer: &Tokenizer,
+    ids: impl IntoIterator<Item = u32>,
+    param: &'static str,
+) -> Result<(), ApiError> {
+    match tokenizer.first_unknown(ids) {
+        None => Ok(()),
+        Some(bad) => Err(ApiError::invalid(
+            format!(
+                "`{param}` holds token id {bad}, outside the vocabulary of {}.",
+                tokenizer.vocab_size()
+            ),
+            Some(param),
+        )),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse<T: serde::de::DeserializeOwned>(json: &[u8]) -> Result<T, ApiError> {
-        fields(&parse_body(json)?)
-    }
-
-    /// The limits of a server started without flags.
-    fn default_limits() -> Limits {
-        use clap::Parser;
-        crate::config::Cli::parse_from(["lynx-host"])
-            .config
-            .limits()
-    }
-
-    fn common(json: &str) -> Result<Validated, ApiError> {
-        parse::<CommonParams>(json.as_bytes())?.validate("m", &default_limits(), Scoring::default())
-    }
-
-    #[test]
-    fn errors_name_the_field_at_fault() {
-        let err = parse::<CommonParams>(br#"{"prompt":"x","max_tokens":"ten"}"#).unwrap_err();
-        assert!(err.to_string().contains("max_tokens"), "{err}");
-        let err = parse::<CompletionRequest>(b"{not json").unwrap_err();
-        assert!(err.to_string().contains("not valid JSON"), "{err}");
-        let err = parse::<CompletionRequest>(b"{}").unwrap_err();
-        assert!(err.to_string().contains("prompt"), "{err}");
-        let err = parse::<CompletionRequest>(b"[1]").unwrap_err();
-        assert!(err.to_string().contains("JSON object"), "{err}");
-        let err = common(r#"{"max_tokens":0}"#).unwrap_err();
-        assert!(err.to_string().contains("max_tokens"), "{err}");
-        for n in ["0", "17", "-1"] {
-            let err = common(&format!(r#"{{"n":{n}}}"#)).unwrap_err();
-            assert!(err.to_string().contains("`n`"), "{err}");
-        }
-        assert_eq!(common(r#"{"n":4}"#).unwrap().n, 4);
-        let echo = Scoring {
-            logprobs: Some(1),
-            echo: true,
-        };
-        let zero = parse::<CommonParams>(br#"{"max_tokens":0}"#).unwrap();
-        assert_eq!(
-            zero.validate("m", &default_limits(), echo)
-                .unwrap()
-                .max_tokens,
-            Some(0),
-            "echo may ask for no completion"
-        );
-        for (body, param) in [
-            (r#"{"prompt":"a","logprobs":6}"#, "logprobs"),
-            (r#"{"prompt":"a","logprobs":-1}"#, "logprobs"),
-        ] {
-            let err = parse::<CompletionRequest>(body.as_bytes())
-                .unwrap()
-                .scoring()
-                .unwrap_err();
-            assert!(err.to_string().contains(param), "{body}: {err}");
-        }
-        for (body, param) in [
-            (
-                r#"{"messages":[],"logprobs":true,"top_logprobs":21}"#,
-                "top_logprobs",
-            ),
-            (r#"{"messages":[],"top_logprobs":2}"#, "top_logprobs"),
-        ] {
-            let err = parse::<ChatRequest>(body.as_bytes())
-                .unwrap()
-                .scoring()
-                .unwrap_err();
-            assert!(err.to_string().contains(param), "{body}: {err}");
-        }
-        let chat = parse::<ChatRequest>(br#"{"messages":[],"logprobs":true,"top_logprobs":3}"#)
-            .unwrap()
-            .scoring()
-            .unwrap();
-        assert_eq!(chat.logprobs, Some(3));
-        let err = common(r#"{"stop":["a","b","c","d","e"]}"#).unwrap_err();
-        assert!(err.to_string().contains("stop"), "{err}");
-        assert!(matches!(
-            common(r#"{"model":"other"}"#),
-            Err(ApiError::ModelNotFound(_))
-        ));
-    }
-
-    #[test]
-    fn output_formats_are_read_from_every_field_and_one_at_most() {
-        let v = common(r#"{"response_format":{"type":"json_object"}}"#).unwrap();
-        assert_eq!(
-            v.format,
-            Some((OutputFormat::JsonObject, "response_format"))
-        );
-        let v = common(r#"{"response_format":{"type":"text"}}"#).unwrap();
-        assert_eq!(v.format, None);
-        let v = common(
-            r#"{"response_format":{"type":"json_schema","json_schema":{"name":"n","schema":{"type":"object"},"strict":true}}}"#,
-        )
-        .unwrap();
-        assert!(matches!(
-            v.format,
-            Some((OutputFormat::JsonSchema { ref name, ref schema, strict: true }, _))
-                if name == "n" && schema == r#"{"type":"object"}"#
-        ));
-        let v = common(r#"{"guided_json":"{\"type\":\"integer\"}"}"#).unwrap();
-        assert!(matches!(
-            v.format,
-            Some((OutputFormat::JsonSchema { .. }, "guided_json"))
-        ));
-        let v = common(r#"{"guided_regex":"[a-z]+"}"#).unwrap();
-        assert_eq!(
-            v.format,
-            Some((OutputFormat::Regex("[a-z]+".into()), "guided_regex"))
-        );
-        let v = common(r#"{"guided_choice":["yes","no"]}"#).unwrap();
-        assert!(matches!(v.format, Some((OutputFormat::Choice(ref c), _)) if c.len() == 2));
-
-        for bad in [
-            r#"{"response_format":{"type":"xml"}}"#,
-            r#"{"response_format":{"type":"json_schema"}}"#,
-            r#"{"response_format":{"type":"json_schema","json_schema":{"name":"n"}}}"#,
-            r#"{"response_format":{"type":"json_schema","json_schema":{"schema":3}}}"#,
-            r#"{"guided_json":"{not json"}"#,
-            r#"{"guided_regex":""}"#,
-            r#"{"guided_choice":[]}"#,
-            r#"{"guided_choice":["a",""]}"#,
-            r#"{"guided_regex":"a","guided_choice":["a"]}"#,
-        ] {
-            let err = common(bad).unwrap_err();
-            assert_eq!(err.status(), 400, "{bad}: {err}");
-        }
-    }
-
-    #[test]
-    fn sampling_extras_are_read_and_out_of_range_ones_refused_by_name() {
-        let v = common(
-            r#"{"logit_bias":{"42":-100,"7":5},"presence_penalty":0.5,"frequency_penalty":-1,
-                "repetition_penalty":1.2,"top_k":40,"min_p":0.05,"ignore_eos":true,"min_tokens":3,
-                "max_tokens":10}"#,
-        )
-        .unwrap();
-        let s = &v.shaping;
-        assert_eq!(s.logit_bias, vec![(42, -100.0), (7, 5.0)]);
-        assert_eq!((s.presence_penalty, s.frequency_penalty), (0.5, -1.0));
-        assert_eq!((s.top_k, s.min_tokens, s.ignore_eos), (40, 3, true));
-        assert!(common("{}").unwrap().shaping.is_identity());
-        assert!(common(r#"{"top_k":-1}"#).unwrap().shaping.is_identity());
-        for (bad, param) in [
-            (r#"{"logit_bias":{"x":1}}"#, "logit_bias"),
-            (r#"{"logit_bias":{"1":101}}"#, "logit_bias"),
-            (r#"{"presence_penalty":2.5}"#, "presence_penalty"),
-            (r#"{"frequency_penalty":-3}"#, "frequency_penalty"),
-            (r#"{"repetition_penalty":0}"#, "repetition_penalty"),
-            (r#"{"top_k":-2}"#, "top_k"),
-            (r#"{"min_p":1.5}"#, "min_p"),
-            (r#"{"min_tokens":5,"max_tokens":4}"#, "min_tokens"),
-            (r#"{"min_tokens":-1}"#, "min_tokens"),
-        ] {
-            let err = common(bad).unwrap_err();
-            assert_eq!(err.status(), 400, "{bad}");
-            assert_eq!(err.body().error.param.as_deref(), Some(param), "{bad}");
-        }
-    }
-
-    #[test]
-    fn defaults_and_unknown_fields() {
-        let v = common(r#"{"model":"m","frequency_penalty":0.5,"stop":"\n"}"#).unwrap();
-        assert_eq!(v.max_tokens, None);
-        assert_eq!(v.temperature, 1.0);
-        assert_eq!(v.stops, vec!["\n".to_string()]);
-    }
-}
+#[path = "validation_tests.rs"]
+mod tests;
