@@ -117,8 +117,9 @@ fn strings(ct: &Content, key: &str) -> Result<Vec<String>> {
         .collect()
 }
 
-/// GPT-2's reversible map from bytes to printable unicode characters.
-fn byte_to_char() -> [char; 256] {
+/// GPT-2's reversible map from bytes to printable unicode characters, as byte-level
+/// vocabularies spell their tokens.
+pub fn byte_to_char() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut extra = 0u32;
     for b in 0..=255u8 {

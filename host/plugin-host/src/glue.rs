@@ -103,29 +103,43 @@ macro_rules! version_glue {
     };
 }
 
-/// A version whose world is the plain `plugin` (router, policy, post-processing): its
-/// [`super::versions::Exports`] over the generated `Plugin`, and its `VERSION` entry.
-macro_rules! plugin_world_version {
-    () => {
-        use super::types::{PolicyRequest, PostConfig, Rejection, Released};
-        use super::versions::{Exports, Instance, Linked, Version};
-        use wasmtime::component::{HasSelf, InstancePre, Linker};
-        use wasmtime::Store;
-
+/// A version's row of [`super::versions::VERSIONS`]: `VERSION`, which links the world
+/// `$world`'s imports and binds a component with `$pre::new`.
+macro_rules! version_row {
+    ($world:ident, $pre:ident) => {
         /// This version's row of [`super::versions::VERSIONS`].
-        pub const VERSION: Version = Version {
+        pub const VERSION: super::versions::Version = super::versions::Version {
             wit: WIT_VERSION,
             add_to_linker,
             link,
         };
 
-        fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-            Plugin::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)
+        fn add_to_linker(
+            linker: &mut wasmtime::component::Linker<HostState>,
+        ) -> wasmtime::Result<()> {
+            $world::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(
+                linker,
+                |s| s,
+            )
         }
 
-        fn link(pre: InstancePre<HostState>) -> wasmtime::Result<Box<dyn Linked>> {
-            Ok(Box::new(PluginPre::new(pre)?))
+        fn link(
+            pre: wasmtime::component::InstancePre<HostState>,
+        ) -> wasmtime::Result<Box<dyn super::versions::Linked>> {
+            Ok(Box::new($pre::new(pre)?))
         }
+    };
+}
+
+/// A version whose world is the plain `plugin` (router, policy, post-processing): its
+/// [`super::versions::Exports`] over the generated `Plugin`, and its `VERSION` entry.
+macro_rules! plugin_world_version {
+    () => {
+        use super::types::{PolicyRequest, PostConfig, Rejection, Released};
+        use super::versions::{Exports, Instance, Linked};
+        use wasmtime::Store;
+
+        super::glue::version_row!(Plugin, PluginPre);
 
         impl Linked for PluginPre<HostState> {
             fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Instance> {
@@ -177,4 +191,4 @@ macro_rules! plugin_world_version {
     };
 }
 
-pub(super) use {host_imports, model_import, plugin_world_version, version_glue};
+pub(super) use {host_imports, model_import, plugin_world_version, version_glue, version_row};

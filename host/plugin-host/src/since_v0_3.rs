@@ -7,13 +7,13 @@
 //! [`PluginPre`] looks each export up itself, so a component of either world loads:
 //! the constraint is there when the component exports it.
 
-use wasmtime::component::{HasSelf, InstancePre, Linker};
+use wasmtime::component::InstancePre;
 use wasmtime::Store;
 
-use super::glue::{host_imports, model_import, version_glue};
+use super::glue::{host_imports, model_import, version_glue, version_row};
 use super::state::HostState;
 use super::types::{self, OutputFormat, PolicyRequest, PostConfig, Rejection, Released};
-use super::versions::{Exports, Instance, Linked, Version};
+use super::versions::{Exports, Instance, Linked};
 use lynx_engine::constraint::Rule;
 
 wasmtime::component::bindgen!({
@@ -27,20 +27,7 @@ use lynx::plugin::types as wit;
 
 pub const WIT_VERSION: &str = "0.3.0";
 
-/// This version's row of [`super::versions::VERSIONS`].
-pub const VERSION: Version = Version {
-    wit: WIT_VERSION,
-    add_to_linker,
-    link,
-};
-
-fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    ConstrainedPlugin::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)
-}
-
-fn link(pre: InstancePre<HostState>) -> wasmtime::Result<Box<dyn Linked>> {
-    Ok(Box::new(PluginPre::new(pre)?))
-}
+version_row!(ConstrainedPlugin, PluginPre);
 
 /// A 0.3.0 component linked, its exports found: the constraint only when it has one.
 pub struct PluginPre {

@@ -42,26 +42,9 @@ pub fn reply(index: usize) -> String {
     }
 }
 
-/// GPT-2's printable stand-ins for bytes, as byte-level vocabularies spell them.
-fn byte_chars() -> Vec<char> {
-    let mut extra = 0u32;
-    (0..=255u8)
-        .map(|b| {
-            let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-            let code = if printable {
-                u32::from(b)
-            } else {
-                extra += 1;
-                255 + extra
-            };
-            char::from_u32(code).unwrap()
-        })
-        .collect()
-}
-
 /// A byte-level vocabulary: ids 0..256 are the bytes, then ChatML's control tokens.
 pub fn tokenizer() -> Tokenizer {
-    let mut tokens: Vec<Value> = byte_chars()
+    let mut tokens: Vec<Value> = lynx_engine::tokenizer::byte_to_char()
         .into_iter()
         .map(|c| Value::String(c.to_string()))
         .collect();
