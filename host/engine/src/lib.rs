@@ -7,6 +7,7 @@ pub mod arch;
 pub mod constraint;
 pub mod files;
 pub mod gemma3;
+pub mod generation;
 pub mod kv_cache;
 pub mod llama;
 pub mod logprobs;
@@ -22,10 +23,9 @@ mod sequence;
 pub mod shaping;
 pub mod tokenizer;
 
+pub use generation::{Fault, FinishReason, GenEvent, GenerateRequest, Sampling};
 pub use model::Model;
-pub use scheduler::{
-    Fault, FinishReason, GenEvent, GenerateRequest, Sampling, Scheduler, SchedulerConfig,
-};
+pub use scheduler::{Scheduler, SchedulerConfig};
 
 /// Fixes the thread count candle sizes its ops by. candle reads `RAYON_NUM_THREADS` on
 /// every op and, without it, counts cores by reading `/proc/cpuinfo` each time: a third

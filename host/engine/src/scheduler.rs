@@ -24,13 +24,13 @@ use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::arch::{Entry, Logits};
-use super::constraint::TokenConstraint;
+use super::generation::{Fault, GenEvent, GenerateRequest};
 use super::kv_cache::{KvCache, KvDtype};
 use super::logprobs::{self, Logprob};
 use super::planner::{self, Work};
 use super::prefix::{Placement, PrefixCache};
 use super::sequence::{advance, sampler, Sequence, Step};
-use super::shaping::{Seen, Shaping};
+use super::shaping::Seen;
 use super::{EngineError, Model};
 
 /// The prompt tokens of one prefill chunk.
@@ -49,79 +49,6 @@ pub struct SchedulerConfig {
     pub kv_dtype: KvDtype,
     /// Prompts reuse prefixes that earlier requests left in the slots.
     pub prefix_cache: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sampling {
-    /// 0 means greedy.
-    pub temperature: f64,
-    pub top_p: f64,
-    pub seed: u64,
-}
-
-pub struct GenerateRequest {
-    pub prompt: Vec<u32>,
-    pub max_tokens: usize,
-    pub sampling: Sampling,
-    /// Dropping the receiver cancels the generation: its slot is freed before the next
-    /// token is computed.
-    pub events: mpsc::UnboundedSender<GenEvent>,
-    /// The request's own changes to its logits (penalties, bias, top-k, ...).
-    pub shaping: Shaping,
-    /// Rules each next token (structured outputs), when the request has one.
-    pub constraint: Option<Box<dyn TokenConstraint>>,
-    /// Each generated token's log-probability, with this many alternatives.
-    pub logprobs: Option<usize>,
-    /// The prompt's own log-probabilities too (`echo`): such a prompt is prefilled
-    /// whole, since a cached prefix has no logits.
-    pub echo: bool,
-    /// `(group, index)` when the request is one of `n` choices: the choices after the
-    /// first start once the first has prefilled the prompt, and copy its keys and values.
-    pub choice: Option<(u64, usize)>,
-    /// The prefix-cache space: a request reuses only prefixes computed in its own.
-    pub cache_space: u64,
-    /// Testing only: inert unless the engine is built with `fault-injection`.
-    pub fault: Option<Fault>,
-}
-
-/// Faults a test can inject into the scheduler (`--fault-injection`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// Panic while sampling this request: a panic must cost only its own request.
-    PanicWhileSampling,
-    /// Stop the scheduler thread, as a bug past every catch would: `/health` must say.
-    StopScheduler,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// The model ended its turn (EOS or an end-of-turn token), or a stop sequence matched.
-    Stop,
-    /// `max_tokens` or the context limit was reached.
-    Length,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
-    }
-}
-
-#[derive(Debug)]
-pub enum GenEvent {
-    /// The request has a slot; `cached` prompt tokens were found in the prefix cache.
-    Started {
-        cached: usize,
-    },
-    /// Log-probabilities of prompt tokens (`echo`), from the second on, a chunk at a time.
-    Prompt(Vec<Logprob>),
-    /// A generated token, with its log-probability when asked for.
-    Token(u32, Option<Logprob>),
-    Finished(FinishReason),
-    Failed(EngineError),
 }
 
 /// Live scheduler figures, read at scrape time.

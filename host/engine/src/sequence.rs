@@ -12,9 +12,10 @@ use candle_core::Tensor;
 use tokio::sync::mpsc;
 
 use super::constraint::{self, Rule, TokenConstraint, MAX_FORCED};
+use super::generation::{FinishReason, GenEvent, Sampling};
 use super::logprobs::{self, Logprob};
 use super::sampling::Sampler;
-use super::scheduler::{FinishReason, GenEvent, Sampling, SchedulerConfig};
+use super::scheduler::SchedulerConfig;
 use super::shaping::{self, Seen, Shaping};
 use super::{EngineError, Model};
 

@@ -25,17 +25,22 @@ pub mod probation;
 pub mod registry;
 pub mod runtime;
 pub mod session;
-pub mod since_v0_1;
-pub mod since_v0_2;
-pub mod since_v0_3;
+mod since_v0_1;
+mod since_v0_2;
+mod since_v0_3;
 pub mod state;
 pub mod types;
-pub mod versions;
+mod versions;
 pub mod wasi;
 pub mod watch;
 
 /// The version this host implements; plugins of the older released ones load too.
-pub use since_v0_3 as latest;
+/// The version modules stay private: no generated type leaves this crate.
+use since_v0_3 as latest;
+pub use versions::WIT_PACKAGE;
+
+/// The `lynx:plugin` version this host implements.
+pub const WIT_VERSION: &str = latest::WIT_VERSION;
 
 pub use exec::{PluginExec, PooledSession};
 pub use registry::Plugins;
