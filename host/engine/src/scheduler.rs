@@ -308,7 +308,15 @@ impl Task {
         };
         let plan = planner::plan(&views, &running, &self.free, &mut self.prefix, limits);
         drop(views);
-        self.admit(&plan.admit);
+        let cold = self.admit(&plan.admit);
+        // A sequence whose prefix copy failed starts from position 0: the chunk the plan
+        // gave it (sized, and its logits chosen, for the prefix it was to have) waits for
+        // the next step's plan.
+        let work: Vec<Work> = plan
+            .work
+            .into_iter()
+            .filter(|w| !cold.contains(&w.seq))
+            .collect();
         if self.running.is_empty() {
             return Vec::new();
         }
@@ -320,7 +328,7 @@ impl Task {
         // parallel tiles share the pool's threads (one per core) instead of this
         // thread competing with the workers for the cores.
         let step =
-            std::panic::catch_unwind(AssertUnwindSafe(|| rayon::scope(|_| self.step(&plan.work))));
+            std::panic::catch_unwind(AssertUnwindSafe(|| rayon::scope(|_| self.step(&work))));
         step.unwrap_or_else(|_| {
             // Not reachable by design; if it happens, the step's sequences fail and
             // the scheduler serves on.
@@ -334,9 +342,11 @@ impl Task {
 
     /// Starts the requests the plan admits, in its order: copies each one's cached
     /// prefix into its slot where the plan says, and tells its client it has started.
-    fn admit(&mut self, admit: &[(usize, Placement)]) {
+    /// Returns the running indices of those whose copy failed (they prefill cold).
+    fn admit(&mut self, admit: &[(usize, Placement)]) -> Vec<usize> {
+        let mut cold = Vec::new();
         if admit.is_empty() {
-            return;
+            return cold;
         }
         let mut queue: Vec<Option<GenerateRequest>> = std::mem::take(&mut self.waiting)
             .into_iter()
@@ -358,6 +368,7 @@ impl Task {
                     tracing::warn!(error = %e, "copying a cached prefix failed; prefilling cold");
                     self.prefix.forget(place.slot);
                     failed.push(place.slot);
+                    cold.push(self.running.len());
                     place.reused = 0;
                     place.copy_from = None;
                 }
@@ -396,6 +407,7 @@ impl Task {
         }
         self.waiting = queue.into_iter().flatten().collect();
         self.publish_slots();
+        cold
     }
 
     fn count_placement(&self, place: &Placement, prompt: usize) {
