@@ -37,10 +37,6 @@ pub mod watch;
 /// The version this host implements; plugins of the older released ones load too.
 /// The version modules stay private: no generated type leaves this crate.
 use since_v0_3 as latest;
-pub use versions::WIT_PACKAGE;
-
-/// The `lynx:plugin` version this host implements.
-pub const WIT_VERSION: &str = latest::WIT_VERSION;
 
 pub use exec::{PluginExec, PooledSession};
 pub use registry::Plugins;

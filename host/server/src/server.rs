@@ -32,7 +32,7 @@ pub struct Server {
     admin_max_connections: usize,
     grace: Duration,
     /// Kept for the life of the server: dropping it ends the folder watch.
-    _watcher: watch::RecommendedWatcher,
+    watcher: watch::RecommendedWatcher,
 }
 
 impl Server {
@@ -188,7 +188,7 @@ impl Server {
             admin_app,
             admin_max_connections: config.admin_max_connections as usize,
             grace: Duration::from_secs(config.shutdown_grace),
-            _watcher: watcher,
+            watcher,
         })
     }
 
@@ -223,7 +223,7 @@ impl Server {
         let router = app(self.state.clone());
         serve::serve(self.listener, router, self.state, self.grace, shutdown).await;
         tracing::info!("stopped");
-        drop(self._watcher);
+        drop(self.watcher);
         Ok(())
     }
 }

@@ -41,7 +41,7 @@ pub struct Answer<'a> {
     pub choices: Vec<Choice>,
     /// A whole answer always says its usage (`null` when none); a chunk only when it is
     /// the stream's usage chunk.
-    #[serde(skip_serializing_if = "Usage::is_absent")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
 }
 
@@ -86,12 +86,6 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
-}
-
-impl Usage {
-    fn is_absent(usage: &Option<Option<Usage>>) -> bool {
-        usage.is_none()
-    }
 }
 
 /// A model object (`/v1/models`).
