@@ -59,7 +59,20 @@ pub struct Acts {
     pub xd: Vec<f32>,
     pub xs32: Vec<f32>,
     pub xs16: Vec<f32>,
+    /// Q8x, two rows or more: the same quants per tile of [`TILE_ROWS`] rows and block,
+    /// [`XT_BYTES`] each, chunk-major: chunk `j` (values `4j..4j + 4`), then row, four
+    /// bytes each. A many-row VNNI tile then finds every broadcast at a constant offset
+    /// from one pointer (rows past `m` are zero).
+    pub xt: Vec<i8>,
+    /// Q8x, two rows or more: per tile and block [`XT_FLOATS`] floats, each row's `d`,
+    /// then its `d * Σq` of the 32 values, then of the first 16, then of the last 16.
+    pub xt_f: Vec<f32>,
 }
+
+/// Bytes of one tile's block in [`Acts::xt`].
+pub const XT_BYTES: usize = TILE_ROWS * QK;
+/// Floats of one tile's block in [`Acts::xt_f`].
+pub const XT_FLOATS: usize = 4 * TILE_ROWS;
 
 /// Rows from which the Q4_1 matmuls use the interleaved tile kernel: it always
 /// computes eight rows, which costs more than the plain kernel's one or two.
@@ -150,6 +163,8 @@ impl Acts {
             xd: Vec::new(),
             xs32: Vec::new(),
             xs16: Vec::new(),
+            xt: Vec::new(),
+            xt_f: Vec::new(),
         };
         match kind {
             ActKind::Q8 => acts.quantize_32(xs),
@@ -232,6 +247,37 @@ impl Acts {
                     xs16[2 * i + 1] = d * sum(&qs[16..]);
                 }
             });
+        if self.m > 1 {
+            self.tiles();
+        }
+    }
+
+    /// [`Acts::xt`] and [`Acts::xt_f`] from the row-major quants.
+    fn tiles(&mut self) {
+        let (nb, k, m) = (self.nb, self.k, self.m);
+        let tiles = self.stride / TILE_ROWS;
+        self.xt = vec![0; tiles * nb * XT_BYTES];
+        self.xt_f = vec![0.0; tiles * nb * XT_FLOATS];
+        let blocks = self.xt.chunks_exact_mut(XT_BYTES);
+        let floats = self.xt_f.chunks_exact_mut(XT_FLOATS);
+        for (i, (xt, xf)) in blocks.zip(floats).enumerate() {
+            let (t, b) = (i / nb, i % nb);
+            for r in 0..TILE_ROWS {
+                let row = t * TILE_ROWS + r;
+                if row >= m {
+                    break;
+                }
+                let q = &self.xq[row * k + b * QK..row * k + (b + 1) * QK];
+                for (j, chunk) in q.chunks_exact(4).enumerate() {
+                    xt[j * 4 * TILE_ROWS + 4 * r..][..4].copy_from_slice(chunk);
+                }
+                let at = row * nb + b;
+                xf[r] = self.xd[at];
+                xf[TILE_ROWS + r] = self.xs32[at];
+                xf[2 * TILE_ROWS + r] = self.xs16[2 * at];
+                xf[3 * TILE_ROWS + r] = self.xs16[2 * at + 1];
+            }
+        }
     }
 
     /// Row `r`'s Q8K blocks.
