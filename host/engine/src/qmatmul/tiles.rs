@@ -174,9 +174,19 @@ unsafe fn by_bits<K: Kernel, const B: u8, const G: usize>(
             // SAFETY: row `r < m`, columns `j0 - start..` (`len` of them) of the part's
             // `pn`: inside its buffer of `m * pn`; each task writes only its own units,
             // so no two tasks write one element.
-            unsafe {
-                std::ptr::copy_nonoverlapping(lanes.as_ptr(), ptr.0.add(r * pn + j0 - start), len)
-            };
+            let dst = unsafe { ptr.0.add(r * pn + j0 - start) };
+            // A whole unit is a copy of known length (vector moves); only the last,
+            // narrower one is left to `memcpy`, which costs a call per tile row.
+            match (
+                len,
+                <&[f32; 16]>::try_from(lanes),
+                <&[f32; 8]>::try_from(lanes),
+            ) {
+                // SAFETY (each): `dst` has `len` writable elements (above).
+                (16, Ok(v), _) => unsafe { dst.cast::<[f32; 16]>().write_unaligned(*v) },
+                (8, _, Ok(v)) => unsafe { dst.cast::<[f32; 8]>().write_unaligned(*v) },
+                _ => unsafe { std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, len) },
+            }
         };
         // SAFETY (every call below): the caller's CPU has `K`'s features.
         unsafe {
