@@ -21,7 +21,7 @@ const HISTORY: usize = 64;
 const BATCHES: [usize; 5] = [1, 2, 4, 8, 16];
 
 fn decode_step(c: &mut Criterion) {
-    lynx_engine::fix_thread_count();
+    lynx_engine::configure_threads();
     let path = lynx_engine::files::model_path_from_env();
     let model = Model::load(&path).expect("the default model (scripts/fetch-model.sh)");
     let slots = BATCHES.iter().copied().max().unwrap_or(1);

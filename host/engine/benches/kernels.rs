@@ -61,7 +61,7 @@ fn run(layers: &[Linear], x: &Tensor, m: usize) {
 }
 
 fn kernels(c: &mut Criterion) {
-    lynx_engine::fix_thread_count();
+    lynx_engine::configure_threads();
     let choice = std::env::var("LYNX_SIMD").unwrap_or_else(|_| "auto".into());
     let choice = <cpu::SimdChoice as clap::ValueEnum>::from_str(&choice, true)
         .expect("LYNX_SIMD: auto, avx512-vnni, avx2, avx2-candle or portable");

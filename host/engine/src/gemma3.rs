@@ -142,12 +142,12 @@ impl Architecture for Gemma3 {
             let x1 = (attn + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
             let [gate, up] = layer.gate_up.forward(&h, &spans)?;
-            let gate = if self.silu_gate {
-                candle_nn::ops::silu(&gate)?
+            let act = if self.silu_gate {
+                (candle_nn::ops::silu(&gate)? * up)?
             } else {
-                gate.gelu()?
+                crate::activation::gelu_tanh_mul(&gate, &up)?
             };
-            let mlp = layer.down.forward(&(gate * up)?, &spans)?;
+            let mlp = layer.down.forward(&act, &spans)?;
             x = (layer.post_ffn_norm.forward(&mlp)? + x1)?;
         }
         self.trunk.logits(&x, entries)

@@ -14,7 +14,7 @@ use lynx_server::server::{model_path, Server};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    lynx_engine::fix_thread_count();
+    lynx_engine::configure_threads();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
