@@ -15,6 +15,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
+use super::activation::{self, Gate};
 use super::arch::{self, Architecture, Entry, Meta, Rope, Trunk};
 use super::kv_cache::KvCache;
 use super::qmatmul::{Joined, Linear};
@@ -143,10 +144,11 @@ impl Architecture for Gemma3 {
             let h = layer.ffn_norm.forward(&x1)?;
             let [gate, up] = layer.gate_up.forward(&h, &spans)?;
             let act = if self.silu_gate {
-                (candle_nn::ops::silu(&gate)? * up)?
+                Gate::Silu
             } else {
-                crate::activation::gelu_tanh_mul(&gate, &up)?
+                Gate::GeluTanh
             };
+            let act = activation::gated(act, &gate, &up)?;
             let mlp = layer.down.forward(&act, &spans)?;
             x = (layer.post_ffn_norm.forward(&mlp)? + x1)?;
         }

@@ -284,11 +284,7 @@ impl KvCache {
                 scores.resize(at + 1 - first, 0.0);
                 half::scores(q, &k[rows.clone()], scale, &mut scores);
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
+                let sum = crate::expf::exp_sub_sum(&mut scores, max);
                 for s in scores.iter_mut() {
                     *s /= sum;
                 }

@@ -6,6 +6,7 @@
 mod activation;
 pub mod arch;
 pub mod constraint;
+mod expf;
 pub mod files;
 pub mod gemma3;
 pub mod generation;

@@ -19,6 +19,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
+use super::activation::{self, Gate};
 use super::arch::{self, Architecture, Entry, LayerTensors, Meta, Rope, Trunk};
 use super::kv_cache::KvCache;
 use super::qmatmul::{Joined, Linear};
@@ -158,7 +159,7 @@ impl Architecture for Llama {
             let [gate, up] = layer.gate_up.forward(&h, &spans)?;
             let mlp = layer
                 .down
-                .forward(&(candle_nn::ops::silu(&gate)? * up)?, &spans)?;
+                .forward(&activation::gated(Gate::Silu, &gate, &up)?, &spans)?;
             x = (mlp + x1)?;
         }
         self.trunk.logits(&x, entries)
