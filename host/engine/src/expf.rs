@@ -77,18 +77,18 @@ pub unsafe fn exp8(x: __m256) -> __m256 {
 /// of eight partial sums, the lanes then added in order, in both paths.
 pub fn exp_sub_sum(xs: &mut [f32], max: f32) -> f32 {
     let mut lanes = [0f32; 8];
-    let whole = xs.len() / 8 * 8;
+    // The values the AVX2 lanes take: whole vectors of eight; the rest one by one.
+    let whole = if crate::qmatmul::cpu::has_avx2() {
+        xs.len() / 8 * 8
+    } else {
+        0
+    };
     #[cfg(target_arch = "x86_64")]
-    if crate::qmatmul::cpu::has_avx2() {
+    if whole > 0 {
         // SAFETY: the CPU has AVX2 and FMA (checked).
         unsafe { exp_sub_sum_avx2(&mut xs[..whole], max, &mut lanes) };
-        for (i, x) in xs[whole..].iter_mut().enumerate() {
-            *x = exp(*x - max);
-            lanes[i] += *x;
-        }
-        return lanes.iter().fold(0.0, |s, l| s + l);
     }
-    for (i, x) in xs.iter_mut().enumerate() {
+    for (i, x) in xs.iter_mut().enumerate().skip(whole) {
         *x = exp(*x - max);
         lanes[i % 8] += *x;
     }

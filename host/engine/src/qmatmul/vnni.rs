@@ -118,6 +118,25 @@ fn scales(block: &[u8], at: usize) -> __m512 {
     _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(block[at..].as_ptr().cast()) })
 }
 
+/// Group `g`'s `dw` and `mw` for the block's sixteen columns: the stored mins, or
+/// `-offset * dw` (`neg_offset` is `-offset` in every lane).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn group_scales<const G: usize>(
+    block: &[u8],
+    shape: Shape,
+    g: usize,
+    neg_offset: __m512,
+) -> (__m512, __m512) {
+    let dw = scales(block, shape.q_bytes + 2 * LANES * g);
+    let mw = if shape.mins {
+        scales(block, shape.q_bytes + 2 * LANES * (G + g))
+    } else {
+        _mm512_mul_ps(dw, neg_offset)
+    };
+    (dw, mw)
+}
+
 /// Four activation bytes, broadcast to every lane.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -171,12 +190,7 @@ fn tile<const B: u8, const G: usize, const C: usize, const R: usize>(
             }
             for c in 0..C {
                 let block = &groups[c][b * shape.block_bytes..(b + 1) * shape.block_bytes];
-                let dw = scales(block, shape.q_bytes + 2 * LANES * g);
-                let mw = if shape.mins {
-                    scales(block, shape.q_bytes + 2 * LANES * (G + g))
-                } else {
-                    _mm512_mul_ps(dw, neg_offset)
-                };
+                let (dw, mw) = group_scales::<G>(block, shape, g, neg_offset);
                 for r in 0..R {
                     let row = r0 + r;
                     let dx = _mm512_set1_ps(acts.xd[row * nb + b]);
@@ -236,12 +250,7 @@ fn rows_tile<const B: u8, const G: usize, const R: usize>(
                     *int = dpbusd_bcast(i, hi, x, (2 * l + 1) * 4 * TILE_ROWS + 4 * r);
                 }
             }
-            let dw = scales(block, shape.q_bytes + 2 * LANES * g);
-            let mw = if shape.mins {
-                scales(block, shape.q_bytes + 2 * LANES * (G + g))
-            } else {
-                _mm512_mul_ps(dw, neg_offset)
-            };
+            let (dw, mw) = group_scales::<G>(block, shape, g, neg_offset);
             // Each row's `d * Σq` of the group: of 32 values, or of the half `g`.
             let sums = if G == 1 {
                 TILE_ROWS
