@@ -4,7 +4,7 @@
 //! share: metadata reading, rotary tables, and attention of every entry of a step over
 //! its slot.
 //!
-//! Each architecture lives in its own file (`llama.rs`, `qwen2.rs`, `gemma3.rs`), as in
+//! Each architecture lives in its own file (`llama.rs`, `qwen2.rs`, `qwen3.rs`, `gemma3.rs`), as in
 //! candle-transformers, and follows candle's reference model for it op for op, so its
 //! logits can be held to the reference bit for bit.
 
@@ -19,7 +19,7 @@ use super::qmatmul::Linear;
 use super::EngineError;
 
 /// The architectures lynx serves, by their GGUF `general.architecture`.
-pub const SUPPORTED: [&str; 3] = ["llama", "qwen2", "gemma3"];
+pub const SUPPORTED: [&str; 4] = ["llama", "qwen2", "qwen3", "gemma3"];
 
 /// One sequence's part of a step: `tokens` at positions `pos..`, in `slot`.
 pub struct Entry<'a> {
@@ -253,6 +253,7 @@ pub fn load<R: std::io::Seek + std::io::Read>(
     Ok(match arch.as_str() {
         "llama" => Box::new(super::llama::Llama::from_gguf(ct, reader, max_positions)?),
         "qwen2" => Box::new(super::qwen2::Qwen2::from_gguf(ct, reader, max_positions)?),
+        "qwen3" => Box::new(super::qwen3::Qwen3::from_gguf(ct, reader, max_positions)?),
         "gemma3" => Box::new(super::gemma3::Gemma3::from_gguf(ct, reader, max_positions)?),
         other => {
             return Err(EngineError::Model(format!(

@@ -19,6 +19,7 @@ pub mod prefill;
 pub mod prefix;
 pub mod qmatmul;
 pub mod qwen2;
+pub mod qwen3;
 pub mod sampling;
 pub mod scheduler;
 mod sequence;

@@ -30,12 +30,23 @@ pub(super) struct Layer {
     qkv: Joined<3>,
     /// Biases of q, k and v (qwen2).
     bias: Option<[Tensor; 3]>,
+    /// Per-head RMS norms of queries and keys, before rotation (qwen3).
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     wo: Linear,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
     /// The MLP's gate and up projections.
     gate_up: Joined<2>,
     down: Linear,
+}
+
+/// What a llama-family layer has beyond llama's own.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Extras {
+    /// Biases on q, k and v (qwen2).
+    pub biases: bool,
+    /// Per-head q and k norms (qwen3).
+    pub qk_norm: bool,
 }
 
 /// The weights and shape of a llama-family model.
@@ -46,18 +57,23 @@ pub struct Llama {
 }
 
 impl Layer {
-    /// Layer `layer`'s weights, with q/k/v biases when `biases`.
+    /// Layer `layer`'s weights, with the `extras` its family has.
     pub(super) fn load<R: std::io::Seek + std::io::Read>(
         t: &mut LayerTensors<'_, R>,
         eps: f64,
-        biases: bool,
+        extras: Extras,
     ) -> Result<Self, EngineError> {
-        let bias = if biases {
+        let bias = if extras.biases {
             Some([
                 t.f32("attn_q.bias")?,
                 t.f32("attn_k.bias")?,
                 t.f32("attn_v.bias")?,
             ])
+        } else {
+            None
+        };
+        let qk_norm = if extras.qk_norm {
+            Some((t.norm("attn_q_norm", eps)?, t.norm("attn_k_norm", eps)?))
         } else {
             None
         };
@@ -68,6 +84,7 @@ impl Layer {
                 t.linear("attn_v")?,
             ]),
             bias,
+            qk_norm,
             wo: t.linear("attn_output")?,
             attn_norm: t.norm("attn_norm", eps)?,
             ffn_norm: t.norm("ffn_norm", eps)?,
@@ -78,7 +95,8 @@ impl Layer {
 }
 
 impl Llama {
-    /// A llama block stack over `trunk`, `layers` and `rope` (qwen2 builds one too).
+    /// A llama block stack over `trunk`, `layers` and `rope` (qwen2 and qwen3 build
+    /// one too).
     pub(super) fn from_parts(trunk: Trunk, layers: Vec<Layer>, rope: Rope) -> Self {
         Self {
             trunk,
@@ -116,7 +134,7 @@ impl Llama {
                 Ok(t) => Some(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?),
                 Err(_) => None,
             };
-        let layers = md.layers(reader, &trunk, |t| Layer::load(t, trunk.eps, false))?;
+        let layers = md.layers(reader, &trunk, |t| Layer::load(t, trunk.eps, Extras::default()))?;
         let rope = Rope::new(
             (rope_dim, freq_base),
             max_positions,
@@ -139,8 +157,9 @@ impl Architecture for Llama {
 
     fn forward(&self, cache: &KvCache, entries: &[Entry]) -> Result<Option<Tensor>, EngineError> {
         let (mut x, spans) = self.trunk.embed(cache, entries)?;
-        let shape = self.trunk.attn(&self.rope, None, None);
         for (li, layer) in self.layers.iter().enumerate() {
+            let qk_norm = layer.qk_norm.as_ref().map(|(q, k)| (q, k));
+            let shape = self.trunk.attn(&self.rope, None, qk_norm);
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
             let [q, k, v] = layer.qkv.forward(&h, &spans)?;

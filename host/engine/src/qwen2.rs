@@ -7,7 +7,7 @@ use candle_core::Tensor;
 
 use super::arch::{Architecture, Entry, Meta, Rope, Trunk};
 use super::kv_cache::KvCache;
-use super::llama::{Layer, Llama};
+use super::llama::{Extras, Layer, Llama};
 use super::EngineError;
 
 pub struct Qwen2(Llama);
@@ -24,7 +24,14 @@ impl Qwen2 {
         };
         let trunk = Trunk::load(&md, reader, None, max_positions)?;
         let freq_base = md.f32_or("rope.freq_base", 10_000.0)?;
-        let layers = md.layers(reader, &trunk, |t| Layer::load(t, trunk.eps, true))?;
+        let layers = md.layers(reader, &trunk, |t| Layer::load(
+                t,
+                trunk.eps,
+                Extras {
+                    biases: true,
+                    qk_norm: false,
+                },
+            ))?;
         let rope = Rope::new((trunk.head_dim, freq_base), max_positions, None, 1.0, true)?;
         Ok(Self(Llama::from_parts(trunk, layers, rope)))
     }

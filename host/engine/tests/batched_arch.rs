@@ -1,6 +1,6 @@
 //! The other architectures against candle's reference models, alone and batched:
-//! gemma3 on the real gemma-3-270m GGUF (scripts/fetch-model.sh gemma3), qwen2 and
-//! llama 3 on GGUFs with random weights written here in their real shapes, with the
+//! gemma3 on the real gemma-3-270m GGUF (scripts/fetch-model.sh gemma3), qwen2, qwen3
+//! and llama 3 on GGUFs with random weights written here in their real shapes, with the
 //! real tokenizer metadata of llama.cpp's Qwen2 and Llama 3 vocabularies
 //! (scripts/fetch-conformance.sh), so the files also load as whole models.
 
@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen2};
+use candle_transformers::models::{
+    quantized_gemma3, quantized_llama, quantized_qwen2, quantized_qwen3,
+};
 use lynx_engine::arch::{self, Architecture, Entry, Logits};
 use lynx_engine::gemma3::Gemma3;
 use lynx_engine::{tokenizer::Tokenizer, Model};
@@ -162,6 +164,10 @@ struct Shape {
     formats: [GgmlDType; 3],
     /// Whether the file says `rope.dimension_count` (llama.cpp defaults it).
     rope_dim_key: bool,
+    /// A head size of its own (`attention.key_length`), else width / heads.
+    head_dim: Option<usize>,
+    /// Per-head q and k norms (qwen3).
+    qk_norm: bool,
 }
 
 /// A GGUF of `shape` with random weights and the tokenizer of `vocab_file`.
@@ -187,19 +193,22 @@ fn write_random(path: &Path, shape: &Shape, vocab_file: &Path) {
         ),
         (format!("{a}.rope.freq_base"), Value::F32(shape.rope_base)),
     ];
+    let hd = shape.head_dim.unwrap_or(shape.hidden / shape.heads);
     if shape.rope_dim_key {
-        meta.push((
-            format!("{a}.rope.dimension_count"),
-            u32v(shape.hidden / shape.heads),
-        ));
+        meta.push((format!("{a}.rope.dimension_count"), u32v(hd)));
     }
+    if let Some(hd) = shape.head_dim {
+        meta.push((format!("{a}.attention.key_length"), u32v(hd)));
+        meta.push((format!("{a}.attention.value_length"), u32v(hd)));
+    }
+    // candle's qwen3 keeps its rotary tables in f16 unless the file says f32.
+    meta.push(("general.dtype".into(), Value::U32(0)));
     for (k, v) in &vocab_ct.metadata {
         if k.starts_with("tokenizer.") {
             meta.push((k.clone(), v.clone()));
         }
     }
-    let hd = shape.hidden / shape.heads;
-    let (q_dim, kv_dim) = (shape.hidden, shape.kv_heads * hd);
+    let (q_dim, kv_dim) = (shape.heads * hd, shape.kv_heads * hd);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut seed = 1;
     let mut add = |name: String, dims: &[usize], format: GgmlDType, scale: f32, offset: f32| {
@@ -248,6 +257,10 @@ fn write_random(path: &Path, shape: &Shape, vocab_file: &Path) {
             0.05,
             0.0,
         );
+        if shape.qk_norm {
+            add(b("attn_q_norm.weight"), &[hd], GgmlDType::F32, 0.1, 1.0);
+            add(b("attn_k_norm.weight"), &[hd], GgmlDType::F32, 0.1, 1.0);
+        }
         if shape.biases {
             add(b("attn_q.bias"), &[q_dim], GgmlDType::F32, 0.1, 0.0);
             add(b("attn_k.bias"), &[kv_dim], GgmlDType::F32, 0.1, 0.0);
@@ -329,6 +342,8 @@ fn qwen2_random_weights_match_the_reference() {
         biases: true,
         rope_dim_key: true,
         formats: [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q8_0],
+        head_dim: None,
+        qk_norm: false,
     };
     random_model_test(
         shape,
@@ -340,6 +355,37 @@ fn qwen2_random_weights_match_the_reference() {
             Box::new(move |x, pos| m.forward(x, pos))
         },
         batched::TOLERANCE,
+    );
+}
+
+#[test]
+fn qwen3_random_weights_match_the_reference() {
+    // Qwen3-0.6B's geometry: 1024 wide, 16 heads of 128 (not 1024 / 16) over 8 KV
+    // heads, per-head q/k norms, no biases, tied embeddings, in a Q4_K_M file's formats.
+    let shape = Shape {
+        arch: "qwen3",
+        hidden: 1024,
+        heads: 16,
+        kv_heads: 8,
+        ffn: 3072,
+        layers: 2,
+        rope_base: 1_000_000.0,
+        biases: false,
+        formats: [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0],
+        rope_dim_key: false,
+        head_dim: Some(128),
+        qk_norm: true,
+    };
+    random_model_test(
+        shape,
+        "qwen2",
+        |path| {
+            let (ct, mut file) = content(path);
+            let mut m =
+                quantized_qwen3::ModelWeights::from_gguf(ct, &mut file, &Device::Cpu).unwrap();
+            Box::new(move |x, pos| m.forward(x, pos))
+        },
+        batched::KQUANT_TOLERANCE,
     );
 }
 
@@ -358,6 +404,8 @@ fn llama3_random_weights_match_the_reference() {
         biases: false,
         formats: [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4_0],
         rope_dim_key: true,
+        head_dim: None,
+        qk_norm: false,
     };
     random_model_test(
         shape,
@@ -394,6 +442,8 @@ fn llama_without_rope_dimension_count_rotates_the_whole_head() {
             biases: false,
             formats: [GgmlDType::Q8_0, GgmlDType::Q8_0, GgmlDType::Q8_0],
             rope_dim_key,
+            head_dim: None,
+            qk_norm: false,
         };
         let path = dir.join(format!("model-{rope_dim_key}.gguf"));
         write_random(&path, &shape, &vocab_file);

@@ -46,7 +46,7 @@ pub struct Config {
     #[arg(long, env = "LYNX_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
 
-    /// GGUF model to serve (architecture llama, qwen2 or gemma3). Default: the
+    /// GGUF model to serve (architecture llama, qwen2, qwen3 or gemma3). Default: the
     /// SmolLM2-135M-Instruct that scripts/fetch-model.sh puts in the cache folder.
     #[arg(long, env = "LYNX_MODEL")]
     pub model: Option<PathBuf>,
