@@ -134,7 +134,9 @@ impl Llama {
                 Ok(t) => Some(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?),
                 Err(_) => None,
             };
-        let layers = md.layers(reader, &trunk, |t| Layer::load(t, trunk.eps, Extras::default()))?;
+        let layers = md.layers(reader, &trunk, |t| {
+            Layer::load(t, trunk.eps, Extras::default())
+        })?;
         let rope = Rope::new(
             (rope_dim, freq_base),
             max_positions,

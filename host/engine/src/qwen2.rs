@@ -24,14 +24,16 @@ impl Qwen2 {
         };
         let trunk = Trunk::load(&md, reader, None, max_positions)?;
         let freq_base = md.f32_or("rope.freq_base", 10_000.0)?;
-        let layers = md.layers(reader, &trunk, |t| Layer::load(
+        let layers = md.layers(reader, &trunk, |t| {
+            Layer::load(
                 t,
                 trunk.eps,
                 Extras {
                     biases: true,
                     qk_norm: false,
                 },
-            ))?;
+            )
+        })?;
         let rope = Rope::new((trunk.head_dim, freq_base), max_positions, None, 1.0, true)?;
         Ok(Self(Llama::from_parts(trunk, layers, rope)))
     }

@@ -31,7 +31,9 @@ impl Qwen3 {
         }
         // llama.cpp reads the head size from `key_length` and defaults it to width /
         // heads; so does lynx.
-        let key = md.has("attention.key_length").then_some("attention.key_length");
+        let key = md
+            .has("attention.key_length")
+            .then_some("attention.key_length");
         let trunk = Trunk::load(&md, reader, key, max_positions)?;
         let freq_base = md.f32_or("rope.freq_base", 1_000_000.0)?;
         let extras = Extras {
