@@ -2,7 +2,9 @@
 //! outputs as its users ask for them (`tests/clients/structured.py`: Pydantic parsing,
 //! `json_object` whole and streamed, vLLM's extras through `extra_body`), and the API's
 //! other fields read through the client's typed models (`tests/clients/parity.py`:
-//! log-probabilities on both routes, echo, `n`, cached tokens, penalties).
+//! log-probabilities on both routes, echo, `n`, cached tokens, penalties), and tool
+//! requests refused as the client's error until a plugin serves them, never answered
+//! with their tools dropped (`tests/clients/tools.py`).
 //! `scripts/fetch-clients.sh` installs the client, pinned (scripts/setup.sh runs it).
 
 use std::process::Command;
@@ -17,6 +19,11 @@ async fn the_openai_python_client_gets_structured_outputs() {
 #[tokio::test]
 async fn the_openai_python_client_reads_logprobs_n_and_cached_tokens_typed() {
     run_client("parity.py").await;
+}
+
+#[tokio::test]
+async fn the_openai_python_client_is_refused_tools_not_served_without_them() {
+    run_client("tools.py").await;
 }
 
 /// Runs a client script against a fresh server; it prints `ok` when all held.

@@ -14,6 +14,7 @@ pub mod responses;
 pub mod serve;
 pub mod site;
 pub mod tokenize;
+pub mod tools;
 pub mod validation;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -18,6 +18,7 @@ use super::error::ApiError;
 use super::generate::{Generation, Prepared};
 use super::observe::{RequestInfo, ServingPlugin};
 use super::requests::{fields, parse_body, ChatRequest, CommonParams, CompletionRequest, Prompt};
+use super::tools;
 use super::validation::{known_tokens, Validated};
 use super::AppState;
 use lynx_engine::constraint::TokenConstraint;
@@ -55,6 +56,9 @@ pub async fn chat_completions(
     let parsed = body_bytes(&state, body).and_then(|b| {
         let body = parse_body(&b)?;
         let req: ChatRequest = fields(&body)?;
+        if let Some(param) = tools::needs_tools(&body, &req.messages)? {
+            return Err(tools::unsupported(&serving.0, &param));
+        }
         let scoring = req.scoring()?;
         let params =
             fields::<CommonParams>(&body)?.validate(&state.model_name, &state.limits, scoring)?;

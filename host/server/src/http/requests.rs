@@ -101,6 +101,8 @@ pub struct ChatRequest {
 pub struct WireMessage {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant turn's calls (`tools.rs` decides what they need).
+    pub tool_calls: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -18,6 +18,7 @@ use super::completions::{apply_policy, body_bytes};
 use super::error::ApiError;
 use super::observe::ServingPlugin;
 use super::requests::{fields, parse_body, ChatRequest, WireMessage};
+use super::tools;
 use super::validation::{check_model, known_tokens};
 use super::AppState;
 use lynx_plugin_host::types::{PostConfig, Prompt};
@@ -62,6 +63,10 @@ async fn run_tokenize(
     let body = parse_body(&body_bytes(state, body)?)?;
     let req: TokenizeRequest = fields(&body)?;
     check_model(req.model.as_deref(), &state.model_name)?;
+    let turns = req.messages.as_deref().unwrap_or_default();
+    if let Some(param) = tools::needs_tools(&body, turns)? {
+        return Err(tools::unsupported(&serving.0, &param));
+    }
     let prompt = match (req.prompt, req.messages) {
         (Some(text), None) => Prompt::Text(text),
         (None, Some(messages)) => Prompt::Chat(
