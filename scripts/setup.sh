@@ -6,7 +6,8 @@
 #   - Prometheus and promtool from Debian's `prometheus` package (for the infra tests),
 #   - the wasm32-wasip2 Rust target, and the plugins built from source
 #     (scripts/build-plugins.sh),
-#   - for the tests: the official OpenAI Python client, in a virtual environment
+#   - for the tests: the official OpenAI Python client, pinned and at its current 3.x
+#     release, each in a virtual environment
 #     (scripts/fetch-clients.sh).
 # `--serve` installs just what running the server needs: the model and the plugins.
 set -euo pipefail
