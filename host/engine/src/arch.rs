@@ -252,8 +252,8 @@ pub fn load<R: std::io::Seek + std::io::Read>(
     let arch = architecture(ct);
     Ok(match arch.as_str() {
         "llama" => Box::new(super::llama::Llama::from_gguf(ct, reader, max_positions)?),
-        "qwen2" => Box::new(super::qwen2::Qwen2::from_gguf(ct, reader, max_positions)?),
-        "qwen3" => Box::new(super::qwen3::Qwen3::from_gguf(ct, reader, max_positions)?),
+        "qwen2" => Box::new(super::qwen2::from_gguf(ct, reader, max_positions)?),
+        "qwen3" => Box::new(super::qwen3::from_gguf(ct, reader, max_positions)?),
         "gemma3" => Box::new(super::gemma3::Gemma3::from_gguf(ct, reader, max_positions)?),
         other => {
             return Err(EngineError::Model(format!(

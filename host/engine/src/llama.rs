@@ -25,7 +25,7 @@ use super::kv_cache::KvCache;
 use super::qmatmul::{Joined, Linear};
 use super::EngineError;
 
-pub(super) struct Layer {
+struct Layer {
     /// q, k and v.
     qkv: Joined<3>,
     /// Biases of q, k and v (qwen2).
@@ -58,7 +58,7 @@ pub struct Llama {
 
 impl Layer {
     /// Layer `layer`'s weights, with the `extras` its family has.
-    pub(super) fn load<R: std::io::Seek + std::io::Read>(
+    fn load<R: std::io::Seek + std::io::Read>(
         t: &mut LayerTensors<'_, R>,
         eps: f64,
         extras: Extras,
@@ -95,15 +95,44 @@ impl Layer {
 }
 
 impl Llama {
-    /// A llama block stack over `trunk`, `layers` and `rope` (qwen2 and qwen3 build
-    /// one too).
-    pub(super) fn from_parts(trunk: Trunk, layers: Vec<Layer>, rope: Rope) -> Self {
-        Self {
+    /// A member of the family with NeoX-style rotation over the whole head (qwen2,
+    /// qwen3): its metadata under `prefix`, its rope base defaulting to `base`, the head
+    /// size `attention.key_length` where the file gives it (as llama.cpp reads it),
+    /// else width / heads, and the layer `extras` it has.
+    pub(super) fn neox<R: std::io::Seek + std::io::Read>(
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        max_positions: usize,
+        (prefix, base): (&'static str, f32),
+        extras: Extras,
+    ) -> Result<Self, EngineError> {
+        let md = Meta { ct, prefix };
+        refuse_experts(&md)?;
+        let key = md
+            .has("attention.key_length")
+            .then_some("attention.key_length");
+        let trunk = Trunk::load(&md, reader, key, max_positions)?;
+        let freq_base = md.f32_or("rope.freq_base", base)?;
+        let layers = md.layers(reader, &trunk, |t| Layer::load(t, trunk.eps, extras))?;
+        let rope = Rope::new((trunk.head_dim, freq_base), max_positions, None, 1.0, true)?;
+        Ok(Self {
             trunk,
             layers,
             rope,
-        }
+        })
     }
+}
+
+/// Mixture-of-experts files share the dense architectures' names; their expert layers
+/// are not served.
+fn refuse_experts(md: &Meta) -> Result<(), EngineError> {
+    if md.has("expert_count") {
+        return Err(EngineError::Model(format!(
+            "mixture-of-experts {} models are not served",
+            md.prefix
+        )));
+    }
+    Ok(())
 }
 
 impl Llama {
@@ -116,11 +145,7 @@ impl Llama {
             ct,
             prefix: "llama",
         };
-        if md.has("expert_count") {
-            return Err(EngineError::Model(
-                "mixture-of-experts llama models are not served".into(),
-            ));
-        }
+        refuse_experts(&md)?;
         let trunk = Trunk::load(&md, reader, None, max_positions)?;
         // llama.cpp takes the head size when the file does not say (`llama.cpp`'s
         // `n_rot = n_embd_head_k` default); many converted files leave the key out.
