@@ -4,9 +4,9 @@
 //! share: metadata reading, rotary tables, and attention of every entry of a step over
 //! its slot.
 //!
-//! Each architecture lives in its own file (`llama.rs`, `qwen2.rs`, `qwen3.rs`, `gemma3.rs`), as in
-//! candle-transformers, and follows candle's reference model for it op for op, so its
-//! logits can be held to the reference bit for bit.
+//! Each architecture lives in its own file (`llama.rs`, `qwen2.rs`, `qwen3.rs`,
+//! `gemma3.rs`), as in candle-transformers, and follows candle's reference model for it
+//! op for op, so its logits can be held to the reference bit for bit.
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Tensor};

@@ -40,14 +40,13 @@ pub fn needs_tools(body: &Value, messages: &[WireMessage]) -> Result<Option<Stri
         _ if tools.is_empty() => Choice::None,
         _ => Choice::Auto,
     };
-    if let Some(p) = body.get("parallel_tool_calls") {
-        if !(p.is_null() || p.is_boolean()) {
-            return Err(ApiError::invalid(
-                "`parallel_tool_calls` must be a boolean.",
-                Some("parallel_tool_calls"),
-            ));
-        }
-    }
+    optional(
+        body,
+        None,
+        "parallel_tool_calls",
+        Value::is_boolean,
+        "a boolean",
+    )?;
     if let Some(i) = messages.iter().position(is_tool_turn) {
         return Ok(Some(format!("messages[{i}]")));
     }
@@ -121,22 +120,20 @@ fn tool_names(tools: &Value, param: &str, wrapped: bool) -> Result<Vec<String>, 
             (tool, format!("{param}[{i}]"))
         };
         let name = function_name(function, &at)?;
-        if let Some(d) = function.get("description") {
-            if !(d.is_null() || d.is_string()) {
-                return Err(ApiError::invalid(
-                    format!("`{at}.description` must be a string."),
-                    Some(&format!("{at}.description")),
-                ));
-            }
-        }
-        if let Some(s) = function.get("strict") {
-            if !(s.is_null() || s.is_boolean()) {
-                return Err(ApiError::invalid(
-                    format!("`{at}.strict` must be a boolean."),
-                    Some(&format!("{at}.strict")),
-                ));
-            }
-        }
+        optional(
+            function,
+            Some(&at),
+            "description",
+            Value::is_string,
+            "a string",
+        )?;
+        optional(
+            function,
+            Some(&at),
+            "strict",
+            Value::is_boolean,
+            "a boolean",
+        )?;
         if let Some(schema) = function.get("parameters") {
             object_schema(schema, &format!("{at}.parameters"))?;
         }
@@ -149,6 +146,27 @@ fn tool_names(tools: &Value, param: &str, wrapped: bool) -> Result<Vec<String>, 
         names.push(name);
     }
     Ok(names)
+}
+
+/// A 400 unless `field` of `value` is absent, null, or `ok` (it must be `what`),
+/// naming `at.field` (`field` alone at the body's top level).
+fn optional(
+    value: &Value,
+    at: Option<&str>,
+    field: &str,
+    ok: fn(&Value) -> bool,
+    what: &str,
+) -> Result<(), ApiError> {
+    match value.get(field) {
+        Some(v) if !(v.is_null() || ok(v)) => {
+            let param = at.map_or_else(|| field.to_string(), |at| format!("{at}.{field}"));
+            Err(ApiError::invalid(
+                format!("`{param}` must be {what}."),
+                Some(&param),
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A function's name: 1 to 64 letters, digits, `_` or `-`, as OpenAI requires.
@@ -362,6 +380,14 @@ mod tests {
             (
                 json!({"tools": [weather()], "parallel_tool_calls": "yes"}),
                 "parallel_tool_calls",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "description": 3}}]}),
+                "tools[0].function.description",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]}),
+                "tools[0].function.strict",
             ),
             (
                 json!({"functions": [{"name": "f"}], "function_call": {"name": "g"}}),
